@@ -1,0 +1,140 @@
+"""Save a pruned model so `from_pretrained` loads it as is, verify it, and only then put it in place.
+
+Everything is written into a temporary folder beside the target; the zero count of every target tensor
+is re-read from the safetensors files one tensor at a time (`safe_open`, no second model copy) and
+compared with the report; only a checkpoint that passes is renamed into place. A crash mid-save
+therefore leaves no output (or the previous one), never a partial folder that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from .config import ConfigError
+
+
+class VerificationError(RuntimeError):
+    """The written checkpoint does not hold what the report says."""
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, model_dir: str | None = None) -> Path:
+    """Refuse an output that would clobber something, before any work is done."""
+    out = Path(output_dir).expanduser().resolve()
+    if model_dir is not None and Path(model_dir).is_dir():
+        src = Path(model_dir).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise ConfigError(f"output_dir {str(output_dir)!r} is inside the model's own folder {str(src)!r}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {str(output_dir)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {str(output_dir)!r} is not empty: pass --overwrite to replace it")
+    return out
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise VerificationError(f"no .safetensors file in {folder}")
+    return files
+
+
+def count_zeros(folder: str | Path, names: list[str]) -> dict[str, int]:
+    """Zero count of each named tensor in the folder's safetensors files, one tensor in memory at a time."""
+    found: dict[str, int] = {}
+    wanted = set(names)
+    for path in safetensors_files(folder):
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                if key in wanted:
+                    found[key] = int((fh.get_tensor(key) == 0).sum())
+    missing = wanted - set(found)
+    if missing:
+        raise VerificationError(
+            f"{len(missing)} pruned tensors are missing from the checkpoint, e.g. {min(missing)}"
+        )
+    return found
+
+
+def verify_zeros(folder: str | Path, per_tensor: dict[str, dict[str, int]]) -> None:
+    found = count_zeros(folder, list(per_tensor))
+    for name, info in per_tensor.items():
+        if found[name] != info["zeros"]:
+            raise VerificationError(
+                f"{name}: {found[name]} zeros written but the report says {info['zeros']}"
+            )
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def model_card(cfg, report: dict[str, Any]) -> str:
+    sparsity = report["overall_sparsity"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [pruned, sparse, llm-gradprune]",
+        "---",
+        f"# {Path(cfg.output_dir).name}",
+        "",
+        f"`{cfg.model}` pruned by [llm-gradprune](https://pypi.org/project/llm-gradprune/) to "
+        f"{sparsity:.2%} zeros in its {report['targets']} target weight matrices "
+        f"(criterion `{cfg.criterion}`, scope `{report['scope']}`, pattern `{cfg.pattern}`).",
+        "",
+        f"Calibration: {report['calibration']['batches']} micro-batches, {report['calibration']['tokens']} tokens "
+        f"of `{cfg.dataset}` (split `{cfg.split}`).",
+        "",
+        "The zeros are stored densely: the checkpoint has the dense model's size and speed unless a sparse "
+        "kernel (e.g. 2:4 on NVIDIA Ampere or newer) or a compressor uses them. `pruning_report.json` "
+        "has per-tensor counts; `prune_config.yaml` repeats the run.",
+    ]
+    if "eval" in report:
+        ev = report["eval"]
+        lines += ["", f"Held-out perplexity: dense {ev['dense_ppl']:.2f}, pruned {ev['pruned_ppl']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def save_pruned(model, tokenizer, cfg, report: dict[str, Any], output_dir: str | Path) -> Path:
+    """Write, verify and atomically install the checkpoint; returns its final path."""
+    out = Path(output_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        cfg.save_yaml(tmp / "prune_config.yaml")
+        verify_zeros(tmp, report["per_tensor"])
+        report["verified"] = True
+        write_json(tmp / "pruning_report.json", report)
+        (tmp / "README.md").write_text(model_card(cfg, report))
+        _fsync_tree(tmp)
+        _install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an old `out` is moved aside first and removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

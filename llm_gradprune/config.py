@@ -1,0 +1,138 @@
+"""Every knob of a pruning run, as one dataclass.
+
+YAML files parse 1:1 into `PruneConfig`; the CLI builds one flag per field from the same
+definition, so a key and its flag can never drift apart. Validation happens once, in
+`__post_init__`, and raises `ConfigError` with a one-line message naming the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend")
+SCOPES = ("tensor", "row", "global")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line that names the value and what is allowed."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """`"unstructured"` -> None; `"2:4"` -> (2, 4): keep N of every M consecutive input weights."""
+    if pattern == "unstructured":
+        return None
+    parts = str(pattern).split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"pattern {pattern!r} is not allowed: use 'unstructured' or 'N:M' such as '2:4'")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ConfigError(f"pattern {pattern!r} is not allowed: N:M needs 0 < N < M (keep N of every M)")
+    return n, m
+
+
+@dataclass
+class PruneConfig:
+    """One pruning run. Every field is also a CLI flag (`num_samples` <-> `--num-samples`)."""
+
+    model: str = _f("builtin:smollm2-135m", "Hub id, local folder, or builtin:smollm2-135m")
+    dataset: str = _f(
+        "builtin:imdb", "builtin:imdb, a Hub data set id (streamed), or a .txt/.jsonl/.csv/.parquet file"
+    )
+    dataset_config: str | None = _f(None, "Hub data set configuration name, if it has several")
+    split: str = _f("train", "split read for calibration (builtin:imdb: train = its calibration part)")
+    eval_split: str = _f("test", "split read for evaluation (builtin:imdb: test = its held-out part)")
+    text_column: str = _f("text", "column holding the text in tabular sources")
+    criterion: str = _f("fisher", f"importance score: {', '.join(CRITERIA)}")
+    sparsity: float = _f(
+        0.5, "fraction of target weights set to zero, in [0, 1); N:M patterns fix it at (M-N)/M"
+    )
+    scope: str = _f("row", f"comparison group for unstructured thresholds: {', '.join(SCOPES)}")
+    pattern: str = _f("unstructured", "unstructured, or N:M such as 2:4 (keep N of every M input weights)")
+    gblm_alpha: float = _f(100.0, "gblm: weight of the gradient term against the activation term")
+    blend: dict = _f(
+        {"weight": 1.0, "act": 1.0, "grad": 0.5},
+        "blend: exponents of |w|, rms(x) and rms(g) in the score |w|^weight * rms(x)^act * rms(g)^grad",
+    )
+    num_samples: int = _f(64, "calibration blocks of seq_len tokens")
+    seq_len: int = _f(512, "tokens per calibration block (never defaults to the model's context)")
+    batch_size: int = _f(1, "blocks per micro-batch; one gradient sample = one micro-batch")
+    seed: int = _f(0, "seed of the calibration block order")
+    dtype: str = _f("float32", f"model weights dtype: {', '.join(DTYPES)}; statistics are always fp32")
+    output_dir: str = _f("out/pruned", "where the pruned checkpoint and report are written")
+    include: list[str] = _f([], "regexes over module names; a target must match one (empty = all)")
+    exclude: list[str] = _f([], "regexes over module names; a match is never pruned")
+    trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless asked)")
+    device: str | None = _f(None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice")
+    select_chunk_elems: int = _f(1 << 24, "scores looked at per chunk in exact selection (bounds memory)")
+    max_shard_size: str = _f("5GB", "largest safetensors shard written")
+    overwrite: bool = _f(False, "replace a non-empty output directory")
+    progress: bool = _f(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"criterion {self.criterion!r} is unknown: choose one of {', '.join(CRITERIA)}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope {self.scope!r} is unknown: choose one of {', '.join(SCOPES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
+        if not isinstance(self.sparsity, int | float) or not 0.0 <= float(self.sparsity) < 1.0:
+            raise ConfigError(f"sparsity {self.sparsity!r} is outside [0, 1)")
+        self.sparsity = float(self.sparsity)
+        self.nm = parse_pattern(self.pattern)
+        for name in ("num_samples", "seq_len", "batch_size", "select_chunk_elems"):
+            value = getattr(self, name)
+            low = 0 if name == "num_samples" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} {value!r} must be an integer >= {low}")
+        if self.num_samples == 0 and self.criterion != "magnitude":
+            raise ConfigError(f"criterion {self.criterion!r} needs calibration data but num_samples is 0")
+        if self.num_samples and self.num_samples < self.batch_size:
+            raise ConfigError(f"batch_size {self.batch_size} is larger than num_samples {self.num_samples}")
+        if not isinstance(self.blend, dict) or set(self.blend) - {"weight", "act", "grad"}:
+            raise ConfigError(f"blend {self.blend!r} must map some of weight, act, grad to numbers")
+        self.blend = {"weight": 1.0, "act": 1.0, "grad": 0.5, **{k: float(v) for k, v in self.blend.items()}}
+        if self.nm is not None:
+            self.sparsity = 1.0 - self.nm[0] / self.nm[1]
+        for name in ("include", "exclude"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                near = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> PruneConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        return cls.from_dict({**values, **overrides})

@@ -1,0 +1,126 @@
+"""The main job end to end: load model and text, prune, save, verify. The CLI and scripts call this."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, criteria
+from .assets import resolve_model
+from .checkpoint import check_output_dir, save_pruned
+from .config import ConfigError, PruneConfig
+from .data import load_blocks, micro_batches, shard, token_hash
+from .pruner import prune_
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def load_model(cfg: PruneConfig, name: str | None = None):
+    """(model, tokenizer, local_path_or_id) for a Hub id, a local folder or a built-in alias."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = name or cfg.model
+    path = resolve_model(name)
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise ConfigError(
+            f"model {name!r} does not exist: give a Hub id, a local folder or builtin:smollm2-135m"
+        )
+    path = str(Path(path).expanduser()) if _looks_local(path) else path
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], use_safetensors=True, trust_remote_code=cfg.trust_remote_code
+        )
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            kind = type(hf_config).__name__
+            raise ConfigError(f"model {name!r} ({kind}) is not a causal language model") from None
+        raise
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    context = getattr(hf_config, "max_position_embeddings", None)
+    if context is not None and cfg.seq_len > context:
+        raise ConfigError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens")
+    for pname, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"model {name!r} has NaN/inf values in {pname}: refusing to calibrate on it")
+    return model, tokenizer, path
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import safetensors
+    import transformers
+
+    return {
+        "llm_gradprune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def run_prune(cfg: PruneConfig) -> dict[str, Any]:
+    """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
+    from accelerate import Accelerator
+
+    start = time.perf_counter()
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    crit = criteria.get(cfg.criterion)
+    if accelerator.is_main_process:
+        resolve_model(cfg.model)
+    accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
+    resolved = resolve_model(cfg.model)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite, resolved if _looks_local(resolved) else None)
+
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(cfg)
+    timings = {"load_model": time.perf_counter() - t}
+
+    t = time.perf_counter()
+    batches, calib_hash = None, None
+    if crit.needs_calibration:
+        blocks = load_blocks(cfg, tokenizer)
+        calib_hash = token_hash(blocks)
+        batches = shard(
+            micro_batches(blocks, cfg.batch_size), accelerator.process_index, accelerator.num_processes
+        )
+    timings["load_data"] = time.perf_counter() - t
+
+    device = torch.device(cfg.device) if cfg.device else accelerator.device
+    if accelerator.num_processes == 1 and cfg.device is None:
+        model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
+    else:
+        model.to(device)  # several processes: no DDP wrapper, see calibrate.py
+    result = prune_(model, batches, cfg, accelerator=accelerator, return_masks=False,
+                    num_batches=len(batches) if batches is not None else None)  # fmt: skip
+    report = result.report
+    timings.update(report.pop("timings_s"))
+    report["model"] = cfg.model
+    report["dataset"] = {"name": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column}
+    report["seed"] = cfg.seed
+    report["calibration"]["token_sha256"] = calib_hash
+    report["calibration"]["seq_len"] = cfg.seq_len
+    report["versions"] = versions()
+    report["timings_s"] = timings
+
+    if accelerator.is_main_process:
+        t = time.perf_counter()
+        model = accelerator.unwrap_model(model)
+        timings["before_save"] = time.perf_counter() - start
+        save_pruned(model, tokenizer, cfg, report, out)
+        timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
+        report["output_dir"] = str(out)
+    accelerator.wait_for_everyone()
+    return report

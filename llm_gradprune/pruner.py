@@ -1,0 +1,137 @@
+"""Library API: a model, batches and a config in; the model pruned in place, masks and a report out.
+
+    from llm_gradprune import PruneConfig, prune_
+    result = prune_(model, batches, PruneConfig(criterion="fisher", sparsity=0.5))
+
+Works for any `nn.Module`: pass `loss_fn(model, batch)` for models that are not causal LMs and
+`targets` (or include/exclude patterns in the config) to choose the layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import criteria
+from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_
+from .config import PruneConfig
+from .masks import apply_mask_, iter_masks, mask_summary
+from .stats import ActStats, GradStats
+from .targets import find_targets
+
+
+@dataclass
+class PruneResult:
+    masks: dict[str, torch.Tensor] | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def criterion_params(cfg: PruneConfig) -> dict[str, float]:
+    """Keyword parameters of the configured criterion function."""
+    if cfg.criterion == "gblm":
+        return {"alpha": cfg.gblm_alpha}
+    if cfg.criterion == "blend":
+        b = cfg.blend
+        return {"weight_exp": b["weight"], "act_exp": b["act"], "grad_exp": b["grad"]}
+    return {}
+
+
+def prune_(
+    model: nn.Module,
+    batches: Iterable[Any] | None = None,
+    cfg: PruneConfig | None = None,
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    targets: dict[str, nn.Module] | None = None,
+    accelerator=None,
+    return_masks: bool = True,
+    num_batches: int | None = None,
+) -> PruneResult:
+    """Calibrate (if the criterion needs it), score, select and zero the target weights in place."""
+    cfg = cfg or PruneConfig()
+    crit = criteria.get(cfg.criterion)
+    targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
+    params = {f"{name}.weight": module.weight for name, module in targets.items()}
+    report: dict[str, Any] = {"timings_s": {}}
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
+    grad_stats = GradStats(params, grad_needs) if grad_needs else None
+    act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators else None
+    counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
+    if crit.needs_calibration:
+        if batches is None:
+            raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
+        counters = calibrate(
+            model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
+            progress=cfg.progress, total=num_batches,
+        )  # fmt: skip
+        reduce_stats_(grad_stats, act_stats, counters, accelerator)
+        if counters["batches"] == 0:
+            raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
+    report["timings_s"]["calibration"] = counters["seconds"]
+
+    module_of = {f"{name}.weight": name for name in targets}
+    kw = criterion_params(cfg)
+
+    def score_fn(pname: str) -> torch.Tensor:
+        stats: dict[str, torch.Tensor] = {}
+        for need in crit.needs:
+            if need == "act_sq_mean":
+                stats[need] = act_stats.mean_sq(module_of[pname])
+            else:
+                stats[need] = grad_stats.mean(criteria.MEAN_OF[need], pname)
+        return crit.score(params[pname], stats, **kw)
+
+    start = time.perf_counter()
+    names = list(params)
+    masks: dict[str, torch.Tensor] = {}
+    per_tensor: dict[str, dict[str, int]] = {}
+    with torch.no_grad():
+        for name, mask in iter_masks(
+            names, score_fn, scope=cfg.scope, sparsity=cfg.sparsity, nm=cfg.nm,
+            chunk_elems=cfg.select_chunk_elems, shapes={n: p.shape for n, p in params.items()},
+        ):  # fmt: skip
+            apply_mask_(params[name], mask)
+            per_tensor[name] = {**mask_summary(mask, cfg.nm), "zeros": int((params[name] == 0).sum())}
+            if return_masks:
+                masks[name] = mask.cpu()
+    report["timings_s"]["selection"] = time.perf_counter() - start
+
+    numel = sum(t["numel"] for t in per_tensor.values())
+    zeros = sum(t["zeros"] for t in per_tensor.values())
+    masked = sum(t["masked"] for t in per_tensor.values())
+    report.update(
+        {
+            "criterion": cfg.criterion,
+            "criterion_params": kw,
+            "scope": cfg.scope if cfg.nm is None else "n:m",
+            "pattern": cfg.pattern,
+            "target_sparsity": cfg.sparsity,
+            "targets": len(per_tensor),
+            "target_weights": numel,
+            "masked_weights": masked,
+            "zero_weights": zeros,
+            "overall_sparsity": zeros / numel if numel else 0.0,
+            "calibration": {
+                "batches": counters["batches"],
+                "tokens": counters["tokens"],
+                "batch_size": cfg.batch_size,
+                "mean_loss": counters["mean_loss"],
+                "statistics": sorted(crit.accumulators),
+                # per tensor, only those that skipped a non-finite gradient batch
+                "skipped_nonfinite": {
+                    n: c for n, c in (grad_stats.skipped if grad_stats else {}).items() if c
+                },
+                "processes": accelerator.num_processes if accelerator is not None else 1,
+            },
+            "per_tensor": per_tensor,
+        }
+    )
+    return PruneResult(masks=masks if return_masks else None, report=report)
