@@ -8,8 +8,8 @@ padding, so every token counts.
 
 Built-in and local-file sources have no published held-out split, so every 10th row (row index % 10 ==
 0) forms the held-out part (`test`/`heldout`) and the rest the calibration part (`train`/`calibration`):
-calibration never reads a held-out row. The built-in IMDB reviews are de-duplicated first (the split
-repeats about a hundred reviews verbatim), so no held-out text appears in the calibration part either.
+calibration never reads a held-out row. IMDB repeats some reviews verbatim, so the built-in calibration
+part also skips any review whose text equals a held-out one.
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ def _in_split(index: int, split: str, source: str) -> bool:
 def _builtin_imdb_rows() -> list[str]:
     csv.field_size_limit(sys.maxsize)
     with open(builtin_dataset_file("builtin:imdb"), newline="", encoding="utf-8") as fh:
-        texts = [clean_text(row["text"]) for row in csv.DictReader(fh) if row["source"] == "imdb"]
-    # IMDB repeats some reviews verbatim; keep the first copy so no held-out text is also calibration text.
-    return list(dict.fromkeys(texts))
+        return [clean_text(row["text"]) for row in csv.DictReader(fh) if row["source"] == "imdb"]
 
 
 def _permuted(n: int, seed: int) -> list[int]:
@@ -72,10 +70,15 @@ def iter_texts(
             builtin_dataset_file(source)  # raises: no other built-in data set exists
         rows = _builtin_imdb_rows()
         part = [t for i, t in enumerate(rows) if _in_split(i, split, source)]
+        # IMDB repeats some reviews verbatim: a calibration text equal to a held-out one is skipped.
+        heldout = (
+            {t for i, t in enumerate(rows) if _in_split(i, "test", source)}
+            if split in TRAIN_SPLITS
+            else set()
+        )
         for i in _permuted(len(part), seed):
-            text = clean_text(part[i])
-            if text:
-                yield text
+            if part[i] and part[i] not in heldout:
+                yield part[i]
         return
 
     from datasets import load_dataset  # heavy import, only for non-built-in sources
