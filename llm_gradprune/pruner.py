@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import criteria
 from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_
@@ -94,10 +95,13 @@ def prune_(
     masks: dict[str, torch.Tensor] = {}
     per_tensor: dict[str, dict[str, int]] = {}
     with torch.no_grad():
-        for name, mask in iter_masks(
+        stream = iter_masks(
             names, score_fn, scope=cfg.scope, sparsity=cfg.sparsity, nm=cfg.nm,
             chunk_elems=cfg.select_chunk_elems, shapes={n: p.shape for n, p in params.items()},
-        ):  # fmt: skip
+        )  # fmt: skip
+        main = accelerator is None or accelerator.is_local_main_process
+        for name, mask in tqdm(stream, total=len(names), desc="select+mask", unit="tensor",
+                               disable=not (cfg.progress and main)):  # fmt: skip
             apply_mask_(params[name], mask)
             per_tensor[name] = {**mask_summary(mask, cfg.nm), "zeros": int((params[name] == 0).sum())}
             if return_masks:
