@@ -77,6 +77,11 @@ class PruneConfig:
     trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless asked)")
     device: str | None = _f(None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice")
     select_chunk_elems: int = _f(1 << 24, "scores looked at per chunk in exact selection (bounds memory)")
+    fsdp: bool = _f(
+        False,
+        "with several processes, shard the weights by rows (torch FSDP2) instead of replicating them; "
+        "implied by an accelerate config with distributed_type FSDP",
+    )
     max_shard_size: str = _f("5GB", "largest safetensors shard written")
     overwrite: bool = _f(False, "replace a non-empty output directory")
     progress: bool = _f(True, "show progress bars")

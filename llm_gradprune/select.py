@@ -67,19 +67,24 @@ def _pick_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, before
 
 
-def kth_threshold(chunks: ChunkSource, k: int) -> Threshold | None:
+def kth_threshold(
+    chunks: ChunkSource, k: int, reduce: Callable[[torch.Tensor], None] | None = None
+) -> Threshold | None:
     """Exact threshold pruning the k smallest scores of all chunks; None when k == 0.
 
-    `chunks` is called twice and must yield the same chunks in the same order each time.
+    `chunks` is called twice and must yield the same chunks in the same order each time. `reduce`
+    (optional) sums each histogram in place across processes that each hold part of the scores
+    (`distributed.hist_all_reduce`): the threshold is then the one over all processes' scores.
     """
     if k <= 0:
         return None
     hist = torch.zeros(BINS, dtype=torch.int64)
-    total = 0
     for c in chunks():
         keys = order_keys(c)
-        total += keys.numel()
         hist += torch.bincount(keys >> 16, minlength=BINS).cpu()
+    if reduce is not None:
+        reduce(hist)
+    total = int(hist.sum())
     if k > total:
         raise ValueError(f"cannot prune {k} of {total} scores")
     high, before_high = _pick_bin(hist, k)
@@ -88,6 +93,8 @@ def kth_threshold(chunks: ChunkSource, k: int) -> Threshold | None:
         keys = order_keys(c)
         keys = keys[(keys >> 16) == high]
         hist += torch.bincount(keys & 0xFFFF, minlength=BINS).cpu()
+    if reduce is not None:
+        reduce(hist)
     low, before_low = _pick_bin(hist, k - before_high)
     less = before_high + before_low
     return Threshold(key=(high << 16) | low, ties=k - less, k=k)
