@@ -319,12 +319,19 @@ def full_state_dict(model: nn.Module, accelerator=None) -> dict[str, torch.Tenso
 
 
 def uses_fsdp(cfg: PruneConfig, accelerator) -> bool:
-    """Shard the model: asked for (cfg.fsdp) with several processes, or Accelerate configured for FSDP."""
+    """Shard the model: Accelerate configured for FSDP, or asked for (cfg.fsdp), with several processes.
+
+    On CPU processes Accelerate ignores an FSDP launch config (it sets ACCELERATE_USE_FSDP but gives
+    MULTI_CPU + DDP semantics); the launch config is honoured here by sharding with torch itself.
+    """
+    import os
+
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
         return True
-    return bool(cfg.fsdp) and accelerator.num_processes > 1
+    launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return (bool(cfg.fsdp) or launched_fsdp) and accelerator.num_processes > 1
 
 
 def run_sharded(model: nn.Module, batches, cfg: PruneConfig, accelerator, device) -> tuple:
@@ -338,7 +345,7 @@ def run_sharded(model: nn.Module, batches, cfg: PruneConfig, accelerator, device
                 f"fsdp_version {version} flattens weights across ranks: set fsdp_version: 2 in the "
                 "accelerate config (row sharding)"
             )
-        model = accelerator.prepare(model)
+        model = accelerator.prepare(model.to(device))
     else:  # Accelerate offers FSDP on accelerators only (CPU processes get DDP): shard with torch
         model = fully_shard_model(model, device)
     result = prune_sharded_(model, batches, cfg, accelerator=accelerator, device=device, return_masks=False,

@@ -180,3 +180,24 @@ def test_pipeline_two_processes_one_checkpoint_that_reloads(tmp_path):
         assert report["verified"] and report["zero_weights"] == single["zero_weights"]
         model = AutoModelForCausalLM.from_pretrained(out / mode)
         assert int((model.model.layers[0].mlp.gate_proj.weight == 0).sum()) > 0
+
+
+@pytest.mark.slow
+def test_fsdp_launch_config_shards_on_cpu(tmp_path):
+    """configs/accelerate/fsdp_8gpu.yaml with 2 CPU processes: Accelerate would replicate, we shard."""
+    from transformers import AutoTokenizer
+
+    from llm_gradprune.assets import resolve_model
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(vocab=49152).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m")).save_pretrained(model_dir)
+    cmd = ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_8gpu.yaml"),
+           "--num_processes", "2", str(ROOT / "scripts/prune_llama.py"), "--model", str(model_dir),
+           "--criterion", "taylor", "--scope", "tensor", "--num-samples", "4", "--seq-len", "16",
+           "--batch-size", "2", "--output-dir", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["calibration"]["processes"] == 2 and report["calibration"]["sharding"] == "fsdp2"
+    assert report["verified"] and report["zero_weights"] == report["target_weights"] // 2
