@@ -318,6 +318,17 @@ def full_state_dict(model: nn.Module, accelerator=None) -> dict[str, torch.Tenso
     return sd
 
 
+def prepare_fsdp2(model: nn.Module, accelerator) -> nn.Module:
+    """Accelerate's own FSDP2 sharding of `model` (its wrap policy, mesh and settings).
+
+    Accelerate 1.15 refuses `prepare(model)` alone under FSDP2 ("a model and optimizer must be passed
+    together"): it is given a plain SGD with lr 0 that is never stepped and holds no state.
+    """
+    unused = torch.optim.SGD([p for p in model.parameters()], lr=0.0)
+    model, _ = accelerator.prepare(model, unused)
+    return model
+
+
 def uses_fsdp(cfg: PruneConfig, accelerator) -> bool:
     """Shard the model: Accelerate configured for FSDP, or asked for (cfg.fsdp), with several processes.
 
@@ -345,7 +356,7 @@ def run_sharded(model: nn.Module, batches, cfg: PruneConfig, accelerator, device
                 f"fsdp_version {version} flattens weights across ranks: set fsdp_version: 2 in the "
                 "accelerate config (row sharding)"
             )
-        model = accelerator.prepare(model.to(device))
+        model = prepare_fsdp2(model.to(device), accelerator)
     else:  # Accelerate offers FSDP on accelerators only (CPU processes get DDP): shard with torch
         model = fully_shard_model(model, device)
     result = prune_sharded_(model, batches, cfg, accelerator=accelerator, device=device, return_masks=False,

@@ -134,9 +134,34 @@ def main(out_dir: str) -> None:
             res = prune_sharded_(model, mbs, config(*case))
             result["fsdp_masks"][case] = gather_rows(res.masks)
             result["fsdp_reports"][case] = {k: res.report[k] for k in ("zero_weights", "masked_weights")}
+    if size > 1:
+        result["accelerate_fsdp2"] = accelerate_fsdp2(accelerator, mbs)
     if rank == 0:
         torch.save(result, Path(out_dir) / f"w{size}.pt")
     accelerator.wait_for_everyone()
+
+
+def accelerate_fsdp2(accelerator, mbs) -> dict:
+    """Accelerate's own FSDP2 path (prepare + get_state_dict), last because it changes the shared state.
+
+    Accelerate offers FSDP only on accelerators, so the type is forced here; everything after that is
+    Accelerate's unmodified code (wrap policy, fully_shard, full state dict gathering).
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from llm_gradprune.sharded import full_state_dict, prepare_fsdp2
+
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT"
+    )
+    model = prepare_fsdp2(tiny(), accelerator)
+    placements = str(model.model.layers[0].mlp.gate_proj.weight.placements)
+    res = prune_sharded_(model, mbs, config("gblm", "global", "unstructured"), accelerator=accelerator)
+    sd = full_state_dict(model, accelerator)
+    return {"placements": placements, "zero_weights": res.report["zero_weights"], "state_dict": sd}
 
 
 def gather_objects(obj, size: int) -> list:

@@ -143,6 +143,27 @@ def test_fsdp_same_statistics_without_gathering(runs):
 
 
 @pytest.mark.slow
+def test_accelerate_fsdp2_prepare_and_state_dict_match_one_process(runs):
+    one, two = runs
+    acc = two["accelerate_fsdp2"]
+    assert acc["placements"] == "(Shard(dim=0),)"
+    case = ("gblm", "global", "unstructured")
+    assert acc["zero_weights"] == one["reports"][case]["zero_weights"]
+    ref = tiny_pruned(one["masks"][case])
+    assert acc["state_dict"].keys() == ref.keys()  # tied lm_head written once, as by one process
+    for k, v in ref.items():
+        assert torch.equal(acc["state_dict"][k], v), k
+
+
+def tiny_pruned(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The worker's tiny Llama with the single-process masks applied."""
+    sd = {k: v.clone() for k, v in make_tiny_llama(seed=0, intermediate=67).state_dict().items()}
+    for name, m in masks.items():
+        sd[name][m] = 0
+    return {k: v for k, v in sd.items() if k != "lm_head.weight"}
+
+
+@pytest.mark.slow
 def test_pipeline_two_processes_one_checkpoint_that_reloads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
