@@ -33,7 +33,7 @@ def run_cli(nproc: int, out: Path, args: argparse.Namespace, fsdp: bool) -> dict
     launch = [*LAUNCH, "--num_processes", str(nproc)] + (["--multi_gpu"] if nproc > 1 else [])
     cmd = [*launch, str(ROOT / "scripts" / "prune_llama.py"), "--model", "builtin:smollm2-135m",
            "--criterion", "fisher", "--scope", "row", "--num-samples", str(args.num_samples),
-           "--seq-len", str(args.seq_len), "--batch-size", "1", "--output-dir", str(out), "--overwrite",
+           "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--output-dir", str(out), "--overwrite",
            "--no-progress"] + (["--fsdp"] if fsdp else [])  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
@@ -133,13 +133,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=1, help="blocks per micro-batch (FSDP splits each)")
+    ap.add_argument("--skip-reduce", action="store_true", help="only the three pruning runs")
     ap.add_argument("--out", default="bench_distributed.json")
     ap.add_argument("--reduce-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.reduce_worker:
         return reduce_worker(args.reduce_worker)
 
-    results: dict = {"num_samples": args.num_samples, "seq_len": args.seq_len, "cores": os.cpu_count()}
+    results: dict = {"num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                     "cores": os.cpu_count()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         runs = [(1, False, "np1"), (2, False, "np2"), (2, True, "np2_fsdp")]
@@ -148,6 +151,10 @@ def main() -> None:
             name: zero_diff(tmp / "np1", tmp / name) for _, _, name in runs[1:]
         }
         red = tmp / "reduce.json"
+        if args.skip_reduce:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            print(json.dumps(results, indent=2))
+            return
         cmd = [*LAUNCH, "--num_processes", "2", "--multi_gpu", __file__, "--reduce-worker", str(red)]
         proc = subprocess.run(
             cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True

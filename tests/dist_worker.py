@@ -135,10 +135,31 @@ def main(out_dir: str) -> None:
             result["fsdp_masks"][case] = gather_rows(res.masks)
             result["fsdp_reports"][case] = {k: res.report[k] for k in ("zero_weights", "masked_weights")}
     if size > 1:
+        result["tied_scores"] = tied_selection(rank, size)
         result["accelerate_fsdp2"] = accelerate_fsdp2(accelerator, mbs)
     if rank == 0:
         torch.save(result, Path(out_dir) / f"w{size}.pt")
     accelerator.wait_for_everyone()
+
+
+def tied_scores() -> dict[str, torch.Tensor]:
+    """Integer scores in 0..3: most of them tie with the threshold, and ties span the ranks' rows."""
+    g = torch.Generator().manual_seed(3)
+    return {f"t{i}": torch.randint(0, 4, (rows, 6), generator=g).float() for i, rows in enumerate((7, 4, 9))}
+
+
+def tied_selection(rank: int, size: int) -> dict:
+    """Each rank holds a contiguous block of rows (as FSDP2 does); masks gathered for the test."""
+    from llm_gradprune.distributed import iter_sharded_masks
+
+    full = tied_scores()
+    mine = {k: torch.tensor_split(v, size)[rank] for k, v in full.items()}
+    out = {}
+    for scope in ("tensor", "global"):
+        masks = dict(iter_sharded_masks(list(mine), mine.__getitem__, scope=scope, sparsity=0.45,
+                                        numel={k: v.numel() for k, v in full.items()}, chunk_elems=5))  # fmt: skip
+        out[scope] = gather_rows(masks)
+    return out
 
 
 def accelerate_fsdp2(accelerator, mbs) -> dict:

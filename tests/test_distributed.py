@@ -143,6 +143,20 @@ def test_fsdp_same_statistics_without_gathering(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_sharded_selection_splits_ties_across_ranks_like_one_process(runs, scope):
+    from .dist_worker import tied_scores
+
+    full = tied_scores()
+    plain = dict(iter_masks(list(full), full.__getitem__, scope=scope, sparsity=0.45, chunk_elems=5,
+                            shapes={k: v.shape for k, v in full.items()}))  # fmt: skip
+    got = runs[1]["tied_scores"][scope]
+    for k in full:
+        assert torch.equal(got[k], plain[k]), k
+    assert sum(int(m.sum()) for m in got.values()) == sum(int(m.sum()) for m in plain.values())
+
+
+@pytest.mark.slow
 def test_accelerate_fsdp2_prepare_and_state_dict_match_one_process(runs):
     one, two = runs
     acc = two["accelerate_fsdp2"]
