@@ -75,6 +75,8 @@ def versions() -> dict[str, str]:
 
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
+    from accelerate.utils import DistributedType
+
     start = time.perf_counter()
     accelerator = make_accelerator(cpu=cfg.device == "cpu")  # CPU-only machines: see distributed.py
     crit = criteria.get(cfg.criterion)
@@ -104,7 +106,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     if sharded:  # FSDP2: every rank holds some rows of every weight; see sharded.py
         model, result, state_dict = run_sharded(model, batches, cfg, accelerator, device)
     else:
-        if accelerator.num_processes == 1 and cfg.device is None:
+        # prepare() wraps in DDP for any multi-device type, even for one process launched by torchrun
+        # (`--num_processes 1` with a multi-GPU config): only a plain single process gets it
+        if accelerator.distributed_type == DistributedType.NO and cfg.device is None:
             model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
         else:
             model.to(device)  # several processes: no DDP wrapper, see calibrate.py

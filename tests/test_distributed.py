@@ -217,9 +217,7 @@ def test_pipeline_two_processes_one_checkpoint_that_reloads(tmp_path):
         assert int((model.model.layers[0].mlp.gate_proj.weight == 0).sum()) > 0
 
 
-@pytest.mark.slow
-def test_fsdp_launch_config_shards_on_cpu(tmp_path):
-    """configs/accelerate/fsdp_8gpu.yaml with 2 CPU processes: Accelerate would replicate, we shard."""
+def tiny_model_dir(tmp_path: Path) -> Path:
     from transformers import AutoTokenizer
 
     from llm_gradprune.assets import resolve_model
@@ -227,6 +225,29 @@ def test_fsdp_launch_config_shards_on_cpu(tmp_path):
     model_dir = tmp_path / "tiny"
     make_tiny_llama(vocab=49152).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m")).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.mark.slow
+def test_one_launched_process_is_not_wrapped_in_ddp(tmp_path):
+    """torchrun with one process gives a multi-device type; prepare() would wrap DDP and fail on frozen weights.
+
+    (`--multi_gpu --num_processes 1` is refused by accelerate; an FSDP config with one process is not.)
+    """
+    cmd = ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_8gpu.yaml"),
+           "--num_processes", "1", str(ROOT / "scripts/prune_llama.py"), "--model",
+           str(tiny_model_dir(tmp_path)), "--num-samples", "2", "--seq-len", "16",
+           "--output-dir", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["calibration"]["processes"] == 1 and report["verified"]
+
+
+@pytest.mark.slow
+def test_fsdp_launch_config_shards_on_cpu(tmp_path):
+    """configs/accelerate/fsdp_8gpu.yaml with 2 CPU processes: Accelerate would replicate, we shard."""
+    model_dir = tiny_model_dir(tmp_path)
     cmd = ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_8gpu.yaml"),
            "--num_processes", "2", str(ROOT / "scripts/prune_llama.py"), "--model", str(model_dir),
            "--criterion", "taylor", "--scope", "tensor", "--num-samples", "4", "--seq-len", "16",
