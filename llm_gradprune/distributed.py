@@ -66,12 +66,17 @@ def make_accelerator(cpu: bool = False):
 
 
 def collective_device() -> torch.device:
-    """Where tensors must live for the default backend (NCCL reduces GPU tensors only)."""
+    """Where small tensors must live for the default backend: the CPU if gloo (or mpi) serves it,
+    else the current accelerator (NCCL and its kin reduce device tensors only)."""
     import torch.distributed as dist
 
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    backend = str(dist.get_backend())
+    if "gloo" in backend or backend == "mpi":  # also "cuda:nccl,cpu:gloo": the CPU goes over gloo
+        return torch.device("cpu")
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        acc = torch.accelerator.current_accelerator()
+        return torch.device(acc.type, torch.accelerator.current_device_index())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def all_reduce_sum_(tensors: Iterable[torch.Tensor], chunk_elems: int = 1 << 22) -> dict[str, float]:
