@@ -18,6 +18,7 @@ from typing import Any
 from safetensors import safe_open
 
 from .config import ConfigError
+from .faults import pause_point
 
 
 class VerificationError(RuntimeError):
@@ -111,6 +112,7 @@ def save_pruned(model, tokenizer, cfg, report: dict[str, Any], output_dir: str |
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        pause_point("output-write")
         cfg.save_yaml(tmp / "prune_config.yaml")
         verify_zeros(tmp, report["per_tensor"])
         report["verified"] = True
@@ -135,6 +137,7 @@ def _install(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
+        pause_point("output-install")
     os.rename(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

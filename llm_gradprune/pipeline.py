@@ -86,11 +86,22 @@ def versions() -> dict[str, str]:
     }
 
 
+def quiet_hf_progress_bars() -> None:
+    """--no-progress also silences the bars transformers and datasets draw while loading."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
     from accelerate import Accelerator
 
     start = time.perf_counter()
+    if not cfg.progress:
+        quiet_hf_progress_bars()
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     crit = criteria.get(cfg.criterion)
     if accelerator.is_main_process:

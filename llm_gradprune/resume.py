@@ -25,9 +25,7 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError
+from .faults import pause_point
 
 STATE_VERSION = 1
 SHARD_BYTES = 1 << 30
@@ -44,15 +43,6 @@ RUN_CONTROL = frozenset(
     {"output_dir", "overwrite", "progress", "checkpoint_every", "resume", "state_dir", "device",
      "max_shard_size", "select_chunk_elems"}
 )  # fmt: skip
-# Test hook: "save:2" stalls inside the 2nd state save of this process (after the stats files, before
-# state.json and the rename), "batch:5" after the 5th batch; a test SIGKILLs the run while it stalls.
-PAUSE_ENV = "LLM_GRADPRUNE_TEST_PAUSE"
-
-
-def test_pause(kind: str, n: int) -> None:
-    if os.environ.get(PAUSE_ENV) == f"{kind}:{n}":
-        print(f"LLM_GRADPRUNE_TEST_PAUSED {kind}:{n}", file=sys.stderr, flush=True)
-        time.sleep(3600)
 
 
 # -- identity of a run -------------------------------------------------------------------------------
@@ -229,7 +219,7 @@ class CalibCheckpointer:
         return meta["batches_done"], meta["tokens"], meta["loss_sum"]
 
     def after_batch(self, batches: int, tokens: int, loss_sum: float) -> None:
-        test_pause("batch", batches)
+        pause_point("batch", batches)
         if self.every and batches % self.every == 0:
             self.save(batches, tokens, loss_sum)
 
@@ -267,7 +257,7 @@ class CalibCheckpointer:
             shard[key] = t.detach().to("cpu", copy=True).contiguous()  # copy: never alias live sums
             size += nbytes
         flush()
-        test_pause("save", self.saves)
+        pause_point("save", self.saves)
         gs, acts = self.grad_stats, self.act_stats
         meta = {
             "version": STATE_VERSION,

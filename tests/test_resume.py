@@ -8,11 +8,6 @@ state save, and checks the resumed checkpoint is byte-identical to an uninterrup
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +17,6 @@ from llm_gradprune import cli
 from llm_gradprune.calibrate import calibrate, causal_lm_loss
 from llm_gradprune.config import ConfigError, PruneConfig
 from llm_gradprune.resume import (
-    PAUSE_ENV,
     CalibCheckpointer,
     check_state,
     config_identity,
@@ -33,9 +27,7 @@ from llm_gradprune.stats import ActStats, GradStats
 from llm_gradprune.targets import find_targets
 
 from .conftest import make_blocks, make_tiny_llama
-from .tiny_folder import make_model_folder, make_text_file
-
-ROOT = Path(__file__).resolve().parents[1]
+from .tiny_folder import kill_when_paused, make_model_folder, make_text_file, start_cli
 
 
 class Crash(Exception):
@@ -148,30 +140,6 @@ def test_existing_state_without_resume_is_refused(tmp_path):
 
 
 # -- SIGKILL end to end ---------------------------------------------------------------------------
-def _start(args: list[str], pause: str | None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop(PAUSE_ENV, None)
-    if pause:
-        env[PAUSE_ENV] = pause
-    cmd = [sys.executable, "-m", "llm_gradprune.cli", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _kill_when_paused(proc: subprocess.Popen, timeout: float = 120) -> str:
-    """Wait for the pause marker on stderr, then SIGKILL: the process cannot clean anything up."""
-    deadline = time.monotonic() + timeout
-    lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if line.startswith("LLM_GRADPRUNE_TEST_PAUSED"):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return "".join(lines)
-        assert time.monotonic() < deadline, "timed out waiting for the pause"
-    proc.wait()
-    raise AssertionError(f"run ended (rc {proc.returncode}) without pausing:\n{''.join(lines)[-3000:]}")
-
-
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
@@ -192,16 +160,16 @@ def test_sigkill_between_and_during_state_saves_then_resume_matches(tmp_path):
         run = [*args, "--output-dir", str(out), "--checkpoint-every", "2"]
 
         # 1) killed after batch 5, between saves: the state of batch 4 survives
-        _kill_when_paused(_start(run, "batch:5"))
+        kill_when_paused(start_cli(run, "batch:5"))
         assert latest_state(state)[1]["batches_done"] == 4 and not out.exists()
 
         # 2) resumed from 4, killed inside its 2nd save (batch 8, stats written, not yet renamed)
-        _kill_when_paused(_start([*run, "--resume"], "save:2"))
+        kill_when_paused(start_cli([*run, "--resume"], "save:2"))
         assert any(p.name.startswith(".tmp-step-00000008") for p in state.iterdir())
         assert latest_state(state)[1]["batches_done"] == 6 and not out.exists()
 
         # 3) resumed from 6 to the end
-        proc = _start([*run, "--resume"], None)
+        proc = start_cli([*run, "--resume"], None)
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
         assert "resuming calibration" in stdout and "(batch 6)" in stdout
