@@ -161,6 +161,7 @@ class CalibCheckpointer:
         self.identity = identity
         self.saves = 0
         self.resumed_from = 0
+        self.last_saved = -1
         self.grad_stats = None
         self.act_stats = None
         self._found = latest_state(self.dir) if resume else None
@@ -214,13 +215,17 @@ class CalibCheckpointer:
         if act_stats is not None:
             act_stats.tokens = dict(meta["act_tokens"])
         _set_rng_state(rng, meta["rng"])
-        self.resumed_from = meta["batches_done"]
+        self.resumed_from = self.last_saved = meta["batches_done"]
         print(f"[llm-gradprune] resuming calibration from {folder} (batch {self.resumed_from})", flush=True)
         return meta["batches_done"], meta["tokens"], meta["loss_sum"]
 
     def after_batch(self, batches: int, tokens: int, loss_sum: float) -> None:
         pause_point("batch", batches)
         if self.every and batches % self.every == 0:
+            self.save(batches, tokens, loss_sum)
+
+    def end(self, batches: int, tokens: int, loss_sum: float) -> None:
+        if self.every and batches != self.last_saved:
             self.save(batches, tokens, loss_sum)
 
     # -- saving ----------------------------------------------------------------------------------
@@ -269,6 +274,9 @@ class CalibCheckpointer:
             "act_tokens": acts.tokens if acts is not None else {},
             "rng": rng_meta,
             "identity": self.identity,
+            "config_sha256": hashlib.sha256(
+                json.dumps(self.identity["config"], sort_keys=True).encode()
+            ).hexdigest(),
             "files": files,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -280,6 +288,7 @@ class CalibCheckpointer:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync(self.dir)
+        self.last_saved = batches
         for old in self.dir.iterdir():  # only now is the previous state redundant
             if old != final and (old.name.startswith(".tmp-") or _step_of(old) is not None):
                 shutil.rmtree(old, ignore_errors=True)

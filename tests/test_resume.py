@@ -150,7 +150,7 @@ def test_sigkill_between_and_during_state_saves_then_resume_matches(tmp_path):
     text = make_text_file(tmp_path / "t.txt")
     common = ["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "10",
               "--seq-len", "16", "--no-progress"]  # fmt: skip
-    # wanda reads activation sums; fisher (the default) gradient sums: test both paths
+    # fisher reads gradient sums, wanda activation sums: both are saved and restored
     for crit in ("fisher", "wanda"):
         args = [*common, "--criterion", crit]
         ref = tmp_path / f"ref-{crit}"
@@ -159,20 +159,30 @@ def test_sigkill_between_and_during_state_saves_then_resume_matches(tmp_path):
         state = tmp_path / f"out-{crit}.calib-state"
         run = [*args, "--output-dir", str(out), "--checkpoint-every", "2"]
 
-        # 1) killed after batch 5, between saves: the state of batch 4 survives
-        kill_when_paused(start_cli(run, "batch:5"))
-        assert latest_state(state)[1]["batches_done"] == 4 and not out.exists()
+        if crit == "fisher":
+            # 1) killed after batch 5, between saves: the state of batch 4 survives
+            kill_when_paused(start_cli(run, "batch:5"))
+            assert latest_state(state)[1]["batches_done"] == 4 and not out.exists()
+            # 2) resumed from 4, killed inside its 2nd save (batch 8: stats written, not yet renamed)
+            kill_when_paused(start_cli([*run, "--resume"], "save:2"))
+            assert any(p.name.startswith(".tmp-step-00000008") for p in state.iterdir())
+            assert latest_state(state)[1]["batches_done"] == 6 and not out.exists()
+            # 3) resumed from 6, calibration completes (the final sums are saved at batch 10), then the
+            #    run is killed while writing the pruned checkpoint: a resume recalibrates nothing
+            kill_when_paused(start_cli([*run, "--resume"], "output-write:1"))
+            assert latest_state(state)[1]["batches_done"] == 10 and not out.exists()
+            resumed_from = 10
+        else:
+            # killed inside the 2nd save of a fresh run (batch 4): the state of batch 2 survives
+            kill_when_paused(start_cli(run, "save:2"))
+            assert latest_state(state)[1]["batches_done"] == 2 and not out.exists()
+            resumed_from = 2
 
-        # 2) resumed from 4, killed inside its 2nd save (batch 8, stats written, not yet renamed)
-        kill_when_paused(start_cli([*run, "--resume"], "save:2"))
-        assert any(p.name.startswith(".tmp-step-00000008") for p in state.iterdir())
-        assert latest_state(state)[1]["batches_done"] == 6 and not out.exists()
-
-        # 3) resumed from 6 to the end
+        # last) resumed to the end
         proc = start_cli([*run, "--resume"], None)
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
-        assert "resuming calibration" in stdout and "(batch 6)" in stdout
+        assert "resuming calibration" in stdout and f"(batch {resumed_from})" in stdout
         assert not state.exists()  # cleared once the checkpoint is in place
 
         ref_files, out_files = _files(ref), _files(out)
