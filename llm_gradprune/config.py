@@ -140,7 +140,14 @@ class PruneConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML{where}: {getattr(err, 'problem', err)}"
+            ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
         return cls.from_dict({**values, **overrides})

@@ -9,6 +9,7 @@ and folder under the test's workspace (model, data, output parent) is unchanged 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,11 @@ def yaml_typo(ws, a):
     return ["--config", str(ws / "c.yaml")]
 
 
+def yaml_syntax(ws, a):
+    (ws / "c.yaml").write_text("include: [mlp\n")
+    return ["--config", str(ws / "c.yaml")]
+
+
 def output_inside_model(ws, a):
     return ["--output-dir", str(a["model"] / "pruned")]
 
@@ -106,6 +112,51 @@ def state_without_resume(ws, a):
     meta = {"version": 1, "batches_done": 2, "files": {"stats-00000.safetensors": size}}
     (state / "state.json").write_text(json.dumps(meta))
     return ["--checkpoint-every", "2"]
+
+
+def _saved_state(ws, a):
+    """A real calibration state of the good run (2 of 4 batches done), as a killed run leaves it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_gradprune.calibrate import calibrate
+    from llm_gradprune.config import PruneConfig
+    from llm_gradprune.data import load_blocks, micro_batches, token_hash
+    from llm_gradprune.resume import checkpointer_for
+    from llm_gradprune.stats import GradStats
+    from llm_gradprune.targets import find_targets
+
+    model_dir = _copy_model(a["model"], ws / "model")
+    text = ws / "t.txt"
+    text.write_bytes(a["text"].read_bytes())
+    cfg = PruneConfig(model=str(model_dir), dataset=str(text), num_samples=4, seq_len=16,
+                      output_dir=str(ws / "out"), checkpoint_every=2, progress=False)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(model_dir))
+    params = {f"{n}.weight": m.weight for n, m in find_targets(model).items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ckpt = checkpointer_for(cfg, model, token_hash(blocks))
+    calibrate(model, micro_batches(blocks, 1)[:2], GradStats(params, {"grad_sq_sum"}), None,
+              progress=False, checkpointer=ckpt)  # fmt: skip
+    return ["--model", str(model_dir), "--dataset", str(text), "--checkpoint-every", "2", "--resume"]
+
+
+def resume_config_changed(ws, a):
+    return [*_saved_state(ws, a), "--seed", "1", "--batch-size", "2"]
+
+
+def resume_model_changed(ws, a):
+    args = _saved_state(ws, a)
+    w = load_file(ws / "model" / "model.safetensors")
+    w["model.layers.0.mlp.up_proj.weight"][0, 0] += 1.0  # element 0 is always in the fingerprint
+    save_file(w, ws / "model" / "model.safetensors", metadata={"format": "pt"})
+    return args
+
+
+def resume_data_changed(ws, a):
+    args = _saved_state(ws, a)
+    make_text_file(ws / "t.txt", seed=7)
+    return args
 
 
 def flags(*args):
@@ -136,10 +187,15 @@ ROWS = [
     ("patterns-match-nothing", flags("--include", "no_such_layer"), r"target patterns match no prunable weight \(include=\['no_such_layer'\]"),
     ("bad-regex", flags("--exclude", "mlp("), r"target pattern 'mlp\(' is not a valid regex"),
     ("yaml-unknown-key", yaml_typo, r"unknown config key 'num_sample' \(did you mean 'num_samples'\?\)"),
+    ("yaml-syntax-error", yaml_syntax, r"c\.yaml' is not valid YAML at line 2: expected ',' or ']'"),
     ("seq-len-over-context", flags("--seq-len", "512"), r"seq_len 512 is larger than the model's context of 256 tokens"),
     ("output-inside-model", output_inside_model, r"output_dir '.*model/pruned' is inside the model's own folder"),
     ("output-not-empty", output_not_empty, r"output_dir '.*out' is not empty: pass --overwrite to replace it"),
     ("checkpoint-every-negative", flags("--checkpoint-every", "-1"), r"checkpoint_every -1 must be an integer >= 0"),
+    ("resume-config-changed", resume_config_changed,
+     r"cannot resume '.*step-00000002': the config differs from the saved run \(batch_size 1 -> 2, seed 0 -> 1\)"),
+    ("resume-model-changed", resume_model_changed, r"cannot resume '.*': the model's weights differ from the saved run"),
+    ("resume-data-changed", resume_data_changed, r"cannot resume '.*': the calibration tokens differ from the saved run"),
     ("state-without-resume", state_without_resume, r"holds a calibration saved at batch 2: pass --resume"),
 ]  # fmt: skip
 
@@ -162,7 +218,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
     assert err.startswith("llm-gradprune: error: ")
-    import re
-
     assert re.search(message, err), err
     assert snapshot(ws, assets["model"]) == before  # nothing created, changed or removed
+
+
+def test_unreachable_hub_model_is_one_line(assets, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in tests
+    before = snapshot(tmp_path)
+    assert cli.main(["prune", "--model", "no-such-org/no-such-model", "--output-dir", str(tmp_path / "o"),
+                     "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model 'no-such-org/no-such-model' cannot be loaded" in err, err
+    assert snapshot(tmp_path) == before
