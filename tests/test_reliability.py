@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from llm_gradprune import cli
+from llm_gradprune.checkpoint import swap_dirs
 from llm_gradprune.config import PruneConfig
 from llm_gradprune.data import load_blocks, token_hash
 from llm_gradprune.pipeline import run_prune
@@ -41,30 +42,48 @@ def _loads_with_sparsity(folder, sparsity):
 @pytest.mark.slow
 def test_killed_save_leaves_previous_output_or_none(assets, tmp_path):
     out = tmp_path / "out"
-    # No previous output: killed after the weights are written, before verification -> no output at all.
+    # No previous output: killed after the weights are written, before verification -> no output at
+    # all, and the hidden partial folder does not load (its config.json is parked until verified).
     kill_when_paused(start_cli(_args(assets, out), "output-write:1"))
     assert not out.exists()
-    partial = [p.name for p in tmp_path.iterdir()]
-    assert partial and all(n.startswith(".out.partial-") for n in partial)  # hidden, never `out`
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(".out.partial-") and (partial / "model.safetensors").exists()
+    with pytest.raises((OSError, ValueError)):  # no config.json: not a model folder
+        AutoModelForCausalLM.from_pretrained(partial)
 
     assert cli.main(_args(assets, out)) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the dead run's leftover is cleaned up
     before = _contents(out)
     # Killed mid-write of a replacement: the previous output is untouched and still loads.
     kill_when_paused(start_cli(_args(assets, out, "--overwrite", "--sparsity", "0.75"), "output-write:1"))
     assert _contents(out) == before
     _loads_with_sparsity(out, 0.5)
 
-    # Killed between moving the old output aside and renaming the new one in: `out` is absent (never
-    # half-written) and the previous output is intact, beside it, under a hidden name.
+    # Killed while installing the verified replacement. Linux swaps the folders atomically, so `out` is
+    # the complete new checkpoint (the old one waits in a hidden folder for removal); elsewhere the old
+    # one is moved aside first, so `out` is briefly absent but never half-written.
     kill_when_paused(start_cli(_args(assets, out, "--overwrite", "--sparsity", "0.75"), "output-install:1"))
-    assert not out.exists()
-    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    if swap_dirs_works(tmp_path):
+        _loads_with_sparsity(out, 0.75)
+        (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    else:
+        assert not out.exists()
+        (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
     assert _contents(aside) == before
     _loads_with_sparsity(aside, 0.5)
 
-    # A later run installs the new output normally.
+    # A later run installs normally and removes the leftovers.
     assert cli.main(_args(assets, out, "--overwrite", "--sparsity", "0.75")) == 0
     _loads_with_sparsity(out, 0.75)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def swap_dirs_works(folder):
+    a, b = folder / "swap-a", folder / "swap-b"
+    a.mkdir(), b.mkdir()
+    ok = swap_dirs(a, b)
+    a.rmdir(), b.rmdir()
+    return ok
 
 
 def test_hub_token_never_reaches_report_config_card_or_logs(assets, tmp_path, monkeypatch, capfd):
