@@ -171,18 +171,21 @@ class CalibCheckpointer:
     def _check_identity(self, meta: dict[str, Any]) -> None:
         saved, now = meta["identity"], self.identity
         where = str(self._found[0])
+        hint = f"rerun with the saved run's settings, or delete {str(self.dir)!r} to start over"
         if saved["config"] != now["config"]:
             diff = describe_difference(saved["config"], now["config"])
-            raise ConfigError(f"cannot resume {where!r}: the config differs from the saved run ({diff})")
+            raise ConfigError(
+                f"cannot resume {where!r}: the config differs from the saved run ({diff}); {hint}"
+            )
         if saved["model"] != now["model"]:
             raise ConfigError(
                 f"cannot resume {where!r}: the model's weights differ from the saved run "
-                f"(fingerprint {saved['model'][:12]} -> {now['model'][:12]})"
+                f"(fingerprint {saved['model'][:12]} -> {now['model'][:12]}); {hint}"
             )
         if saved["data"] != now["data"]:
             raise ConfigError(
                 f"cannot resume {where!r}: the calibration tokens differ from the saved run "
-                f"(sha256 {str(saved['data'])[:12]} -> {str(now['data'])[:12]}): the data set changed"
+                f"(sha256 {str(saved['data'])[:12]} -> {str(now['data'])[:12]}): the data set changed; {hint}"
             )
 
     # -- called by calibrate ---------------------------------------------------------------------

@@ -138,3 +138,19 @@ def test_run_prune_library_path_matches_cli(assets, tmp_path):
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (
         tmp_path / "lib" / "model.safetensors"
     ).read_bytes()
+
+
+def test_checkpoint_whose_zeros_differ_from_the_report_is_not_installed(tmp_path):
+    from llm_gradprune.checkpoint import VerificationError, save_pruned
+    from llm_gradprune.pruner import prune_
+
+    from .conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    cfg = PruneConfig(criterion="magnitude", num_samples=0, output_dir=str(tmp_path / "out"), progress=False)
+    report = prune_(model, None, cfg, return_masks=False).report
+    name = next(iter(report["per_tensor"]))
+    report["per_tensor"][name]["zeros"] += 1  # the report claims one zero more than was written
+    with pytest.raises(VerificationError, match=f"{name}: .* zeros written but the report says"):
+        save_pruned(model, None, cfg, report, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder remains
