@@ -55,10 +55,12 @@ def load_model(cfg: PruneConfig, name: str | None = None):
             raise ConfigError(f"model {name!r} ({kind}) is not a causal language model") from None
         raise
     except OSError as err:  # e.g. only pickled .bin weights: use_safetensors refuses them
-        raise ConfigError(
-            f"model {name!r} has no loadable safetensors weights (pickled .bin files are never loaded): "
-            f"{_first_line(err)}"
-        ) from None
+        if "safetensors" in str(err):
+            raise ConfigError(
+                f"model {name!r} has no loadable safetensors weights (pickled .bin files are never "
+                f"loaded): {_first_line(err)}"
+            ) from None
+        raise ConfigError(f"model {name!r} cannot be loaded: {_first_line(err)}") from None
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     context = getattr(hf_config, "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
