@@ -96,9 +96,8 @@ def calibrate(
             n_tokens += count_tokens(batch)
             if checkpointer is not None:
                 checkpointer.after_batch(n_batches, n_tokens, loss_sum)
-        if (
-            checkpointer is not None
-        ):  # the complete sums too: a crash in selection/saving recalibrates nothing
+        if checkpointer is not None:
+            # the complete sums too: a crash during selection or saving then recalibrates nothing
             checkpointer.end(n_batches, n_tokens, loss_sum)
     finally:
         if grad_stats is not None:

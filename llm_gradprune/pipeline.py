@@ -143,6 +143,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     report["seed"] = cfg.seed
     report["calibration"]["token_sha256"] = calib_hash
     report["calibration"]["seq_len"] = cfg.seq_len
+    if checkpointer is not None:
+        report["calibration"]["resumed_from_batch"] = checkpointer.resumed_from
     report["versions"] = versions()
     report["timings_s"] = timings
 

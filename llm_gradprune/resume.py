@@ -144,7 +144,10 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    cuda_keys = sorted(
+        (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
+    )
+    cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, state, gauss = meta["python"]

@@ -192,3 +192,4 @@ def test_sigkill_between_and_during_state_saves_then_resume_matches(tmp_path):
         assert report["per_tensor"] == ref_report["per_tensor"]
         assert report["calibration"]["tokens"] == ref_report["calibration"]["tokens"] == 160
         assert report["calibration"]["mean_loss"] == ref_report["calibration"]["mean_loss"]
+        assert report["calibration"]["resumed_from_batch"] == resumed_from
