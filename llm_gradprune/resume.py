@@ -165,6 +165,7 @@ class CalibCheckpointer:
         self.saves = 0
         self.resumed_from = 0
         self.last_saved = -1
+        self._due = False
         self.grad_stats = None
         self.act_stats = None
         self._found = latest_state(self.dir) if resume else None
@@ -228,6 +229,9 @@ class CalibCheckpointer:
     def after_batch(self, batches: int, tokens: int, loss_sum: float) -> None:
         pause_point("batch", batches)
         if self.every and batches % self.every == 0:
+            self._due = True
+        # With gradient accumulation a partial group lives outside the sums: save at its boundary.
+        if self._due and not getattr(self.grad_stats, "_group_sums", None):
             self.save(batches, tokens, loss_sum)
 
     def end(self, batches: int, tokens: int, loss_sum: float) -> None:
@@ -245,6 +249,10 @@ class CalibCheckpointer:
         return out
 
     def save(self, batches: int, tokens: int, loss_sum: float) -> Path:
+        flush = getattr(self.grad_stats, "flush", None)
+        if flush is not None:  # a gradient whose fold is deferred (host staging) belongs in this state
+            flush()
+        self._due = False
         self.saves += 1
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{batches:08d}"
