@@ -7,6 +7,7 @@ state save, and checks the resumed checkpoint is byte-identical to an uninterrup
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -133,6 +134,41 @@ def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
     gs._group_sums = {}  # the group ended one batch later: the due save happens now
     ckpt.after_batch(3, 48, 1.5)
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 3 and flushed == [True]
+
+
+@pytest.mark.skipif(
+    "grad_accum" not in inspect.signature(calibrate).parameters,
+    reason="needs gradient accumulation and host staging from the calibration-at-scale branch",
+)
+@pytest.mark.parametrize("stage_on_host", [False, True])
+def test_resume_with_grad_accum_and_host_staging_is_bit_identical(tmp_path, stage_on_host):
+    model, blocks = make_tiny_llama(), make_blocks(n=7)
+    batches = [blocks[i : i + 1] for i in range(7)]
+
+    def run(ckpt=None, crash_at=None):
+        gs, acts = _stats(model)
+        gs.stage_on_host = stage_on_host
+        seen = []
+
+        def loss_fn(m, b):
+            if crash_at is not None and len(seen) == crash_at:
+                raise Crash
+            seen.append(1)
+            return causal_lm_loss(m, b)
+
+        c = calibrate(
+            model, batches, gs, acts, loss_fn=loss_fn, progress=False, grad_accum=2, checkpointer=ckpt
+        )
+        return gs, c
+
+    ref, ref_c = run()
+    with pytest.raises(Crash):  # every=3 with groups of 2: saves wait for batches 4 (and 6)
+        run(CalibCheckpointer(tmp_path / "s", 3, False, _identity(model)), crash_at=5)
+    assert latest_state(tmp_path / "s")[1]["batches_done"] == 4
+    got, c = run(CalibCheckpointer(tmp_path / "s", 3, True, _identity(model)))
+    assert c["samples"] == ref_c["samples"] == 4 and got.counts == ref.counts
+    for name, t in ref.sums["grad_sq_sum"].items():
+        assert torch.equal(t, got.sums["grad_sq_sum"][name]), name
 
 
 def test_fingerprint_sees_a_single_changed_sampled_weight():
