@@ -11,6 +11,7 @@ local fp32 sums; `reduce_stats_` adds them across ranks once at the end.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -58,6 +59,7 @@ def calibrate(
     loss_fn: LossFn = causal_lm_loss,
     progress: bool = True,
     total: int | None = None,
+    checkpointer=None,
 ) -> dict[str, float]:
     """Forward + backward every batch once, folding statistics in through hooks. Returns counters."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -69,6 +71,10 @@ def calibrate(
         act_stats.attach()
     n_batches = n_tokens = 0
     loss_sum = 0.0
+    if checkpointer is not None:  # resume.CalibCheckpointer: continue saved sums, skip their batches
+        n_batches, n_tokens, loss_sum = checkpointer.restore(grad_stats, act_stats)
+        batches = itertools.islice(batches, n_batches, None)
+        total = None if total is None else total - n_batches
     start = time.perf_counter()
     main = accelerator is None or accelerator.is_local_main_process
     try:
@@ -88,6 +94,11 @@ def calibrate(
             loss_sum += float(loss.detach())
             n_batches += 1
             n_tokens += count_tokens(batch)
+            if checkpointer is not None:
+                checkpointer.after_batch(n_batches, n_tokens, loss_sum)
+        if checkpointer is not None:
+            # the complete sums too: a crash during selection or saving then recalibrates nothing
+            checkpointer.end(n_batches, n_tokens, loss_sum)
     finally:
         if grad_stats is not None:
             grad_stats.detach()

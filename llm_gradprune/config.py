@@ -85,6 +85,11 @@ class PruneConfig:
     max_shard_size: str = _f("5GB", "largest safetensors shard written")
     overwrite: bool = _f(False, "replace a non-empty output directory")
     progress: bool = _f(True, "show progress bars")
+    checkpoint_every: int = _f(0, "save the calibration statistics every N batches (0 = never) for --resume")
+    resume: bool = _f(False, "continue calibration from the last saved state (see checkpoint_every)")
+    state_dir: str | None = _f(
+        None, "folder of the saved calibration state (default: <output_dir>.calib-state)"
+    )
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -102,6 +107,9 @@ class PruneConfig:
             low = 0 if name == "num_samples" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} {value!r} must be an integer >= {low}")
+        ce = self.checkpoint_every
+        if not isinstance(ce, int) or isinstance(ce, bool) or ce < 0:
+            raise ConfigError(f"checkpoint_every {ce!r} must be an integer >= 0 (batches; 0 = never)")
         if self.num_samples == 0 and self.criterion != "magnitude":
             raise ConfigError(f"criterion {self.criterion!r} needs calibration data but num_samples is 0")
         if self.num_samples and self.num_samples < self.batch_size:
@@ -137,7 +145,14 @@ class PruneConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML{where}: {getattr(err, 'problem', err)}"
+            ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
         return cls.from_dict({**values, **overrides})

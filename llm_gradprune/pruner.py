@@ -23,7 +23,7 @@ from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_
 from .config import PruneConfig
 from .masks import apply_mask_, iter_masks, mask_summary
 from .stats import ActStats, GradStats
-from .targets import find_targets
+from .targets import check_nm_fits, find_targets
 
 
 @dataclass
@@ -52,12 +52,14 @@ def prune_(
     accelerator=None,
     return_masks: bool = True,
     num_batches: int | None = None,
+    checkpointer=None,
 ) -> PruneResult:
     """Calibrate (if the criterion needs it), score, select and zero the target weights in place."""
     cfg = cfg or PruneConfig()
     crit = criteria.get(cfg.criterion)
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
     params = {f"{name}.weight": module.weight for name, module in targets.items()}
+    check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
     report: dict[str, Any] = {"timings_s": {}}
 
     for p in model.parameters():
@@ -71,7 +73,7 @@ def prune_(
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
         counters = calibrate(
             model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
-            progress=cfg.progress, total=num_batches,
+            progress=cfg.progress, total=num_batches, checkpointer=checkpointer,
         )  # fmt: skip
         reduce_stats_(grad_stats, act_stats, counters, accelerator, chunk_elems=cfg.select_chunk_elems)
         if counters["batches"] == 0:
