@@ -76,7 +76,10 @@ class PruneConfig:
     exclude: list[str] = _f([], "regexes over module names; a match is never pruned")
     trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless asked)")
     device: str | None = _f(None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice")
-    select_chunk_elems: int = _f(1 << 24, "scores looked at per chunk in exact selection (bounds memory)")
+    select_chunk_elems: int = _f(
+        1 << 24,
+        "scores looked at per chunk in exact selection, and elements per cross-process sum (bounds memory)",
+    )
     fsdp: bool = _f(
         False,
         "with several processes, shard the weights by rows (torch FSDP2) instead of replicating them; "
