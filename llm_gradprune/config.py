@@ -77,6 +77,11 @@ class PruneConfig:
     trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless asked)")
     device: str | None = _f(None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice")
     select_chunk_elems: int = _f(1 << 24, "scores looked at per chunk in exact selection (bounds memory)")
+    scores_dir: str | None = _f(
+        None,
+        "global scope: hold scores on disk in a temporary folder under this one (RAM = one chunk); "
+        "default: recompute them in memory",
+    )
     max_shard_size: str = _f("5GB", "largest safetensors shard written")
     overwrite: bool = _f(False, "replace a non-empty output directory")
     progress: bool = _f(True, "show progress bars")
@@ -106,6 +111,8 @@ class PruneConfig:
         self.blend = {"weight": 1.0, "act": 1.0, "grad": 0.5, **{k: float(v) for k, v in self.blend.items()}}
         if self.nm is not None:
             self.sparsity = 1.0 - self.nm[0] / self.nm[1]
+        if self.scores_dir is not None and (self.scope != "global" or self.nm is not None):
+            raise ConfigError(f"scores_dir {self.scores_dir!r} is used only by the unstructured global scope")
         for name in ("include", "exclude"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])

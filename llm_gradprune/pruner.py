@@ -98,6 +98,7 @@ def prune_(
         stream = iter_masks(
             names, score_fn, scope=cfg.scope, sparsity=cfg.sparsity, nm=cfg.nm,
             chunk_elems=cfg.select_chunk_elems, shapes={n: p.shape for n, p in params.items()},
+            scores_dir=cfg.scores_dir,
         )  # fmt: skip
         main = accelerator is None or accelerator.is_local_main_process
         for name, mask in tqdm(stream, total=len(names), desc="select+mask", unit="tensor",
