@@ -18,6 +18,7 @@ import yaml
 CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend")
 SCOPES = ("tensor", "row", "global")
 DTYPES = ("float32", "bfloat16", "float16")
+STATS_DEVICES = ("same", "cpu")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,19 @@ class PruneConfig:
     num_samples: int = _f(64, "calibration blocks of seq_len tokens")
     seq_len: int = _f(512, "tokens per calibration block (never defaults to the model's context)")
     batch_size: int = _f(1, "blocks per micro-batch; one gradient sample = one micro-batch")
+    grad_accum: int = _f(
+        1,
+        "micro-batches summed into one gradient sample (sample = mean gradient of grad_accum x batch_size "
+        "blocks); > 1 costs one fp32 buffer per target weight",
+    )
+    stats_device: str = _f(
+        "same",
+        "where gradient statistics live: same (as each weight) or cpu (pinned, non-blocking copies "
+        "from a GPU; the GPU then holds model + activations only)",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute layer activations in backward (transformers' own): less memory, ~1.3x time"
+    )
     seed: int = _f(0, "seed of the calibration block order")
     dtype: str = _f("float32", f"model weights dtype: {', '.join(DTYPES)}; statistics are always fp32")
     output_dir: str = _f("out/pruned", "where the pruned checkpoint and report are written")
@@ -97,6 +111,10 @@ class PruneConfig:
             raise ConfigError(f"sparsity {self.sparsity!r} is outside [0, 1)")
         self.sparsity = float(self.sparsity)
         self.nm = parse_pattern(self.pattern)
+        if self.stats_device not in STATS_DEVICES:
+            raise ConfigError(f"stats_device {self.stats_device!r} is unknown: choose one of same, cpu")
+        if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
+            raise ConfigError(f"grad_accum {self.grad_accum!r} must be an integer >= 1")
         for name in ("num_samples", "seq_len", "batch_size", "select_chunk_elems"):
             value = getattr(self, name)
             low = 0 if name == "num_samples" else 1

@@ -63,7 +63,8 @@ def prune_(
     for p in model.parameters():
         p.requires_grad_(False)
     grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
-    grad_stats = GradStats(params, grad_needs) if grad_needs else None
+    stats_device = "cpu" if cfg.stats_device == "cpu" else None
+    grad_stats = GradStats(params, grad_needs, device=stats_device) if grad_needs else None
     act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators else None
     counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
     if crit.needs_calibration:
@@ -71,7 +72,8 @@ def prune_(
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
         counters = calibrate(
             model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
-            progress=cfg.progress, total=num_batches,
+            progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
+            checkpointing=cfg.gradient_checkpointing,
         )  # fmt: skip
         reduce_stats_(grad_stats, act_stats, counters, accelerator)
         if counters["batches"] == 0:
@@ -128,6 +130,10 @@ def prune_(
                 "batches": counters["batches"],
                 "tokens": counters["tokens"],
                 "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
+                "gradient_samples": counters.get("samples", counters["batches"]),
+                "stats_device": cfg.stats_device,
+                "gradient_checkpointing": cfg.gradient_checkpointing,
                 "mean_loss": counters["mean_loss"],
                 "statistics": sorted(crit.accumulators),
                 # per tensor, only those that skipped a non-finite gradient batch
