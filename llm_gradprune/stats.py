@@ -36,6 +36,14 @@ GRAD_STATS = ("grad_sum", "grad_abs_sum", "grad_sq_sum")
 ACT_STATS = ("act_sq_sum",)
 
 
+def _all_finite(g: torch.Tensor) -> bool:
+    """All entries finite? A NaN or inf entry always makes the fp32 sum non-finite, and a sum is ~20x
+    cheaper than `isfinite(g).all()` on a CPU; only a non-finite sum (overflow) needs the exact test."""
+    if bool(torch.isfinite(g.sum())):
+        return True
+    return bool(torch.isfinite(g).all())
+
+
 class GradStats:
     """Per-weight fp32 gradient sums for the named parameters."""
 
@@ -145,13 +153,13 @@ class GradStats:
 
     def fold(self, name: str, g: torch.Tensor) -> None:
         """Add one micro-batch gradient of parameter `name` into the sums (or skip it if not finite)."""
-        if not bool(torch.isfinite(g).all()):
+        target = self.sums[self.needs[0]][name] if self.needs else None
+        g = g.to(device=target.device if target is not None else g.device, dtype=torch.float32)
+        if not _all_finite(g):
             self.skipped[name] += 1
             if self.skipped[name] == 1:
                 warnings.warn(f"non-finite gradient for {name}: batch skipped for this tensor", stacklevel=2)
             return
-        target = self.sums[self.needs[0]][name] if self.needs else None
-        g = g.to(device=target.device if target is not None else g.device, dtype=torch.float32)
         # Order matters: abs_ last because it overwrites g, which we own now.
         if "grad_sum" in self.sums:
             self.sums["grad_sum"][name].add_(g)
