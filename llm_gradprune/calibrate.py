@@ -144,20 +144,30 @@ def calibrate(
 
 
 def reduce_stats_(
-    grad_stats: GradStats | None, act_stats: ActStats | None, counters: dict, accelerator
+    grad_stats: GradStats | None,
+    act_stats: ActStats | None,
+    counters: dict,
+    accelerator,
+    chunk_elems: int = 1 << 22,
 ) -> None:
-    """Sum local statistics and counters across processes, in place (no-op with one process)."""
+    """Sum local statistics and counters across processes, in place (no-op with one process).
+
+    The sums are reduced in chunks of at most `chunk_elems` elements (`distributed.all_reduce_sum_`),
+    so the reduction needs one chunk of extra memory, not a second copy of the statistics; its cost
+    lands in counters["reduce"] (calls, elements, seconds).
+    """
     if accelerator is None or accelerator.num_processes == 1:
         return
     import torch.distributed as dist
+
+    from .distributed import all_reduce_sum_
 
     tensors: list[torch.Tensor] = []
     if grad_stats is not None:
         tensors += [t for per in grad_stats.sums.values() for t in per.values()]
     if act_stats is not None:
         tensors += list(act_stats.sums.values())
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    counters["reduce"] = all_reduce_sum_(tensors, chunk_elems)
     scalars: list[float] = [
         counters["batches"],
         counters["tokens"],

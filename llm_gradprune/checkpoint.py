@@ -111,14 +111,19 @@ def model_card(cfg, report: dict[str, Any]) -> str:
 PENDING_CONFIG = "config.json.unverified"
 
 
-def save_pruned(model, tokenizer, cfg, report: dict[str, Any], output_dir: str | Path) -> Path:
-    """Write, verify and atomically install the checkpoint; returns its final path."""
+def save_pruned(
+    model, tokenizer, cfg, report: dict[str, Any], output_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """Write, verify and atomically install the checkpoint; returns its final path.
+
+    `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
+    """
     out = Path(output_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, state_dict=state_dict)
         # Until it is verified the folder must not load: its config.json waits under another name.
         os.rename(tmp / "config.json", tmp / PENDING_CONFIG)
         if tokenizer is not None:

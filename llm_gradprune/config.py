@@ -96,6 +96,11 @@ class PruneConfig:
         "global scope: hold scores on disk in a temporary folder under this one (RAM = one chunk); "
         "default: recompute them in memory",
     )
+    fsdp: bool = _f(
+        False,
+        "with several processes, shard the weights by rows (torch FSDP2) instead of replicating them; "
+        "implied by an accelerate config with distributed_type FSDP",
+    )
     max_shard_size: str = _f("5GB", "largest safetensors shard written")
     overwrite: bool = _f(False, "replace a non-empty output directory")
     progress: bool = _f(True, "show progress bars")

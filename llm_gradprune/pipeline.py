@@ -14,8 +14,10 @@ from .assets import resolve_model
 from .checkpoint import check_output_dir, save_pruned
 from .config import ConfigError, PruneConfig
 from .data import load_blocks, micro_batches, shard, token_hash
+from .distributed import make_accelerator
 from .pruner import prune_
 from .resume import check_state, checkpointer_for
+from .sharded import run_sharded, uses_fsdp
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,12 +101,12 @@ def quiet_hf_progress_bars() -> None:
 
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
-    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     start = time.perf_counter()
     if not cfg.progress:
         quiet_hf_progress_bars()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = make_accelerator(cpu=cfg.device == "cpu")  # CPU-only machines: see distributed.py
     crit = criteria.get(cfg.criterion)
     if accelerator.is_main_process:
         resolve_model(cfg.model)
@@ -119,23 +121,30 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     batches, calib_hash = None, None
+    sharded = uses_fsdp(cfg, accelerator)
     if crit.needs_calibration:
         blocks = load_blocks(cfg, tokenizer)
         calib_hash = token_hash(blocks)
-        batches = shard(
-            micro_batches(blocks, cfg.batch_size), accelerator.process_index, accelerator.num_processes
-        )
+        batches = micro_batches(blocks, cfg.batch_size)
+        if not sharded:  # replicated model: each rank its round-robin share of whole micro-batches
+            batches = shard(batches, accelerator.process_index, accelerator.num_processes)
     timings["load_data"] = time.perf_counter() - t
     checkpointer = checkpointer_for(cfg, model, calib_hash, accelerator) if crit.needs_calibration else None
 
     device = torch.device(cfg.device) if cfg.device else accelerator.device
-    if accelerator.num_processes == 1 and cfg.device is None:
-        model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
+    state_dict = None
+    if sharded:  # FSDP2: every rank holds some rows of every weight; see sharded.py
+        model, result, state_dict = run_sharded(model, batches, cfg, accelerator, device)
     else:
-        model.to(device)  # several processes: no DDP wrapper, see calibrate.py
-    result = prune_(model, batches, cfg, accelerator=accelerator, return_masks=False,
-                    num_batches=len(batches) if batches is not None else None,
-                    checkpointer=checkpointer)  # fmt: skip
+        # prepare() wraps in DDP for any multi-device type, even for one process launched by torchrun
+        # (`--num_processes 1` with a multi-GPU config): only a plain single process gets it
+        if accelerator.distributed_type == DistributedType.NO and cfg.device is None:
+            model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
+        else:
+            model.to(device)  # several processes: no DDP wrapper, see calibrate.py
+        result = prune_(model, batches, cfg, accelerator=accelerator, return_masks=False,
+                        num_batches=len(batches) if batches is not None else None,
+                        checkpointer=checkpointer)  # fmt: skip
     report = result.report
     timings.update(report.pop("timings_s"))
     report["model"] = cfg.model
@@ -152,7 +161,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         t = time.perf_counter()
         model = accelerator.unwrap_model(model)
         timings["before_save"] = time.perf_counter() - start
-        save_pruned(model, tokenizer, cfg, report, out)
+        save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict)
         timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
         report["output_dir"] = str(out)
         if checkpointer is not None:

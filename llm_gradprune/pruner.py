@@ -77,7 +77,7 @@ def prune_(
             progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
             checkpointing=cfg.gradient_checkpointing, checkpointer=checkpointer,
         )  # fmt: skip
-        reduce_stats_(grad_stats, act_stats, counters, accelerator)
+        reduce_stats_(grad_stats, act_stats, counters, accelerator, chunk_elems=cfg.select_chunk_elems)
         if counters["batches"] == 0:
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
     report["timings_s"]["calibration"] = counters["seconds"]
@@ -143,6 +143,8 @@ def prune_(
                     n: c for n, c in (grad_stats.skipped if grad_stats else {}).items() if c
                 },
                 "processes": accelerator.num_processes if accelerator is not None else 1,
+                # the one cross-process sum of the statistics: calls, elements, seconds
+                "reduce": counters.get("reduce"),
             },
             "per_tensor": per_tensor,
         }

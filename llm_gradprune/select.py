@@ -191,15 +191,25 @@ def _range_pass(chunks: ChunkSource, key_lo: int, key_hi: int, shift: int) -> tu
     return below, hist, total
 
 
-def kth_threshold(chunks: ChunkSource, k: int, *, sample: Sampler | None = None) -> Threshold | None:
+def kth_threshold(
+    chunks: ChunkSource,
+    k: int,
+    *,
+    sample: Sampler | None = None,
+    reduce: Callable[[torch.Tensor], None] | None = None,
+) -> Threshold | None:
     """Exact threshold pruning the k smallest scores of all chunks; None when k == 0.
 
     `chunks` is called two or more times and must yield the same chunks in the same order each time.
     `sample`, if given, is a `Sampler` already fed with every chunk (e.g. while the scores were written),
-    which saves the sampling pass.
+    which saves the sampling pass. `reduce` (optional) sums a count tensor in place across processes
+    that each hold part of the scores (`distributed.hist_all_reduce`): the threshold is then the one
+    over all processes' scores.
     """
     if k <= 0:
         return None
+    if reduce is not None:
+        return _kth_threshold_reduced(chunks, k, reduce)
     if sample is None:
         sample = Sampler()
         for c in chunks():
@@ -232,6 +242,27 @@ def kth_threshold(chunks: ChunkSource, k: int, *, sample: Sampler | None = None)
         below_lo = below + before
         if shift == 0:
             return Threshold(key=key_lo + b, ties=k - below_lo, k=k)
+        key_lo, key_hi = key_lo + (b << shift), min(key_hi, key_lo + ((b + 1) << shift) - 1)
+
+
+def _kth_threshold_reduced(chunks: ChunkSource, k: int, reduce: Callable[[torch.Tensor], None]) -> Threshold:
+    """Histogram passes over the full key range whose counts are summed across processes.
+
+    No sample is used, so every rank takes the same refinement path; two passes (2^20 bins, then the
+    remaining 2^12 keys) find the exact key.
+    """
+    key_lo, key_hi = KEY_MIN, KEY_MAX
+    while True:
+        shift = max(0, (key_hi - key_lo + 1).bit_length() - HIST_BITS)
+        below, hist, seen = _range_pass(chunks, key_lo, key_hi, shift)
+        packed = torch.cat([hist, torch.tensor([below, seen], dtype=torch.int64)])
+        reduce(packed)
+        hist, below, total = packed[:-2], int(packed[-2]), int(packed[-1])
+        if k > total:
+            raise ValueError(f"cannot prune {k} of {total} scores")
+        b, before = _pick_bin(hist, k - below)
+        if shift == 0:
+            return Threshold(key=key_lo + b, ties=k - below - before, k=k)
         key_lo, key_hi = key_lo + (b << shift), min(key_hi, key_lo + ((b + 1) << shift) - 1)
 
 
