@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .checkpointing import enable_activation_checkpointing
 from .stats import ActStats, GradStats
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -59,20 +60,32 @@ def calibrate(
     loss_fn: LossFn = causal_lm_loss,
     progress: bool = True,
     total: int | None = None,
+    grad_accum: int = 1,
+    checkpointing: bool = False,
     checkpointer=None,
 ) -> dict[str, float]:
-    """Forward + backward every batch once, folding statistics in through hooks. Returns counters."""
+    """Forward + backward every batch once, folding statistics in through hooks. Returns counters.
+
+    `grad_accum` > 1 makes one gradient sample the mean gradient of that many consecutive micro-batches
+    (a last, shorter group counts as one sample too); `checkpointing` recomputes layer activations in
+    backward (see checkpointing.py).
+    """
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()  # calibration measures the deployed model: no dropout
+    undo_checkpointing = None
+    if checkpointing and grad_stats is not None:
+        undo_checkpointing = enable_activation_checkpointing(model)
     if grad_stats is not None:
+        grad_stats.group = grad_accum
         grad_stats.attach()
     if act_stats is not None:
         act_stats.attach()
-    n_batches = n_tokens = 0
+    n_batches = n_tokens = n_samples = in_group = 0
     loss_sum = 0.0
     if checkpointer is not None:  # resume.CalibCheckpointer: continue saved sums, skip their batches
         n_batches, n_tokens, loss_sum = checkpointer.restore(grad_stats, act_stats)
+        n_samples = -(-n_batches // grad_accum)
         batches = itertools.islice(batches, n_batches, None)
         total = None if total is None else total - n_batches
     start = time.perf_counter()
@@ -84,22 +97,38 @@ def calibrate(
             batch = to_device(batch, device)
             if grad_stats is not None:
                 loss = loss_fn(model, batch)
+                if act_stats is not None:
+                    act_stats.paused = True  # a checkpointed layer's recompute must not count twice
                 if accelerator is not None:
                     accelerator.backward(loss)
                 else:
                     loss.backward()
+                if act_stats is not None:
+                    act_stats.paused = False
             else:  # activation statistics only: no backward needed
                 with torch.no_grad():
                     loss = loss_fn(model, batch)
             loss_sum += float(loss.detach())
             n_batches += 1
             n_tokens += count_tokens(batch)
+            in_group += 1
+            if in_group == grad_accum:
+                n_samples += 1
+                in_group = 0
+                if grad_stats is not None and grad_accum > 1:
+                    grad_stats.end_group(grad_accum)
             if checkpointer is not None:
                 checkpointer.after_batch(n_batches, n_tokens, loss_sum)
+        if in_group:
+            n_samples += 1
+            if grad_stats is not None and grad_accum > 1:
+                grad_stats.end_group(in_group)
         if checkpointer is not None:
             # the complete sums too: a crash during selection or saving then recalibrates nothing
             checkpointer.end(n_batches, n_tokens, loss_sum)
     finally:
+        if undo_checkpointing is not None:
+            undo_checkpointing()
         if grad_stats is not None:
             grad_stats.detach()
         if act_stats is not None:
@@ -107,6 +136,7 @@ def calibrate(
         model.train(was_training)
     return {
         "batches": n_batches,
+        "samples": n_samples,
         "tokens": n_tokens,
         "mean_loss": loss_sum / max(n_batches, 1),
         "seconds": time.perf_counter() - start,

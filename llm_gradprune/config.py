@@ -18,6 +18,7 @@ import yaml
 CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend")
 SCOPES = ("tensor", "row", "global")
 DTYPES = ("float32", "bfloat16", "float16")
+STATS_DEVICES = ("same", "cpu")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,19 @@ class PruneConfig:
     num_samples: int = _f(64, "calibration blocks of seq_len tokens")
     seq_len: int = _f(512, "tokens per calibration block (never defaults to the model's context)")
     batch_size: int = _f(1, "blocks per micro-batch; one gradient sample = one micro-batch")
+    grad_accum: int = _f(
+        1,
+        "micro-batches summed into one gradient sample (sample = mean gradient of grad_accum x batch_size "
+        "blocks); > 1 costs one fp32 buffer per target weight",
+    )
+    stats_device: str = _f(
+        "same",
+        "where gradient statistics live: same (as each weight) or cpu (pinned, non-blocking copies "
+        "from a GPU; the GPU then holds model + activations only)",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute layer activations in backward (transformers' own): less memory, ~1.3x time"
+    )
     seed: int = _f(0, "seed of the calibration block order")
     dtype: str = _f("float32", f"model weights dtype: {', '.join(DTYPES)}; statistics are always fp32")
     output_dir: str = _f("out/pruned", "where the pruned checkpoint and report are written")
@@ -79,6 +93,11 @@ class PruneConfig:
     select_chunk_elems: int = _f(
         1 << 24,
         "scores looked at per chunk in exact selection, and elements per cross-process sum (bounds memory)",
+    )
+    scores_dir: str | None = _f(
+        None,
+        "global scope: hold scores on disk in a temporary folder under this one (RAM = one chunk); "
+        "default: recompute them in memory",
     )
     fsdp: bool = _f(
         False,
@@ -105,6 +124,10 @@ class PruneConfig:
             raise ConfigError(f"sparsity {self.sparsity!r} is outside [0, 1)")
         self.sparsity = float(self.sparsity)
         self.nm = parse_pattern(self.pattern)
+        if self.stats_device not in STATS_DEVICES:
+            raise ConfigError(f"stats_device {self.stats_device!r} is unknown: choose one of same, cpu")
+        if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
+            raise ConfigError(f"grad_accum {self.grad_accum!r} must be an integer >= 1")
         for name in ("num_samples", "seq_len", "batch_size", "select_chunk_elems"):
             value = getattr(self, name)
             low = 0 if name == "num_samples" else 1
@@ -122,6 +145,8 @@ class PruneConfig:
         self.blend = {"weight": 1.0, "act": 1.0, "grad": 0.5, **{k: float(v) for k, v in self.blend.items()}}
         if self.nm is not None:
             self.sparsity = 1.0 - self.nm[0] / self.nm[1]
+        if self.scores_dir is not None and (self.scope != "global" or self.nm is not None):
+            raise ConfigError(f"scores_dir {self.scores_dir!r} is used only by the unstructured global scope")
         for name in ("include", "exclude"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])

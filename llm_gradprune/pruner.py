@@ -65,7 +65,8 @@ def prune_(
     for p in model.parameters():
         p.requires_grad_(False)
     grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
-    grad_stats = GradStats(params, grad_needs) if grad_needs else None
+    stats_device = "cpu" if cfg.stats_device == "cpu" else None
+    grad_stats = GradStats(params, grad_needs, device=stats_device) if grad_needs else None
     act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators else None
     counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
     if crit.needs_calibration:
@@ -73,7 +74,8 @@ def prune_(
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
         counters = calibrate(
             model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
-            progress=cfg.progress, total=num_batches, checkpointer=checkpointer,
+            progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
+            checkpointing=cfg.gradient_checkpointing, checkpointer=checkpointer,
         )  # fmt: skip
         reduce_stats_(grad_stats, act_stats, counters, accelerator, chunk_elems=cfg.select_chunk_elems)
         if counters["batches"] == 0:
@@ -100,6 +102,7 @@ def prune_(
         stream = iter_masks(
             names, score_fn, scope=cfg.scope, sparsity=cfg.sparsity, nm=cfg.nm,
             chunk_elems=cfg.select_chunk_elems, shapes={n: p.shape for n, p in params.items()},
+            scores_dir=cfg.scores_dir,
         )  # fmt: skip
         main = accelerator is None or accelerator.is_local_main_process
         for name, mask in tqdm(stream, total=len(names), desc="select+mask", unit="tensor",
@@ -129,6 +132,10 @@ def prune_(
                 "batches": counters["batches"],
                 "tokens": counters["tokens"],
                 "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
+                "gradient_samples": counters.get("samples", counters["batches"]),
+                "stats_device": cfg.stats_device,
+                "gradient_checkpointing": cfg.gradient_checkpointing,
                 "mean_loss": counters["mean_loss"],
                 "statistics": sorted(crit.accumulators),
                 # per tensor, only those that skipped a non-finite gradient batch
