@@ -182,5 +182,12 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
+def shard_samples(items: list, group: int, rank: int, world: int) -> list:
+    """Round-robin share of whole groups of `group` consecutive items (with grad_accum, one gradient
+    sample is a group of micro-batches: a rank must get all of a group or none of it)."""
+    groups = [items[i : i + group] for i in range(0, len(items), group)]
+    return [item for g in shard(groups, rank, world) for item in g]
+
+
 def token_hash(blocks: torch.Tensor) -> str:
     return hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()

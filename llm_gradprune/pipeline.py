@@ -13,7 +13,7 @@ from . import __version__, criteria
 from .assets import resolve_model
 from .checkpoint import check_output_dir, save_pruned
 from .config import ConfigError, PruneConfig
-from .data import load_blocks, micro_batches, shard, token_hash
+from .data import load_blocks, micro_batches, shard_samples, token_hash
 from .distributed import make_accelerator
 from .pruner import prune_
 from .resume import check_state, checkpointer_for
@@ -127,7 +127,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         calib_hash = token_hash(blocks)
         batches = micro_batches(blocks, cfg.batch_size)
         if not sharded:  # replicated model: each rank its round-robin share of whole micro-batches
-            batches = shard(batches, accelerator.process_index, accelerator.num_processes)
+            batches = shard_samples(
+                batches, cfg.grad_accum, accelerator.process_index, accelerator.num_processes
+            )
     timings["load_data"] = time.perf_counter() - t
     checkpointer = checkpointer_for(cfg, model, calib_hash, accelerator) if crit.needs_calibration else None
 

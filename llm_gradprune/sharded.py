@@ -202,6 +202,10 @@ def prune_sharded_(
     cfg = cfg or PruneConfig()
     if isinstance(cfg.sparsity, dict):
         raise ConfigError("a per-tensor sparsity allocation is not supported with a sharded model")
+    if cfg.grad_accum != 1:
+        raise ConfigError(
+            f"grad_accum {cfg.grad_accum} is not supported with a sharded (FSDP) model: raise batch_size instead"
+        )
     crit = criteria.get(cfg.criterion)
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
     params = {f"{name}.weight": module.weight for name, module in targets.items()}

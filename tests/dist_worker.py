@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_gradprune import PruneConfig, prune_  # noqa: E402
 from llm_gradprune.calibrate import calibrate, causal_lm_loss, reduce_stats_  # noqa: E402
-from llm_gradprune.data import micro_batches, shard  # noqa: E402
+from llm_gradprune.data import micro_batches, shard, shard_samples  # noqa: E402
 from llm_gradprune.distributed import make_accelerator, world  # noqa: E402
 from llm_gradprune.sharded import calibrate_sharded, fully_shard_model, local_rows, prune_sharded_  # noqa: E402
 from llm_gradprune.stats import ActStats, GradStats  # noqa: E402
@@ -55,14 +55,16 @@ def config(criterion: str, scope: str, pattern: str) -> PruneConfig:
     )  # fmt: skip  (small: several chunks per scope)
 
 
-def all_stats(model, batches, accelerator):
+def all_stats(model, batches, accelerator, grad_accum: int = 1):
     targets = find_targets(model)
     params = {f"{n}.weight": m.weight for n, m in targets.items()}
     for p in model.parameters():
         p.requires_grad_(False)
     gs = GradStats(params, ("grad_sum", "grad_abs_sum", "grad_sq_sum"))
     acts = ActStats(targets)
-    counters = calibrate(model, batches, gs, acts, accelerator=accelerator, progress=False)
+    counters = calibrate(
+        model, batches, gs, acts, accelerator=accelerator, progress=False, grad_accum=grad_accum
+    )
     reduce_stats_(gs, acts, counters, accelerator, chunk_elems=700)
     out = {f"{s}/{n}": t.clone() for s, per in gs.sums.items() for n, t in per.items()}
     out.update({f"act_sq_sum/{n}": t.clone() for n, t in acts.sums.items()})
@@ -103,6 +105,8 @@ def main(out_dir: str) -> None:
 
     stats, counts = all_stats(tiny(), mine, accelerator if size > 1 else None)
     result["stats"], result["counts"] = stats, counts
+    ga2 = shard_samples(mbs, 2, rank, size)  # grad_accum 2: whole groups of 2 micro-batches per rank
+    result["stats_ga2"], result["counts_ga2"] = all_stats(tiny(), ga2, accelerator if size > 1 else None, 2)
 
     result["masks"], result["reports"] = {}, {}
     for case in CASES:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_gradprune.data import micro_batches, shard
+from llm_gradprune.data import micro_batches, shard, shard_samples
 from llm_gradprune.distributed import all_reduce_sum_, iter_sharded_masks, tie_offsets
 from llm_gradprune.masks import iter_masks
 
@@ -53,6 +53,13 @@ def test_shard_uneven_hand_worked():
     assert shard(list("abcde"), 0, 2) == ["a", "c", "e"]
     assert shard(list("abcde"), 1, 2) == ["b", "d"]
     assert shard(list("a"), 1, 2) == []  # a rank may get nothing; the sums still add up
+
+
+def test_shard_samples_keeps_grad_accum_groups_whole():
+    items = list(range(7))  # grad_accum 2: samples (0, 1), (2, 3), (4, 5), (6,)
+    assert shard_samples(items, 2, 0, 2) == [0, 1, 4, 5]
+    assert shard_samples(items, 2, 1, 2) == [2, 3, 6]  # the short last sample stays last on its rank
+    assert shard_samples(items, 1, 1, 2) == shard(items, 1, 2)
 
 
 # -- collectives without a process group are the identity ----------------------------------------
@@ -116,6 +123,12 @@ def test_two_processes_same_statistics(runs):
     worst = max(max_rel(two["stats"][k], one["stats"][k]) for k in one["stats"])
     assert worst < 1e-5
     assert two["counts"] == one["counts"]  # batches, tokens, per-tensor sample counts summed exactly
+    # grad_accum 2 (a sample = 2 micro-batches; 5 micro-batches = 3 samples, the last one short)
+    worst = max(max_rel(two["stats_ga2"][k], one["stats_ga2"][k]) for k in one["stats_ga2"])
+    assert worst < 1e-5 and two["counts_ga2"] == one["counts_ga2"]
+    assert set(one["counts_ga2"]["counts"].values()) == {3}
+    assert max_rel(one["stats_ga2"]["grad_sq_sum/model.layers.0.mlp.up_proj.weight"],
+                   one["stats"]["grad_sq_sum/model.layers.0.mlp.up_proj.weight"]) > 1e-3  # fmt: skip
 
 
 @pytest.mark.slow
