@@ -110,21 +110,44 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor], chunk_elems: int = 1 << 22)
         pending.clear()
         fill = 0
 
+    backend = str(dist.get_backend())
+
+    def home(device: torch.device) -> torch.device:
+        # NCCL (and kin) reduce device tensors only: CPU-held sums (stats_device=cpu) go through a
+        # one-chunk staging buffer on the accelerator
+        if device.type == "cpu" and "gloo" not in backend and backend != "mpi":
+            return collective_device()
+        return device
+
+    def buffer(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if (dtype, device) not in buffers:
+            buffers[(dtype, device)] = torch.empty(chunk_elems, dtype=dtype, device=device)
+        return buffers[(dtype, device)]
+
     for t in tensors:
         if not t.is_contiguous():
             raise ValueError("all_reduce_sum_ reduces in place and needs contiguous tensors")
         flat = t.view(-1)
-        if flat.numel() >= chunk_elems:  # large: reduce in place, one slice at a time
+        dev = home(t.device)
+        if flat.numel() >= chunk_elems:  # large: reduce in place (or staged), one slice at a time
+            if dev != t.device:
+                flush()  # the staging buffer is the bucket buffer: empty it first
             for i in range(0, flat.numel(), chunk_elems):
-                dist.all_reduce(flat[i : i + chunk_elems], op=dist.ReduceOp.SUM)
+                part = flat[i : i + chunk_elems]
+                if dev == t.device:
+                    dist.all_reduce(part, op=dist.ReduceOp.SUM)
+                else:
+                    staged = buffer(t.dtype, dev)[: part.numel()]
+                    staged.copy_(part)
+                    dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+                    part.copy_(staged)
                 info["calls"] += 1
             continue
-        k = (t.dtype, t.device)
+        k = (t.dtype, dev)
         if k != key or fill + flat.numel() > chunk_elems:
             flush()
             key = k
-        if k not in buffers:
-            buffers[k] = torch.empty(chunk_elems, dtype=t.dtype, device=t.device)
+        buffer(t.dtype, dev)
         buffers[k][fill : fill + flat.numel()].copy_(flat)
         pending.append((t, fill))
         fill += flat.numel()
