@@ -10,6 +10,7 @@
 #                                                  get_state_dict) and the sharded code path; with one
 #                                                  rank the shards are whole tensors
 #   ddp2   ddp_8gpu.yaml  --num_processes 2        only with >= 2 GPUs: data sharded, sums all-reduced
+#                                                  (held on the CPU: --stats-device cpu, staged to NCCL)
 #   fsdp2  fsdp_8gpu.yaml --num_processes 2        only with >= 2 GPUs: weights sharded by rows, radix
 #                                                  histograms and tie counts all-reduced over NCCL
 #   cpu2   cpu_2proc.yaml, CUDA hidden             two gloo CPU processes (the CI path), for reference
@@ -32,14 +33,15 @@ ARGS=(--model builtin:smollm2-135m --criterion gblm --scope global --sparsity 0.
 run() {  # name, accelerate launch args...
   local name=$1; shift
   local t0=$SECONDS
-  accelerate launch "$@" scripts/prune_llama.py "${ARGS[@]}" --output-dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+  # shellcheck disable=SC2086  # EXTRA holds extra flags, split on purpose
+  accelerate launch "$@" scripts/prune_llama.py "${ARGS[@]}" ${EXTRA:-} --output-dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
     || { echo "$name FAILED, last lines of $OUT/$name.log:"; tail -30 "$OUT/$name.log"; exit 1; }
   echo "$name: ok in $((SECONDS - t0)) s"
 }
 run gpu1 --config_file configs/accelerate/single_gpu.yaml
 run fsdp1 --config_file configs/accelerate/fsdp_8gpu.yaml --num_processes 1
 if [ "$NGPU" -ge 2 ]; then
-  run ddp2 --config_file configs/accelerate/ddp_8gpu.yaml --num_processes 2
+  EXTRA="--stats-device cpu" run ddp2 --config_file configs/accelerate/ddp_8gpu.yaml --num_processes 2
   run fsdp2 --config_file configs/accelerate/fsdp_8gpu.yaml --num_processes 2
 fi
 CUDA_VISIBLE_DEVICES="" run cpu2 --config_file configs/accelerate/cpu_2proc.yaml
