@@ -92,6 +92,8 @@ def worker(args) -> dict:
     from llm_gradprune.stats import GradStats
     from llm_gradprune.targets import find_targets
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     blocks = blocks_for(args.model, args.batches + 1, args.seq_len)
     model = build(args.model, dtype, args.tinyllama_layers).eval()
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tinyllama-layers", type=int, default=4)
     ap.add_argument("--criterion", default="fisher")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -160,7 +163,8 @@ def main() -> None:
             for variant in ("naive", "ours"):
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--dtype", dtype,
                        "--variant", variant, "--batches", str(args.batches), "--seq-len", str(args.seq_len),
-                       "--tinyllama-layers", str(args.tinyllama_layers), "--criterion", args.criterion]  # fmt: skip
+                       "--tinyllama-layers", str(args.tinyllama_layers), "--criterion", args.criterion,
+                       "--threads", str(args.threads)]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode:
                     raise RuntimeError(f"{model} {dtype} {variant} failed:\n{out.stderr[-3000:]}")
