@@ -14,6 +14,7 @@ from .assets import resolve_model
 from .checkpoint import check_output_dir, save_pruned
 from .config import ConfigError, PruneConfig
 from .data import load_blocks, micro_batches, shard, token_hash
+from .evaluate import perplexity
 from .pruner import prune_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +72,49 @@ def versions() -> dict[str, str]:
     }
 
 
+def eval_blocks(cfg: PruneConfig, tokenizer, model=None) -> torch.Tensor:
+    """The held-out windows `cfg` describes (eval_split, eval_num_samples x eval_seq_len tokens)."""
+    seq_len = cfg.eval_seq_len or cfg.seq_len
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ConfigError(f"eval_seq_len {seq_len} is larger than the model's context of {context} tokens")
+    if cfg.eval_stride is not None and cfg.eval_stride > seq_len:
+        raise ConfigError(f"eval_stride {cfg.eval_stride} is larger than eval_seq_len {seq_len}")
+    return load_blocks(cfg, tokenizer, split=cfg.eval_split, num_blocks=cfg.eval_num_samples, seq_len=seq_len)
+
+
+def run_eval(cfg: PruneConfig) -> dict[str, Any]:
+    """Perplexity of `cfg.model` on `cfg.eval_num_samples` held-out windows of `cfg.dataset`."""
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(cfg)
+    if cfg.device:
+        model.to(cfg.device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    load_s = time.perf_counter() - t
+    blocks = eval_blocks(cfg, tokenizer, model)
+    result = perplexity(
+        model, blocks, batch_size=cfg.eval_batch_size, stride=cfg.eval_stride, progress=cfg.progress
+    )
+    return {
+        "model": cfg.model,
+        "dataset": {"name": cfg.dataset, "split": cfg.eval_split, "text_column": cfg.text_column},
+        "seq_len": blocks.shape[1],
+        "stride": cfg.eval_stride,
+        "batch_size": cfg.eval_batch_size,
+        "seed": cfg.seed,
+        "token_sha256": token_hash(blocks),
+        **result,
+        "load_s": load_s,
+    }
+
+
+def _eval_now(cfg: PruneConfig, model, blocks) -> dict[str, float]:
+    return perplexity(
+        model, blocks, batch_size=cfg.eval_batch_size, stride=cfg.eval_stride, progress=cfg.progress
+    )
+
+
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
     from accelerate import Accelerator
@@ -90,7 +134,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     batches, calib_hash = None, None
-    if crit.needs_calibration:
+    if crit.needs_calibration or cfg.allocation == "owl":
         blocks = load_blocks(cfg, tokenizer)
         calib_hash = token_hash(blocks)
         batches = shard(
@@ -103,6 +147,12 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
     else:
         model.to(device)  # several processes: no DDP wrapper, see calibrate.py
+    dense_eval, held_out = None, None
+    if cfg.eval and accelerator.is_main_process:  # same windows before and after pruning
+        t = time.perf_counter()
+        held_out = eval_blocks(cfg, tokenizer, model)
+        dense_eval = _eval_now(cfg, model, held_out)
+        timings["eval_dense"] = time.perf_counter() - t
     result = prune_(model, batches, cfg, accelerator=accelerator, return_masks=False,
                     num_batches=len(batches) if batches is not None else None)  # fmt: skip
     report = result.report
@@ -113,6 +163,22 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     report["calibration"]["token_sha256"] = calib_hash
     report["calibration"]["seq_len"] = cfg.seq_len
     report["versions"] = versions()
+    if held_out is not None:
+        t = time.perf_counter()
+        pruned_eval = _eval_now(cfg, model, held_out)
+        timings["eval_pruned"] = time.perf_counter() - t
+        report["eval"] = {
+            "dense_ppl": dense_eval["ppl"],
+            "pruned_ppl": pruned_eval["ppl"],
+            "dense_nll": dense_eval["nll"],
+            "pruned_nll": pruned_eval["nll"],
+            "tokens": pruned_eval["tokens"],
+            "windows": pruned_eval["windows"],
+            "split": cfg.eval_split,
+            "seq_len": held_out.shape[1],
+            "stride": cfg.eval_stride,
+            "token_sha256": token_hash(held_out),
+        }
     report["timings_s"] = timings
 
     if accelerator.is_main_process:

@@ -19,11 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import criteria
+from .allocation import owl_sparsities
 from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_
 from .config import PruneConfig
 from .masks import apply_mask_, iter_masks, mask_summary
 from .stats import ActStats, GradStats
-from .targets import find_targets
+from .targets import find_targets, weight_rows
 
 
 @dataclass
@@ -64,9 +65,10 @@ def prune_(
         p.requires_grad_(False)
     grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
     grad_stats = GradStats(params, grad_needs) if grad_needs else None
-    act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators else None
+    owl = getattr(cfg, "allocation", "uniform") == "owl"
+    act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators or owl else None
     counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
-    if crit.needs_calibration:
+    if crit.needs_calibration or owl:
         if batches is None:
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
         counters = calibrate(
@@ -92,11 +94,18 @@ def prune_(
 
     start = time.perf_counter()
     names = list(params)
+    sparsity: float | dict[str, float] = cfg.sparsity
+    if owl:  # OWL reads Wanda scores whatever the criterion (Yin et al., 2024)
+        sparsity, report["allocation"] = owl_sparsities(
+            lambda n: criteria.wanda(params[n].detach().float(), act_stats.mean_sq(module_of[n])),
+            {n: weight_rows(p) for n, p in params.items()}, cfg.sparsity, cfg.scope,
+            m=cfg.owl_m, lam=cfg.owl_lambda,
+        )  # fmt: skip
     masks: dict[str, torch.Tensor] = {}
     per_tensor: dict[str, dict[str, int]] = {}
     with torch.no_grad():
         stream = iter_masks(
-            names, score_fn, scope=cfg.scope, sparsity=cfg.sparsity, nm=cfg.nm,
+            names, score_fn, scope=cfg.scope, sparsity=sparsity, nm=cfg.nm,
             chunk_elems=cfg.select_chunk_elems, shapes={n: p.shape for n, p in params.items()},
         )  # fmt: skip
         main = accelerator is None or accelerator.is_local_main_process
@@ -118,6 +127,7 @@ def prune_(
             "scope": cfg.scope if cfg.nm is None else "n:m",
             "pattern": cfg.pattern,
             "target_sparsity": cfg.sparsity,
+            "allocation_method": getattr(cfg, "allocation", "uniform"),
             "targets": len(per_tensor),
             "target_weights": numel,
             "masked_weights": masked,
