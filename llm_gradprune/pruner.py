@@ -23,7 +23,7 @@ from .allocation import owl_sparsities
 from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_
 from .config import PruneConfig
 from .masks import apply_mask_, iter_masks, mask_summary
-from .stats import ActStats, GradStats
+from .stats import ActStats, GradStats, TokenGradStats
 from .targets import find_targets, weight_rows
 
 
@@ -31,6 +31,22 @@ from .targets import find_targets, weight_rows
 class PruneResult:
     masks: dict[str, torch.Tensor] | None
     report: dict[str, Any] = field(default_factory=dict)
+
+
+def reduce_token_stats_(tok_stats: TokenGradStats | None, accelerator) -> None:
+    """Sum per-token Fisher sums and token counts across processes (no-op with one process)."""
+    if tok_stats is None or accelerator is None or accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for t in tok_stats.sums.values():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    names = list(tok_stats.tokens)
+    packed = torch.tensor(
+        [tok_stats.tokens[n] for n in names], dtype=torch.float64, device=accelerator.device
+    )
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    tok_stats.tokens = {n: int(v) for n, v in zip(names, packed.tolist(), strict=True)}
 
 
 def criterion_params(cfg: PruneConfig) -> dict[str, float]:
@@ -65,17 +81,27 @@ def prune_(
         p.requires_grad_(False)
     grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
     grad_stats = GradStats(params, grad_needs) if grad_needs else None
+    tok_stats = TokenGradStats(targets) if "token_grad_sq_sum" in crit.accumulators else None
+    if tok_stats is not None and grad_stats is None:
+        grad_stats = GradStats(params, ())  # no sums: only makes calibrate run the backward pass
     owl = getattr(cfg, "allocation", "uniform") == "owl"
     act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators or owl else None
     counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
     if crit.needs_calibration or owl:
         if batches is None:
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
-        counters = calibrate(
-            model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
-            progress=cfg.progress, total=num_batches,
-        )  # fmt: skip
+        if tok_stats is not None:
+            tok_stats.attach()
+        try:
+            counters = calibrate(
+                model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
+                progress=cfg.progress, total=num_batches,
+            )  # fmt: skip
+        finally:
+            if tok_stats is not None:
+                tok_stats.detach()
         reduce_stats_(grad_stats, act_stats, counters, accelerator)
+        reduce_token_stats_(tok_stats, accelerator)
         if counters["batches"] == 0:
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
     report["timings_s"]["calibration"] = counters["seconds"]
@@ -88,6 +114,8 @@ def prune_(
         for need in crit.needs:
             if need == "act_sq_mean":
                 stats[need] = act_stats.mean_sq(module_of[pname])
+            elif need == "token_grad_sq_mean":
+                stats[need] = tok_stats.mean(module_of[pname])
             else:
                 stats[need] = grad_stats.mean(criteria.MEAN_OF[need], pname)
         return crit.score(params[pname], stats, **kw)

@@ -79,10 +79,13 @@ def parse_row(spec: str) -> dict:
             "sparsity": sparsity, "allocation": alloc, "owl": owl}  # fmt: skip
 
 
-def collect_stats(model, targets, blocks, path: Path) -> dict[str, torch.Tensor]:
-    """{'<stat>/<weight name>': mean statistic}; from the cache file when it exists."""
-    if path.exists():
-        return load_file(str(path))
+STATS = ("grad_mean", "grad_abs_mean", "grad_sq_mean", "act_sq_mean", "token_grad_sq_mean")
+
+
+def collect_stats(model, targets, blocks, folder: Path) -> dict[str, torch.Tensor]:
+    """{'<stat>/<weight name>': mean statistic}; from the cache folder (one file per statistic) if there."""
+    if all((folder / f"{s}.safetensors").exists() for s in STATS):
+        return {f"{s}/{k}": v for s in STATS for k, v in load_file(str(folder / f"{s}.safetensors")).items()}
     params = {f"{n}.weight": m.weight for n, m in targets.items()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -93,18 +96,19 @@ def collect_stats(model, targets, blocks, path: Path) -> dict[str, torch.Tensor]
         counters = calibrate(model, micro_batches(blocks, 1), gs, acts, total=len(blocks))
     finally:
         tok.detach()
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, dict[str, torch.Tensor]] = {s: {} for s in STATS}
     for stat in gs.needs:  # divide in place: never two model-sized copies of a statistic
         for n in params:
-            out[f"{stat.replace('_sum', '_mean')}/{n}"] = gs.sums[stat][n].div_(gs.counts[n])
+            out[stat.replace("_sum", "_mean")][n] = gs.sums[stat][n].div_(gs.counts[n])
     for n in targets:
-        out[f"act_sq_mean/{n}.weight"] = acts.mean_sq(n).contiguous()
-        out[f"token_grad_sq_mean/{n}.weight"] = tok.sums[n].div_(tok.tokens[n])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path), metadata={"seconds": f"{counters['seconds']:.1f}",
-                                        "mean_loss": f"{counters['mean_loss']:.5f}"})  # fmt: skip
+        out["act_sq_mean"][f"{n}.weight"] = acts.mean_sq(n).contiguous()
+        out["token_grad_sq_mean"][f"{n}.weight"] = tok.sums[n].div_(tok.tokens[n])
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"seconds": f"{counters['seconds']:.1f}", "mean_loss": f"{counters['mean_loss']:.5f}"}
+    for stat, tensors in out.items():  # one file at a time bounds the serialisation copy
+        save_file(tensors, str(folder / f"{stat}.safetensors"), metadata=meta)
     print(f"calibration: {counters['seconds']:.0f} s, mean loss {counters['mean_loss']:.4f}", flush=True)
-    return out
+    return {f"{s}/{n}": t for s, tensors in out.items() for n, t in tensors.items()}
 
 
 def prune_row(row, params, stats, originals, chunk=1 << 24) -> dict:
@@ -146,7 +150,7 @@ def run(args) -> None:
     evalb = load_blocks(cfg, tok, split="test", num_blocks=64)
     key = hashlib.sha256((token_hash(calib) + cfg.model).encode()).hexdigest()[:12]
     t = time.perf_counter()
-    stats = collect_stats(model, targets, calib, args.cache_dir / f"stats_{key}.safetensors")
+    stats = collect_stats(model, targets, calib, args.cache_dir / f"stats_{key}")
     print(f"statistics ready in {time.perf_counter() - t:.0f} s", flush=True)
     originals = {n: p.detach().clone() for n, p in params.items()}
     for p in model.parameters():
