@@ -56,7 +56,7 @@ class PruneConfig:
     split: str = _f("train", "split read for calibration (builtin:imdb: train = its calibration part)")
     eval_split: str = _f("test", "split read for evaluation (builtin:imdb: test = its held-out part)")
     text_column: str = _f("text", "column holding the text in tabular sources")
-    criterion: str = _f("fisher", f"importance score: {', '.join(CRITERIA)}")
+    criterion: str = _f("token_fisher", f"importance score: {', '.join(CRITERIA)}")
     sparsity: float = _f(
         0.5, "fraction of target weights set to zero, in [0, 1); N:M patterns fix it at (M-N)/M"
     )

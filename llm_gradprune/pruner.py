@@ -82,6 +82,11 @@ def prune_(
     grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
     grad_stats = GradStats(params, grad_needs) if grad_needs else None
     tok_stats = TokenGradStats(targets) if "token_grad_sq_sum" in crit.accumulators else None
+    if tok_stats is not None and len(tok_stats.modules) < len(targets):
+        other = next(n for n in targets if n not in tok_stats.modules)
+        raise ValueError(
+            f"criterion {cfg.criterion!r} reads Linear layers only; {other!r} is not one (use fisher)"
+        )
     if tok_stats is not None and grad_stats is None:
         grad_stats = GradStats(params, ())  # no sums: only makes calibrate run the backward pass
     owl = getattr(cfg, "allocation", "uniform") == "owl"

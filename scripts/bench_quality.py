@@ -236,6 +236,9 @@ def plot(rows: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
+
+
 def report(args) -> None:
     results = json.loads(args.json.read_text())
     text = table(results["rows"])
@@ -246,6 +249,16 @@ def report(args) -> None:
             print(f"  {spec:45s} {r['ppl']:.3f}")
     plot(results["rows"], args.png)
     print(f"wrote {args.png}")
+    if args.markdown:
+        md = args.markdown.read_text() if args.markdown.exists() else "# Benchmarks\n"
+        intro = args.intro.read_text().strip() if args.intro and args.intro.exists() else ""
+        block = f"{START}\n{intro}\n\n{text}\n{END}"
+        if START in md:
+            md = md[: md.index(START)] + block + md[md.index(END) + len(END) :]
+        else:
+            md = md.rstrip() + "\n\n" + block + "\n"
+        args.markdown.write_text(md)
+        print(f"wrote the table into {args.markdown}")
 
 
 def main(argv=None) -> int:
@@ -260,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "bench_quality.png")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "out" / "bench_quality")
     p.add_argument("--report", action="store_true", help="only print the table and write the PNG")
+    p.add_argument("--markdown", type=Path, default=None, help="with --report: put the table in this file")
+    p.add_argument("--intro", type=Path, default=None, help="with --markdown: text placed above the table")
     args = p.parse_args(argv)
     if args.report:
         report(args)

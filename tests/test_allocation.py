@@ -38,7 +38,9 @@ def test_densities_spread_and_mean():
     d = owl_densities({"a": 0.0, "b": 1.0}, {"a": 30, "b": 10}, 0.5, 0.1)
     assert d["b"] - d["a"] == pytest.approx(0.2)
     assert (30 * d["a"] + 10 * d["b"]) / 40 == pytest.approx(0.5)
-    assert owl_densities({"a": 0.3, "b": 0.3}, {"a": 1, "b": 1}, 0.7, 0.1) == pytest.approx({"a": 0.3, "b": 0.3})
+    assert owl_densities({"a": 0.3, "b": 0.3}, {"a": 1, "b": 1}, 0.7, 0.1) == pytest.approx(
+        {"a": 0.3, "b": 0.3}
+    )
 
 
 @pytest.mark.parametrize("scope", ["tensor", "row"])

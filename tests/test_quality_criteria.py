@@ -145,3 +145,10 @@ def test_token_fisher_differs_from_batch_fisher_with_several_tokens():
     tok.detach()
     assert gs.mean("grad_sq_sum", "l").item() == 0.0
     assert tok.mean("l").item() == pytest.approx(1.0)  # (1*1)^2 + (1*-1)^2 over 2 tokens
+
+
+def test_token_fisher_refuses_conv_layers_clearly():
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
+    cfg = PruneConfig(criterion="token_fisher", progress=False)
+    with pytest.raises(ValueError, match="'0' is not one"):
+        prune_(cnn, [torch.randn(1, 1, 3, 3)], cfg, loss_fn=lambda m, b: m(b).sum())
