@@ -3,11 +3,16 @@
 Everything is written into a temporary folder beside the target; the zero count of every target tensor
 is re-read from the safetensors files one tensor at a time (`safe_open`, no second model copy) and
 compared with the report; only a checkpoint that passes is renamed into place. A crash mid-save
-therefore leaves no output (or the previous one), never a partial folder that loads.
+therefore leaves no output (or the previous one), never a partial folder that loads: until verified,
+the temporary folder's config.json is kept under another name, so `from_pretrained` refuses it.
+On Linux an existing output is swapped for the new one atomically (renameat2 RENAME_EXCHANGE), so the
+output path always holds a complete checkpoint. Leftovers of killed saves (`.<name>.partial-<pid>-*`)
+are removed by the next save once their process is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -18,6 +23,7 @@ from typing import Any
 from safetensors import safe_open
 
 from .config import ConfigError
+from .faults import pause_point
 
 
 class VerificationError(RuntimeError):
@@ -102,20 +108,33 @@ def model_card(cfg, report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_pruned(model, tokenizer, cfg, report: dict[str, Any], output_dir: str | Path) -> Path:
-    """Write, verify and atomically install the checkpoint; returns its final path."""
+PENDING_CONFIG = "config.json.unverified"
+
+
+def save_pruned(
+    model, tokenizer, cfg, report: dict[str, Any], output_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """Write, verify and atomically install the checkpoint; returns its final path.
+
+    `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
+    """
     out = Path(output_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, state_dict=state_dict)
+        # Until it is verified the folder must not load: its config.json waits under another name.
+        os.rename(tmp / "config.json", tmp / PENDING_CONFIG)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        pause_point("output-write")
         cfg.save_yaml(tmp / "prune_config.yaml")
         verify_zeros(tmp, report["per_tensor"])
         report["verified"] = True
         write_json(tmp / "pruning_report.json", report)
         (tmp / "README.md").write_text(model_card(cfg, report))
+        os.rename(tmp / PENDING_CONFIG, tmp / "config.json")
         _fsync_tree(tmp)
         _install(tmp, out)
     finally:
@@ -125,16 +144,66 @@ def save_pruned(model, tokenizer, cfg, report: dict[str, Any], output_dir: str |
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_dirs(a: Path, b: Path) -> bool:
+    """Atomically exchange two folders (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an old `out` is moved aside first and removed only after."""
+    """Put `tmp` at `out`. An old `out` is swapped out atomically where the OS can (so `out` is always
+    the old or the new checkpoint), else moved aside first; either way it is removed only after."""
+    if out.exists() and swap_dirs(tmp, out):
+        _fsync_dir(out.parent)
+        pause_point("output-install")
+        return  # `tmp` now holds the old output; the caller removes it
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
+        pause_point("output-install")
     os.rename(tmp, out)
+    _fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_leftovers(out: Path) -> list[Path]:
+    """Remove `.partial-<pid>-*` / `.old-<pid>` folders beside `out` left by killed saves (dead pids)."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}.*"):
+        rest = p.name[len(out.name) + 2 :]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-", 1)[0]
+        if kind in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .assets import AssetError
 from .config import ConfigError, PruneConfig
 
 
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
+        print(f"llm-gradprune: error: {err}", file=sys.stderr)
+        return 2
+    except AssetError as err:  # an unknown built-in name, or its package missing
         print(f"llm-gradprune: error: {err}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,7 @@ CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend
 SCOPES = ("tensor", "row", "global")
 DTYPES = ("float32", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "owl")
+STATS_DEVICES = ("same", "cpu")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,19 @@ class PruneConfig:
     num_samples: int = _f(64, "calibration blocks of seq_len tokens")
     seq_len: int = _f(512, "tokens per calibration block (never defaults to the model's context)")
     batch_size: int = _f(1, "blocks per micro-batch; one gradient sample = one micro-batch")
+    grad_accum: int = _f(
+        1,
+        "micro-batches summed into one gradient sample (sample = mean gradient of grad_accum x batch_size "
+        "blocks); > 1 costs one fp32 buffer per target weight",
+    )
+    stats_device: str = _f(
+        "same",
+        "where gradient statistics live: same (as each weight) or cpu (pinned, non-blocking copies "
+        "from a GPU; the GPU then holds model + activations only)",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute layer activations in backward (transformers' own): less memory, ~1.3x time"
+    )
     seed: int = _f(0, "seed of the calibration block order")
     dtype: str = _f("float32", f"model weights dtype: {', '.join(DTYPES)}; statistics are always fp32")
     eval: bool = _f(False, "evaluate dense and pruned perplexity on the same held-out windows")
@@ -88,9 +102,24 @@ class PruneConfig:
     trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless asked)")
     device: str | None = _f(None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice")
     select_chunk_elems: int = _f(1 << 24, "scores looked at per chunk in exact selection (bounds memory)")
+    scores_dir: str | None = _f(
+        None,
+        "global scope: hold scores on disk in a temporary folder under this one (RAM = one chunk); "
+        "default: recompute them in memory",
+    )
+    fsdp: bool = _f(
+        False,
+        "with several processes, shard the weights by rows (torch FSDP2) instead of replicating them; "
+        "implied by an accelerate config with distributed_type FSDP",
+    )
     max_shard_size: str = _f("5GB", "largest safetensors shard written")
     overwrite: bool = _f(False, "replace a non-empty output directory")
     progress: bool = _f(True, "show progress bars")
+    checkpoint_every: int = _f(0, "save the calibration statistics every N batches (0 = never) for --resume")
+    resume: bool = _f(False, "continue calibration from the last saved state (see checkpoint_every)")
+    state_dir: str | None = _f(
+        None, "folder of the saved calibration state (default: <output_dir>.calib-state)"
+    )
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -103,6 +132,10 @@ class PruneConfig:
             raise ConfigError(f"sparsity {self.sparsity!r} is outside [0, 1)")
         self.sparsity = float(self.sparsity)
         self.nm = parse_pattern(self.pattern)
+        if self.stats_device not in STATS_DEVICES:
+            raise ConfigError(f"stats_device {self.stats_device!r} is unknown: choose one of same, cpu")
+        if not isinstance(self.grad_accum, int) or isinstance(self.grad_accum, bool) or self.grad_accum < 1:
+            raise ConfigError(f"grad_accum {self.grad_accum!r} must be an integer >= 1")
         for name in ("num_samples", "seq_len", "batch_size", "select_chunk_elems"):
             value = getattr(self, name)
             low = 0 if name == "num_samples" else 1
@@ -134,6 +167,9 @@ class PruneConfig:
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} {value!r} must be a number >= 0")
             setattr(self, name, float(value))
+        ce = self.checkpoint_every
+        if not isinstance(ce, int) or isinstance(ce, bool) or ce < 0:
+            raise ConfigError(f"checkpoint_every {ce!r} must be an integer >= 0 (batches; 0 = never)")
         if self.num_samples == 0 and self.criterion != "magnitude":
             raise ConfigError(f"criterion {self.criterion!r} needs calibration data but num_samples is 0")
         if self.num_samples and self.num_samples < self.batch_size:
@@ -143,6 +179,8 @@ class PruneConfig:
         self.blend = {"weight": 1.0, "act": 1.0, "grad": 0.5, **{k: float(v) for k, v in self.blend.items()}}
         if self.nm is not None:
             self.sparsity = 1.0 - self.nm[0] / self.nm[1]
+        if self.scores_dir is not None and (self.scope != "global" or self.nm is not None):
+            raise ConfigError(f"scores_dir {self.scores_dir!r} is used only by the unstructured global scope")
         for name in ("include", "exclude"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
@@ -169,7 +207,14 @@ class PruneConfig:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(
+                f"config file {str(path)!r} is not valid YAML{where}: {getattr(err, 'problem', err)}"
+            ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
         return cls.from_dict({**values, **overrides})

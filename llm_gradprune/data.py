@@ -149,6 +149,8 @@ def pack_blocks(
                 break
     if pending and len(ids) < need:
         flush()
+    if not ids:
+        raise ConfigError(f"{source!r} holds no non-empty text: is its text column empty?")
     if len(ids) < need:
         possible = len(ids) // seq_len
         raise ConfigError(

@@ -14,14 +14,21 @@ from .assets import resolve_model
 from .checkpoint import check_output_dir, save_pruned
 from .config import ConfigError, PruneConfig
 from .data import load_blocks, micro_batches, shard, token_hash
+from .distributed import make_accelerator
 from .evaluate import perplexity
 from .pruner import prune_
+from .resume import check_state, checkpointer_for
+from .sharded import run_sharded, uses_fsdp
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_model(cfg: PruneConfig, name: str | None = None):
@@ -35,7 +42,12 @@ def load_model(cfg: PruneConfig, name: str | None = None):
             f"model {name!r} does not exist: give a Hub id, a local folder or builtin:smollm2-135m"
         )
     path = str(Path(path).expanduser()) if _looks_local(path) else path
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if _looks_local(path) and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model folder {name!r} has no config.json: it is not a Hugging Face model folder")
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model {name!r} cannot be loaded: {_first_line(err)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[cfg.dtype], use_safetensors=True, trust_remote_code=cfg.trust_remote_code
@@ -45,6 +57,13 @@ def load_model(cfg: PruneConfig, name: str | None = None):
             kind = type(hf_config).__name__
             raise ConfigError(f"model {name!r} ({kind}) is not a causal language model") from None
         raise
+    except OSError as err:  # e.g. only pickled .bin weights: use_safetensors refuses them
+        if "safetensors" in str(err):
+            raise ConfigError(
+                f"model {name!r} has no loadable safetensors weights (pickled .bin files are never "
+                f"loaded): {_first_line(err)}"
+            ) from None
+        raise ConfigError(f"model {name!r} cannot be loaded: {_first_line(err)}") from None
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     context = getattr(hf_config, "max_position_embeddings", None)
     if context is not None and cfg.seq_len > context:
@@ -115,18 +134,30 @@ def _eval_now(cfg: PruneConfig, model, blocks) -> dict[str, float]:
     )
 
 
+def quiet_hf_progress_bars() -> None:
+    """--no-progress also silences the bars transformers and datasets draw while loading."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
-    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     start = time.perf_counter()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    if not cfg.progress:
+        quiet_hf_progress_bars()
+    accelerator = make_accelerator(cpu=cfg.device == "cpu")  # CPU-only machines: see distributed.py
     crit = criteria.get(cfg.criterion)
     if accelerator.is_main_process:
         resolve_model(cfg.model)
     accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
     resolved = resolve_model(cfg.model)
     out = check_output_dir(cfg.output_dir, cfg.overwrite, resolved if _looks_local(resolved) else None)
+    check_state(cfg)  # a saved calibration is never silently overwritten
 
     t = time.perf_counter()
     model, tokenizer, _ = load_model(cfg)
@@ -134,27 +165,40 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     batches, calib_hash = None, None
+    sharded = uses_fsdp(cfg, accelerator)
+    if cfg.eval and sharded:
+        raise ConfigError(
+            "eval with an FSDP-sharded model is not supported: run llm-gradprune eval on the output"
+        )
     if crit.needs_calibration or cfg.allocation == "owl":
         blocks = load_blocks(cfg, tokenizer)
         calib_hash = token_hash(blocks)
-        batches = shard(
-            micro_batches(blocks, cfg.batch_size), accelerator.process_index, accelerator.num_processes
-        )
+        batches = micro_batches(blocks, cfg.batch_size)
+        if not sharded:  # replicated model: each rank its round-robin share of whole micro-batches
+            batches = shard(batches, accelerator.process_index, accelerator.num_processes)
     timings["load_data"] = time.perf_counter() - t
+    checkpointer = checkpointer_for(cfg, model, calib_hash, accelerator) if crit.needs_calibration else None
 
     device = torch.device(cfg.device) if cfg.device else accelerator.device
-    if accelerator.num_processes == 1 and cfg.device is None:
-        model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
-    else:
-        model.to(device)  # several processes: no DDP wrapper, see calibrate.py
+    state_dict = None
     dense_eval, held_out = None, None
-    if cfg.eval and accelerator.is_main_process:  # same windows before and after pruning
-        t = time.perf_counter()
-        held_out = eval_blocks(cfg, tokenizer, model)
-        dense_eval = _eval_now(cfg, model, held_out)
-        timings["eval_dense"] = time.perf_counter() - t
-    result = prune_(model, batches, cfg, accelerator=accelerator, return_masks=False,
-                    num_batches=len(batches) if batches is not None else None)  # fmt: skip
+    if sharded:  # FSDP2: every rank holds some rows of every weight; see sharded.py
+        model, result, state_dict = run_sharded(model, batches, cfg, accelerator, device)
+    else:
+        # prepare() wraps in DDP for any multi-device type, even for one process launched by torchrun
+        # (`--num_processes 1` with a multi-GPU config): only a plain single process gets it
+        if accelerator.distributed_type == DistributedType.NO and cfg.device is None:
+            model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
+        else:
+            model.to(device)  # several processes: no DDP wrapper, see calibrate.py
+        if cfg.eval and accelerator.is_main_process:  # same windows before and after pruning
+            t = time.perf_counter()
+            held_out = eval_blocks(cfg, tokenizer, model)
+            dense_eval = _eval_now(cfg, model, held_out)
+            timings["eval_dense"] = time.perf_counter() - t
+        result = prune_(model, batches, cfg, accelerator=accelerator, return_masks=False,
+                        num_batches=len(batches) if batches is not None else None,
+                        checkpointer=checkpointer)  # fmt: skip
     report = result.report
     timings.update(report.pop("timings_s"))
     report["model"] = cfg.model
@@ -162,6 +206,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     report["seed"] = cfg.seed
     report["calibration"]["token_sha256"] = calib_hash
     report["calibration"]["seq_len"] = cfg.seq_len
+    if checkpointer is not None:
+        report["calibration"]["resumed_from_batch"] = checkpointer.resumed_from
     report["versions"] = versions()
     if held_out is not None:
         t = time.perf_counter()
@@ -185,8 +231,10 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         t = time.perf_counter()
         model = accelerator.unwrap_model(model)
         timings["before_save"] = time.perf_counter() - start
-        save_pruned(model, tokenizer, cfg, report, out)
+        save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict)
         timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
         report["output_dir"] = str(out)
+        if checkpointer is not None:
+            checkpointer.clear()  # the checkpoint is in place: the calibration state is no longer needed
     accelerator.wait_for_everyone()
     return report

@@ -24,7 +24,7 @@ from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_
 from .config import PruneConfig
 from .masks import apply_mask_, iter_masks, mask_summary
 from .stats import ActStats, GradStats, TokenGradStats
-from .targets import find_targets, weight_rows
+from .targets import check_nm_fits, find_targets, weight_rows
 
 
 @dataclass
@@ -69,19 +69,24 @@ def prune_(
     accelerator=None,
     return_masks: bool = True,
     num_batches: int | None = None,
+    checkpointer=None,
 ) -> PruneResult:
     """Calibrate (if the criterion needs it), score, select and zero the target weights in place."""
     cfg = cfg or PruneConfig()
     crit = criteria.get(cfg.criterion)
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
     params = {f"{name}.weight": module.weight for name, module in targets.items()}
+    check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
     report: dict[str, Any] = {"timings_s": {}}
 
     for p in model.parameters():
         p.requires_grad_(False)
     grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
-    grad_stats = GradStats(params, grad_needs) if grad_needs else None
-    tok_stats = TokenGradStats(targets) if "token_grad_sq_sum" in crit.accumulators else None
+    stats_device = "cpu" if cfg.stats_device == "cpu" else None
+    grad_stats = GradStats(params, grad_needs, device=stats_device) if grad_needs else None
+    tok_stats = (
+        TokenGradStats(targets, device=stats_device) if "token_grad_sq_sum" in crit.accumulators else None
+    )
     if tok_stats is not None and len(tok_stats.modules) < len(targets):
         other = next(n for n in targets if n not in tok_stats.modules)
         raise ValueError(
@@ -100,12 +105,13 @@ def prune_(
         try:
             counters = calibrate(
                 model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
-                progress=cfg.progress, total=num_batches,
+                progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
+                checkpointing=cfg.gradient_checkpointing, checkpointer=checkpointer,
             )  # fmt: skip
         finally:
             if tok_stats is not None:
                 tok_stats.detach()
-        reduce_stats_(grad_stats, act_stats, counters, accelerator)
+        reduce_stats_(grad_stats, act_stats, counters, accelerator, chunk_elems=cfg.select_chunk_elems)
         reduce_token_stats_(tok_stats, accelerator)
         if counters["batches"] == 0:
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
@@ -140,6 +146,7 @@ def prune_(
         stream = iter_masks(
             names, score_fn, scope=cfg.scope, sparsity=sparsity, nm=cfg.nm,
             chunk_elems=cfg.select_chunk_elems, shapes={n: p.shape for n, p in params.items()},
+            scores_dir=cfg.scores_dir,
         )  # fmt: skip
         main = accelerator is None or accelerator.is_local_main_process
         for name, mask in tqdm(stream, total=len(names), desc="select+mask", unit="tensor",
@@ -170,6 +177,10 @@ def prune_(
                 "batches": counters["batches"],
                 "tokens": counters["tokens"],
                 "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
+                "gradient_samples": counters.get("samples", counters["batches"]),
+                "stats_device": cfg.stats_device,
+                "gradient_checkpointing": cfg.gradient_checkpointing,
                 "mean_loss": counters["mean_loss"],
                 "statistics": sorted(crit.accumulators),
                 # per tensor, only those that skipped a non-finite gradient batch
@@ -177,6 +188,8 @@ def prune_(
                     n: c for n, c in (grad_stats.skipped if grad_stats else {}).items() if c
                 },
                 "processes": accelerator.num_processes if accelerator is not None else 1,
+                # the one cross-process sum of the statistics: calls, elements, seconds
+                "reduce": counters.get("reduce"),
             },
             "per_tensor": per_tensor,
         }

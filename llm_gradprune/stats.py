@@ -11,6 +11,16 @@ plus, per tensor, the number of batches folded in. Each gradient is folded in by
 post-accumulate-grad hook the moment autograd finishes it and is released right there, so a full set
 of gradients never exists. Squares are taken after the cast to fp32: no half-precision underflow.
 
+With `group` > 1 (gradient accumulation) one sample is the mean of several micro-batch gradients:
+they are summed in an fp32 buffer per target (on the statistics' device) and folded in by
+`end_group()`; this buffer is the one extra model-sized cost of the knob.
+
+Statistics may live on another device than the weights (`device="cpu"` while the model is on a GPU):
+each gradient is then copied into one of two reused pinned host buffers with a non-blocking copy, and
+the fold on the CPU is deferred to the next hook, so it overlaps the GPU's next backward kernels; the
+finiteness check runs on the host copy, never forcing a GPU sync. The GPU then holds only the model,
+activations and the one gradient being produced.
+
 Activation statistics (`act_sq_sum`: per input channel, sum over tokens of x^2) come from forward
 hooks on the same pass and are allocated only for criteria that read them.
 """
@@ -24,6 +34,14 @@ from torch import nn
 
 GRAD_STATS = ("grad_sum", "grad_abs_sum", "grad_sq_sum")
 ACT_STATS = ("act_sq_sum",)
+
+
+def _all_finite(g: torch.Tensor) -> bool:
+    """All entries finite? A NaN or inf entry always makes the fp32 sum non-finite, and a sum is ~20x
+    cheaper than `isfinite(g).all()` on a CPU; only a non-finite sum (overflow) needs the exact test."""
+    if bool(torch.isfinite(g.sum())):
+        return True
+    return bool(torch.isfinite(g).all())
 
 
 class GradStats:
@@ -45,6 +63,12 @@ class GradStats:
         self.counts = {n: 0 for n in params}
         self.skipped = {n: 0 for n in params}
         self._handles: list = []
+        self.group = 1  # micro-batches per gradient sample; > 1: summed, folded by end_group()
+        self._group_sums: dict[str, torch.Tensor] = {}
+        self._staging: list[torch.Tensor] = []  # two pinned host buffers (GPU grads, host statistics)
+        self._pending: tuple | None = None  # (name, host view, event) of a copy not yet folded
+        self._flip = 0
+        self.stage_on_host = False  # tests: force the staged path without a GPU
 
     def attach(self) -> GradStats:
         for name, p in self.params.items():
@@ -53,6 +77,7 @@ class GradStats:
         return self
 
     def detach(self) -> None:
+        self.flush()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -63,19 +88,78 @@ class GradStats:
     def _make_hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
             g, p.grad = p.grad, None  # release the gradient at once
-            self.fold(name, g)
+            self.receive(name, g)
 
         return hook
 
+    def _device(self, name: str) -> torch.device:
+        return self.sums[self.needs[0]][name].device if self.needs else self.params[name].device
+
+    def receive(self, name: str, g: torch.Tensor) -> None:
+        """One micro-batch gradient from a hook: moved to the statistics' device, then consumed."""
+        dev = self._device(name)
+        if (g.device.type == "cuda" and dev.type == "cpu") or self.stage_on_host:
+            self._stage(name, g)
+        else:
+            self._consume(name, g)
+
+    def _stage(self, name: str, g: torch.Tensor) -> None:
+        """Non-blocking copy into a pinned host buffer; the previous staged gradient is folded meanwhile."""
+        need = g.numel() * g.element_size()
+        if not self._staging or self._staging[0].numel() < need:
+            self.flush()
+            size = max(need, max(p.numel() * p.element_size() for p in self.params.values()))
+            pin = g.device.type == "cuda"
+            self._staging = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        host = self._staging[self._flip][:need].view(g.dtype).view(g.shape)
+        self._flip ^= 1
+        host.copy_(g, non_blocking=True)
+        event = None
+        if g.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(g.device))
+        previous, self._pending = self._pending, (name, host, event)
+        if previous is not None:
+            self._finish(previous)
+
+    def _finish(self, pending: tuple) -> None:
+        name, host, event = pending
+        if event is not None:
+            event.synchronize()
+        self._consume(name, host)
+
+    def flush(self) -> None:
+        """Fold the gradient still in flight to the host, if any."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._finish(pending)
+
+    def _consume(self, name: str, g: torch.Tensor) -> None:
+        if self.group == 1:
+            self.fold(name, g)
+            return
+        acc = self._group_sums.get(name)
+        if acc is None:
+            self._group_sums[name] = g.to(device=self._device(name), dtype=torch.float32, copy=True)
+        else:
+            acc.add_(g.to(acc.device))
+
+    def end_group(self, size: int) -> None:
+        """Fold each target's summed gradient of the `size` micro-batches just run, as one sample (their mean)."""
+        self.flush()
+        sums, self._group_sums = self._group_sums, {}
+        for name, acc in sums.items():
+            self.fold(name, acc.div_(size))
+
     def fold(self, name: str, g: torch.Tensor) -> None:
         """Add one micro-batch gradient of parameter `name` into the sums (or skip it if not finite)."""
-        if not bool(torch.isfinite(g).all()):
+        target = self.sums[self.needs[0]][name] if self.needs else None
+        g = g.to(device=target.device if target is not None else g.device, dtype=torch.float32)
+        if not _all_finite(g):
             self.skipped[name] += 1
             if self.skipped[name] == 1:
                 warnings.warn(f"non-finite gradient for {name}: batch skipped for this tensor", stacklevel=2)
             return
-        target = self.sums[self.needs[0]][name] if self.needs else None
-        g = g.to(device=target.device if target is not None else g.device, dtype=torch.float32)
         # Order matters: abs_ last because it overwrites g, which we own now.
         if "grad_sum" in self.sums:
             self.sums["grad_sum"][name].add_(g)
@@ -104,6 +188,7 @@ class ActStats:
         }
         self.tokens = {n: 0 for n in self.sums}
         self._handles: list = []
+        self.paused = False  # set during backward: checkpoint recomputes re-run forward hooks
 
     def attach(self) -> ActStats:
         for name in self.sums:
@@ -117,6 +202,8 @@ class ActStats:
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output) -> None:
+            if self.paused:
+                return
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
             acc = self.sums[name]
             acc.add_(x.to(device=acc.device, dtype=torch.float32).pow(2).sum(dim=0))

@@ -59,3 +59,16 @@ def find_targets(model: nn.Module, include: list[str] = (), exclude: list[str] =
 def weight_rows(weight) -> tuple[int, int]:
     """(rows, row length) of a weight seen as a matrix: output channels x everything they read."""
     return weight.shape[0], weight[0].numel()
+
+
+def check_nm_fits(params: dict, nm: tuple[int, int] | None) -> None:
+    """An N:M pattern needs every target row length to divide by M; checked before any calibration."""
+    if nm is None:
+        return
+    n, m = nm
+    for name, w in params.items():
+        cols = weight_rows(w)[1]
+        if cols % m:
+            raise ConfigError(
+                f"pattern '{n}:{m}' does not fit {name}: its rows hold {cols} weights, not a multiple of {m}"
+            )

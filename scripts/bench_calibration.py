@@ -1,0 +1,190 @@
+"""Benchmark calibration memory and speed against a plain loop that keeps gradients.
+
+    PYTHONPATH=$PWD nice -n 10 python scripts/bench_calibration.py --out bench_calibration.json \
+        [--models smollm2,tinyllama --dtypes float32,bfloat16 --batches 5 --seq-len 256 --tinyllama-layers 4]
+
+For every (model, dtype), on the same blocks (built-in IMDB calibration blocks, or random tokens for
+the random-weight model) and each in a fresh process:
+  (a) naive: the target weights (every Linear in the decoder layers) are trainable, the rest frozen,
+      and forward+backward runs per batch with the gradients left to accumulate in `.grad`, which is
+      what a naive gradient pruner does before it reads them;
+  (b) ours: `calibrate()` with `GradStats` holding only the criterion's sums (fisher: sum g^2, fp32),
+      each gradient folded in and freed by its post-accumulate hook.
+One warm-up batch, then --batches timed batches of 1 x --seq-len tokens. Reported: tokens/s over the
+timed batches, and the peak resident memory of the calibration phase (VmHWM after resetting it once the
+model is built, so model construction does not hide the difference) and of the whole process
+(getrusage). Models: builtin:smollm2-135m, and a random-weight model of the TinyLlama-1.1B shape
+(hidden 2048, intermediate 5632, GQA 32/4, vocab 32000, untied head) built from config in code with
+--tinyllama-layers of its 22 layers (every layer has the same shape, so memory and time per layer scale
+linearly; the full 22 layers need ~9 GB per process in fp32, more than this shared machine allows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vm_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+
+def build(name: str, dtype: torch.dtype, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name == "smollm2":
+        from transformers import AutoModelForCausalLM
+
+        from llm_gradprune.assets import resolve_model
+
+        return AutoModelForCausalLM.from_pretrained(resolve_model("builtin:smollm2-135m"), dtype=dtype)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy first
+    try:
+        return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def blocks_for(name: str, n: int, seq_len: int) -> torch.Tensor:
+    if name == "smollm2":
+        from transformers import AutoTokenizer
+
+        from llm_gradprune.assets import resolve_model
+        from llm_gradprune.config import PruneConfig
+        from llm_gradprune.data import load_blocks
+
+        tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m"))
+        cfg = PruneConfig(num_samples=n, seq_len=seq_len, progress=False)
+        return load_blocks(cfg, tok)
+    return torch.randint(0, 32000, (n, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def worker(args) -> dict:
+    from llm_gradprune.calibrate import calibrate, causal_lm_loss
+    from llm_gradprune.criteria import get
+    from llm_gradprune.stats import GradStats
+    from llm_gradprune.targets import find_targets
+
+    dtype = getattr(torch, args.dtype)
+    blocks = blocks_for(args.model, args.batches + 1, args.seq_len)
+    model = build(args.model, dtype, args.tinyllama_layers).eval()
+    targets = find_targets(model)
+    params = {f"{n}.weight": m.weight for n, m in targets.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batches = list(blocks.split(1))
+    warm, timed = batches[:1], batches[1:]
+    rss_model_mb = vm_kb("VmRSS") / 1024
+    reset_ok = reset_peak()
+    if args.variant == "naive":
+        for p in params.values():
+            p.requires_grad_(True)
+
+        def run(bs):
+            for b in bs:
+                causal_lm_loss(model, b).backward()  # gradients accumulate in .grad and stay
+
+        run(warm)
+        t, c = time.perf_counter(), time.process_time()
+        run(timed)
+        sec, cpu = time.perf_counter() - t, time.process_time() - c
+        held = sum(p.grad.numel() * p.grad.element_size() for p in params.values())
+    else:
+        needs = get(args.criterion).accumulators
+        stats = GradStats(params, needs)
+        calibrate(model, warm, stats, progress=False)
+        t, c = time.perf_counter(), time.process_time()
+        calibrate(model, timed, stats, progress=False)
+        sec, cpu = time.perf_counter() - t, time.process_time() - c
+        held = sum(t.numel() * t.element_size() for v in stats.sums.values() for t in v.values())
+    tokens = sum(b.numel() for b in timed)
+    return {
+        "model": args.model, "dtype": args.dtype, "variant": args.variant, "tokens": tokens,
+        "seconds": sec, "tokens_per_s": tokens / sec, "cpu_seconds": cpu, "tokens_per_cpu_s": tokens / cpu,
+        "target_params": sum(p.numel() for p in params.values()),
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "rss_after_build_mb": rss_model_mb, "calib_peak_rss_mb": vm_kb("VmHWM") / 1024 if reset_ok else None,
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "grad_or_stat_bytes_mb": held / 2**20, "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_calibration.json")
+    ap.add_argument("--models", default="smollm2,tinyllama")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", type=int, default=5, help="timed batches after one warm-up batch")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--tinyllama-layers", type=int, default=4)
+    ap.add_argument("--criterion", default="fisher")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    rows = []
+    for model in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            pair = {}
+            for variant in ("naive", "ours"):
+                cmd = [sys.executable, __file__, "--worker", "--model", model, "--dtype", dtype,
+                       "--variant", variant, "--batches", str(args.batches), "--seq-len", str(args.seq_len),
+                       "--tinyllama-layers", str(args.tinyllama_layers), "--criterion", args.criterion]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"{model} {dtype} {variant} failed:\n{out.stderr[-3000:]}")
+                pair[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+            a, b = pair["naive"], pair["ours"]
+            row = {
+                "model": model, "dtype": dtype, "naive": a, "ours": b,
+                "speed_ratio": b["tokens_per_s"] / a["tokens_per_s"],
+                "cpu_speed_ratio": b["tokens_per_cpu_s"] / a["tokens_per_cpu_s"],
+                "calib_mem_ratio": (b["calib_peak_rss_mb"] / a["calib_peak_rss_mb"])
+                if a["calib_peak_rss_mb"] else None,
+                "process_mem_ratio": b["process_peak_rss_mb"] / a["process_peak_rss_mb"],
+            }  # fmt: skip
+            rows.append(row)
+            print(f"{model:9s} {dtype:8s} naive {a['tokens_per_s']:7.1f} tok/s, calib peak "
+                  f"{a['calib_peak_rss_mb']:7.0f} MB | ours {b['tokens_per_s']:7.1f} tok/s, calib peak "
+                  f"{b['calib_peak_rss_mb']:7.0f} MB | speed x{row['speed_ratio']:.3f} (per CPU second "
+                  f"x{row['cpu_speed_ratio']:.3f}), memory "
+                  f"x{row['calib_mem_ratio']:.3f} (process x{row['process_mem_ratio']:.3f})", flush=True)  # fmt: skip
+    with open(args.out, "w") as fh:
+        json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,229 @@
+"""Worker for tests/test_distributed.py: the library run by 1 or 2 processes, results written to files.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_worker.py OUT_DIR     # 2 gloo CPU processes
+    python tests/dist_worker.py OUT_DIR                                            # the 1-process reference
+
+Writes OUT_DIR/w{world}.pt (rank 0): the summed statistics, every criterion x scope (+ 2:4) mask set of
+the replicated-model path (data sharded by micro-batch), the same for the FSDP2 path (each rank's
+rows gathered), and which blocks every rank read. One launch covers every case: starting two Python
+processes with transformers costs more than all the pruning here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm_gradprune import PruneConfig, prune_  # noqa: E402
+from llm_gradprune.calibrate import calibrate, causal_lm_loss, reduce_stats_  # noqa: E402
+from llm_gradprune.data import micro_batches, shard  # noqa: E402
+from llm_gradprune.distributed import make_accelerator, world  # noqa: E402
+from llm_gradprune.sharded import calibrate_sharded, fully_shard_model, local_rows, prune_sharded_  # noqa: E402
+from llm_gradprune.stats import ActStats, GradStats  # noqa: E402
+from llm_gradprune.targets import find_targets  # noqa: E402
+from tests.conftest import make_blocks, make_tiny_llama  # noqa: E402
+
+CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend")
+CASES = [(c, s, "unstructured") for c in CRITERIA for s in ("tensor", "row", "global")]
+CASES += [(c, "row", "2:4") for c in CRITERIA]
+NUM_BLOCKS, SEQ_LEN, BATCH = 10, 16, 2  # 5 micro-batches: 3 on rank 0, 2 on rank 1
+
+
+def tiny():
+    # intermediate 67: gate/up have an odd row count, so FSDP splits them unevenly (34 + 33 rows)
+    return make_tiny_llama(seed=0, intermediate=67)
+
+
+def config(criterion: str, scope: str, pattern: str) -> PruneConfig:
+    # 2:4 needs rows divisible by 4: down_proj reads 67 inputs, so it stays dense there
+    exclude = ["down_proj"] if pattern != "unstructured" else []
+    return PruneConfig(
+        criterion=criterion,
+        scope=scope,
+        pattern=pattern,
+        sparsity=0.5,
+        batch_size=BATCH,
+        num_samples=NUM_BLOCKS,
+        seq_len=SEQ_LEN,
+        progress=False,
+        exclude=exclude,
+        select_chunk_elems=1000,
+    )  # fmt: skip  (small: several chunks per scope)
+
+
+def all_stats(model, batches, accelerator):
+    targets = find_targets(model)
+    params = {f"{n}.weight": m.weight for n, m in targets.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gs = GradStats(params, ("grad_sum", "grad_abs_sum", "grad_sq_sum"))
+    acts = ActStats(targets)
+    counters = calibrate(model, batches, gs, acts, accelerator=accelerator, progress=False)
+    reduce_stats_(gs, acts, counters, accelerator, chunk_elems=700)
+    out = {f"{s}/{n}": t.clone() for s, per in gs.sums.items() for n, t in per.items()}
+    out.update({f"act_sq_sum/{n}": t.clone() for n, t in acts.sums.items()})
+    return out, {
+        "counts": gs.counts,
+        "act_tokens": acts.tokens,
+        **{k: counters[k] for k in ("batches", "tokens")},
+    }
+
+
+def gather_rows(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank-ordered concatenation of every rank's rows (test only: the library never gathers)."""
+    import torch.distributed as dist
+
+    parts: list = [None] * world()[1]
+    dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in local}
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)  # tiny matrices: more threads only fight over the shared cores
+    accelerator = make_accelerator()
+    rank, size = world()
+    blocks = make_blocks(NUM_BLOCKS, SEQ_LEN, seed=1)
+    mbs = micro_batches(blocks, BATCH)
+    mine = shard(mbs, rank, size)
+    result: dict = {"world": size}
+
+    # which blocks each rank read, seen from inside the loss
+    seen: list[list[int]] = []
+
+    def recording_loss(model, batch):
+        seen.append([int(b[0]) * 1000 + int(b[1]) for b in batch])  # first two tokens name a block
+        return causal_lm_loss(model, batch)
+
+    calibrate(tiny(), mine, None, ActStats(find_targets(tiny())), loss_fn=recording_loss, progress=False)
+    result["seen"] = gather_objects(seen, size)
+
+    stats, counts = all_stats(tiny(), mine, accelerator if size > 1 else None)
+    result["stats"], result["counts"] = stats, counts
+
+    result["masks"], result["reports"] = {}, {}
+    for case in CASES:
+        res = prune_(tiny(), mine, config(*case), accelerator=accelerator if size > 1 else None)
+        result["masks"][case] = res.masks
+        result["reports"][case] = {k: res.report[k] for k in ("zero_weights", "masked_weights")}
+        result["reports"][case]["calibration"] = res.report["calibration"]
+
+    if size > 1:  # FSDP2 path: every rank sees every micro-batch, each its piece of it
+        model = fully_shard_model(tiny())
+        targets = find_targets(model)
+        params = {f"{n}.weight": m.weight for n, m in targets.items()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        gs = GradStats(
+            {n: local_rows(p) for n, p in params.items()}, ("grad_sum", "grad_abs_sum", "grad_sq_sum")
+        )
+        acts = ActStats(targets)
+        counters = calibrate_sharded(model, mbs, gs, acts, params)
+        local = {f"{s}/{n}": t for s, per in gs.sums.items() for n, t in per.items()}
+        fsdp_stats = gather_rows(local)
+        fsdp_stats.update({f"act_sq_sum/{n}": t.clone() for n, t in acts.sums.items()})
+        result["fsdp_stats"] = fsdp_stats
+        result["fsdp_counts"] = {"counts": gs.counts, "act_tokens": acts.tokens, "batches": counters["batches"],
+                                 "tokens_total": counters["tokens"]}  # fmt: skip
+        result["fsdp_masks"], result["fsdp_reports"] = {}, {}
+        for case in CASES:
+            model = fully_shard_model(tiny())
+            res = prune_sharded_(model, mbs, config(*case))
+            result["fsdp_masks"][case] = gather_rows(res.masks)
+            result["fsdp_reports"][case] = {k: res.report[k] for k in ("zero_weights", "masked_weights")}
+    if size > 1:
+        result["tied_scores"] = tied_selection(rank, size)
+        result["accelerate_fsdp2"] = accelerate_fsdp2(accelerator, mbs)
+    if rank == 0:
+        torch.save(result, Path(out_dir) / f"w{size}.pt")
+    accelerator.wait_for_everyone()
+
+
+def tied_scores() -> dict[str, torch.Tensor]:
+    """Integer scores in 0..3: most of them tie with the threshold, and ties span the ranks' rows."""
+    g = torch.Generator().manual_seed(3)
+    return {f"t{i}": torch.randint(0, 4, (rows, 6), generator=g).float() for i, rows in enumerate((7, 4, 9))}
+
+
+def tied_selection(rank: int, size: int) -> dict:
+    """Each rank holds a contiguous block of rows (as FSDP2 does); masks gathered for the test."""
+    from llm_gradprune.distributed import iter_sharded_masks
+
+    full = tied_scores()
+    mine = {k: torch.tensor_split(v, size)[rank] for k, v in full.items()}
+    out = {}
+    for scope in ("tensor", "global"):
+        masks = dict(iter_sharded_masks(list(mine), mine.__getitem__, scope=scope, sparsity=0.45,
+                                        numel={k: v.numel() for k, v in full.items()}, chunk_elems=5))  # fmt: skip
+        out[scope] = gather_rows(masks)
+    return out
+
+
+def accelerate_fsdp2(accelerator, mbs) -> dict:
+    """Accelerate's own FSDP2 path (prepare + get_state_dict), last because it changes the shared state.
+
+    Accelerate offers FSDP only on accelerators, so the type is forced here; everything after that is
+    Accelerate's unmodified code (wrap policy, fully_shard, full state dict gathering).
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from llm_gradprune.sharded import full_state_dict, prepare_fsdp2
+
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT"
+    )
+    model = prepare_fsdp2(tiny(), accelerator)
+    placements = str(model.model.layers[0].mlp.gate_proj.weight.placements)
+    res = prune_sharded_(model, mbs, config("gblm", "global", "unstructured"), accelerator=accelerator)
+    sd = full_state_dict(model, accelerator)
+    return {"placements": placements, "zero_weights": res.report["zero_weights"], "state_dict": sd}
+
+
+def gather_objects(obj, size: int) -> list:
+    if size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list = [None] * size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def pipeline(model_dir: str, out_dir: str) -> None:
+    """run_prune end to end (replicated, then FSDP2), logging which rank writes a checkpoint."""
+    import json
+
+    import llm_gradprune.pipeline as pl
+
+    torch.set_num_threads(1)
+    real_save = pl.save_pruned
+
+    def logged_save(*args, **kw):
+        with open(Path(out_dir) / "saves.log", "a") as fh:
+            fh.write(f"{world()[0]}\n")
+        return real_save(*args, **kw)
+
+    pl.save_pruned = logged_save
+    for fsdp in (False, True):
+        out = Path(out_dir) / ("fsdp" if fsdp else "replicated")
+        cfg = PruneConfig(model=model_dir, dataset="builtin:imdb", criterion="gblm", scope="global",
+                          num_samples=5, seq_len=16, batch_size=2, output_dir=str(out), fsdp=fsdp,
+                          progress=False, select_chunk_elems=1000)  # fmt: skip
+        report = pl.run_prune(cfg)
+        # every rank returns only after the checkpoint is in place
+        (Path(out_dir) / f"after_{out.name}_{world()[0]}.json").write_text(
+            json.dumps({"exists": (out / "pruning_report.json").is_file(), "report": report}, default=str)
+        )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "pipeline":
+        pipeline(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1])

@@ -1,0 +1,234 @@
+"""The bad-input table: every row exits 2 with one line naming the bad value, and writes nothing.
+
+Each row runs `llm-gradprune prune` in-process (cli.main) on a tiny model folder and text file. Every
+row must fail before calibration: `calibrate` is replaced by a function that fails the test if called.
+"Nothing written" is checked as: the output folder and the state folder do not exist and every file
+and folder under the test's workspace (model, data, output parent) is unchanged (names, sizes, mtimes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm_gradprune import cli, pruner
+
+from .tiny_folder import make_model_folder, make_text_file
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"model": make_model_folder(root / "model"), "text": make_text_file(root / "t.txt")}
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    out = {}
+    for root in roots:
+        for p in [root, *root.rglob("*")]:
+            st = p.stat()
+            out[str(p)] = (p.is_dir(), st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+# Each setup gets (workspace, assets) and returns the flags that differ from a good run.
+def nan_model(ws, a):
+    m = _copy_model(a["model"], ws / "nan-model")
+    w = load_file(m / "model.safetensors")
+    w["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(w, m / "model.safetensors", metadata={"format": "pt"})
+    return ["--model", str(m)]
+
+
+def vit_folder(ws, a):
+    from transformers import ViTConfig
+
+    ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(ws / "vit")
+    return ["--model", str(ws / "vit")]
+
+
+def bin_only_model(ws, a):
+    m = _copy_model(a["model"], ws / "bin-model")
+    w = load_file(m / "model.safetensors")
+    (m / "model.safetensors").unlink()
+    torch.save(w, m / "pytorch_model.bin")
+    return ["--model", str(m)]
+
+
+def not_a_model_folder(ws, a):
+    (ws / "empty-folder").mkdir()
+    return ["--model", str(ws / "empty-folder")]
+
+
+def empty_text_column(ws, a):
+    (ws / "d.csv").write_text("text,label\n" + ",1\n" * 30)
+    return ["--dataset", str(ws / "d.csv")]
+
+
+def wrong_column(ws, a):
+    (ws / "d.csv").write_text("review,label\n" + "w1 w2 w3,1\n" * 30)
+    return ["--dataset", str(ws / "d.csv")]
+
+
+def yaml_typo(ws, a):
+    (ws / "c.yaml").write_text("num_sample: 4\n")
+    return ["--config", str(ws / "c.yaml")]
+
+
+def yaml_syntax(ws, a):
+    (ws / "c.yaml").write_text("include: [mlp\n")
+    return ["--config", str(ws / "c.yaml")]
+
+
+def output_inside_model(ws, a):
+    return ["--output-dir", str(a["model"] / "pruned")]
+
+
+def output_not_empty(ws, a):
+    (ws / "out").mkdir()
+    (ws / "out" / "keep.txt").write_text("mine")
+    return []
+
+
+def state_without_resume(ws, a):
+    state = ws / "out.calib-state" / "step-00000002"
+    state.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, state / "stats-00000.safetensors")
+    size = (state / "stats-00000.safetensors").stat().st_size
+    meta = {"version": 1, "batches_done": 2, "files": {"stats-00000.safetensors": size}}
+    (state / "state.json").write_text(json.dumps(meta))
+    return ["--checkpoint-every", "2"]
+
+
+def _saved_state(ws, a):
+    """A real calibration state of the good run (2 of 4 batches done), as a killed run leaves it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_gradprune.calibrate import calibrate
+    from llm_gradprune.config import PruneConfig
+    from llm_gradprune.data import load_blocks, micro_batches, token_hash
+    from llm_gradprune.resume import checkpointer_for
+    from llm_gradprune.stats import GradStats
+    from llm_gradprune.targets import find_targets
+
+    model_dir = _copy_model(a["model"], ws / "model")
+    text = ws / "t.txt"
+    text.write_bytes(a["text"].read_bytes())
+    cfg = PruneConfig(model=str(model_dir), dataset=str(text), num_samples=4, seq_len=16,
+                      output_dir=str(ws / "out"), checkpoint_every=2, progress=False)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(model_dir))
+    params = {f"{n}.weight": m.weight for n, m in find_targets(model).items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ckpt = checkpointer_for(cfg, model, token_hash(blocks))
+    calibrate(model, micro_batches(blocks, 1)[:2], GradStats(params, {"grad_sq_sum"}), None,
+              progress=False, checkpointer=ckpt)  # fmt: skip
+    return ["--model", str(model_dir), "--dataset", str(text), "--checkpoint-every", "2", "--resume"]
+
+
+def resume_config_changed(ws, a):
+    return [*_saved_state(ws, a), "--seed", "1", "--batch-size", "2"]
+
+
+def resume_model_changed(ws, a):
+    args = _saved_state(ws, a)
+    w = load_file(ws / "model" / "model.safetensors")
+    w["model.layers.0.mlp.up_proj.weight"][0, 0] += 1.0  # element 0 is always in the fingerprint
+    save_file(w, ws / "model" / "model.safetensors", metadata={"format": "pt"})
+    return args
+
+
+def resume_data_changed(ws, a):
+    args = _saved_state(ws, a)
+    make_text_file(ws / "t.txt", seed=7)
+    return args
+
+
+def flags(*args):
+    return lambda ws, a: list(args)
+
+
+ROWS = [
+    ("sparsity-1", flags("--sparsity", "1.0"), r"sparsity 1\.0 is outside \[0, 1\)"),
+    ("sparsity-negative", flags("--sparsity", "-0.1"), r"sparsity -0\.1 is outside \[0, 1\)"),
+    ("nm-n-ge-m", flags("--pattern", "4:4"), r"pattern '4:4' is not allowed: N:M needs 0 < N < M"),
+    ("nm-m-not-dividing-rows", flags("--pattern", "2:5"),
+     r"pattern '2:5' does not fit model\.layers\.0\.self_attn\.q_proj\.weight: its rows hold 32 weights, not a multiple of 5"),
+    ("unknown-criterion", flags("--criterion", "snip"), r"criterion 'snip' is unknown: choose one of magnitude"),
+    ("unknown-scope", flags("--scope", "layer"), r"scope 'layer' is unknown: choose one of tensor, row, global"),
+    ("unknown-pattern", flags("--pattern", "2-4"), r"pattern '2-4' is not allowed: use 'unstructured' or 'N:M'"),
+    ("calibration-with-0-samples", flags("--criterion", "taylor", "--num-samples", "0"),
+     r"criterion 'taylor' needs calibration data but num_samples is 0"),
+    ("model-missing", flags("--model", "/nonexistent/model"), r"model '/nonexistent/model' does not exist"),
+    ("model-unknown-builtin", flags("--model", "builtin:gpt5"), r"unknown built-in model 'builtin:gpt5'"),
+    ("model-folder-without-config", not_a_model_folder, r"empty-folder' has no config\.json"),
+    ("model-not-causal-lm", vit_folder, r"\(ViTConfig\) is not a causal language model"),
+    ("model-only-pickled-bin", bin_only_model, r"has no loadable safetensors weights \(pickled \.bin files are never loaded\)"),
+    ("model-nan-weights", nan_model, r"has NaN/inf values in model\.layers\.1\.mlp\.down_proj\.weight"),
+    ("too-little-text", flags("--num-samples", "500"), r"holds \d+ tokens: enough for \d+ blocks of 16, but num_samples asks for 500"),
+    ("dataset-missing", flags("--dataset", "/nonexistent/d.txt"), r"dataset file '/nonexistent/d\.txt' does not exist"),
+    ("empty-text-column", empty_text_column, r"d\.csv\[train\]' holds no non-empty text"),
+    ("wrong-text-column", wrong_column, r"text_column 'text' is not in .*: its columns are review, label"),
+    ("patterns-match-nothing", flags("--include", "no_such_layer"), r"target patterns match no prunable weight \(include=\['no_such_layer'\]"),
+    ("bad-regex", flags("--exclude", "mlp("), r"target pattern 'mlp\(' is not a valid regex"),
+    ("yaml-unknown-key", yaml_typo, r"unknown config key 'num_sample' \(did you mean 'num_samples'\?\)"),
+    ("yaml-syntax-error", yaml_syntax, r"c\.yaml' is not valid YAML at line 2: expected ',' or ']'"),
+    ("seq-len-over-context", flags("--seq-len", "512"), r"seq_len 512 is larger than the model's context of 256 tokens"),
+    ("output-inside-model", output_inside_model, r"output_dir '.*model/pruned' is inside the model's own folder"),
+    ("output-not-empty", output_not_empty, r"output_dir '.*out' is not empty: pass --overwrite to replace it"),
+    ("checkpoint-every-negative", flags("--checkpoint-every", "-1"), r"checkpoint_every -1 must be an integer >= 0"),
+    ("resume-config-changed", resume_config_changed,
+     r"cannot resume '.*step-00000002': the config differs from the saved run \(batch_size 1 -> 2, seed 0 -> 1\)"),
+    ("resume-model-changed", resume_model_changed, r"cannot resume '.*': the model's weights differ from the saved run"),
+    ("resume-data-changed", resume_data_changed, r"cannot resume '.*': the calibration tokens differ from the saved run"),
+    ("state-without-resume", state_without_resume, r"holds a calibration saved at batch 2: pass --resume"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("setup,message", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+    setup, message, assets, tmp_path, capsys, monkeypatch
+):
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration started before the bad input was refused")
+
+    monkeypatch.setattr(pruner, "calibrate", no_calibration)
+    ws = tmp_path
+    extra = setup(ws, assets)
+    args = ["prune", "--model", str(assets["model"]), "--dataset", str(assets["text"]), "--num-samples", "4",
+            "--seq-len", "16", "--output-dir", str(ws / "out"), "--no-progress", *extra]  # fmt: skip
+    before = snapshot(ws, assets["model"])
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("llm-gradprune: error: ")
+    assert re.search(message, err), err
+    assert snapshot(ws, assets["model"]) == before  # nothing created, changed or removed
+
+
+def test_unreachable_hub_model_is_one_line(assets, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in tests
+    before = snapshot(tmp_path)
+    assert cli.main(["prune", "--model", "no-such-org/no-such-model", "--output-dir", str(tmp_path / "o"),
+                     "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model 'no-such-org/no-such-model' cannot be loaded" in err, err
+    assert snapshot(tmp_path) == before
