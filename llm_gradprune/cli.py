@@ -84,11 +84,60 @@ def prune_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval -------------------------------------------------------------------------------------
+def eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model (Hub id, folder, built-in) on held-out text",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub id, local folder, or builtin:smollm2-135m")
+    p.add_argument("--dataset", default="builtin:imdb", help="same sources as prune --dataset")
+    p.add_argument("--dataset-config", default=None, help="Hub data set configuration name")
+    p.add_argument("--split", default="test", help="split read (builtin/local files: test = held-out part)")
+    p.add_argument("--text-column", default="text", help="column holding the text in tabular sources")
+    p.add_argument("--num-samples", type=int, default=64, help="windows of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument(
+        "--stride", type=int, default=None, help="score only the last STRIDE tokens of overlapping windows"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the text order")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    p.set_defaults(func=eval_command)
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline import run_eval
+
+    cfg = PruneConfig(
+        model=args.model, dataset=args.dataset, dataset_config=args.dataset_config,
+        eval_split=args.split, text_column=args.text_column, seq_len=args.seq_len,
+        eval_num_samples=args.num_samples, eval_seq_len=args.seq_len, eval_batch_size=args.batch_size,
+        eval_stride=args.stride, seed=args.seed, dtype=args.dtype, device=args.device,
+        trust_remote_code=args.trust_remote_code, progress=args.progress and not args.json,
+    )  # fmt: skip
+    result = run_eval(cfg)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"perplexity {result['ppl']:.3f} (mean NLL {result['nll']:.4f}) of {args.model} on "
+            f"{result['tokens']:,} tokens of {args.dataset}[{args.split}] in {result['windows']} windows "
+            f"({result['seconds']:.1f} s)"
+        )
+    return 0
+
+
 # -- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-gradprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prune_parser(sub)
+    eval_parser(sub)
     return parser
 
 

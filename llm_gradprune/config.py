@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend")
+CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend", "token_fisher")
 SCOPES = ("tensor", "row", "global")
 DTYPES = ("float32", "bfloat16", "float16")
+ALLOCATIONS = ("uniform", "owl")
 STATS_DEVICES = ("same", "cpu")
 
 
@@ -56,7 +57,7 @@ class PruneConfig:
     split: str = _f("train", "split read for calibration (builtin:imdb: train = its calibration part)")
     eval_split: str = _f("test", "split read for evaluation (builtin:imdb: test = its held-out part)")
     text_column: str = _f("text", "column holding the text in tabular sources")
-    criterion: str = _f("fisher", f"importance score: {', '.join(CRITERIA)}")
+    criterion: str = _f("token_fisher", f"importance score: {', '.join(CRITERIA)}")
     sparsity: float = _f(
         0.5, "fraction of target weights set to zero, in [0, 1); N:M patterns fix it at (M-N)/M"
     )
@@ -67,6 +68,11 @@ class PruneConfig:
         {"weight": 1.0, "act": 1.0, "grad": 0.5},
         "blend: exponents of |w|, rms(x) and rms(g) in the score |w|^weight * rms(x)^act * rms(g)^grad",
     )
+    allocation: str = _f(
+        "uniform", "sparsity per decoder layer: uniform, or owl (more weights kept where outliers are)"
+    )
+    owl_m: float = _f(5.0, "owl: a score above owl_m x its layer's mean Wanda score is an outlier")
+    owl_lambda: float = _f(0.08, "owl: layer sparsities spread over [sparsity - lambda, sparsity + lambda]")
     num_samples: int = _f(64, "calibration blocks of seq_len tokens")
     seq_len: int = _f(512, "tokens per calibration block (never defaults to the model's context)")
     batch_size: int = _f(1, "blocks per micro-batch; one gradient sample = one micro-batch")
@@ -85,6 +91,11 @@ class PruneConfig:
     )
     seed: int = _f(0, "seed of the calibration block order")
     dtype: str = _f("float32", f"model weights dtype: {', '.join(DTYPES)}; statistics are always fp32")
+    eval: bool = _f(False, "evaluate dense and pruned perplexity on the same held-out windows")
+    eval_num_samples: int = _f(64, "evaluation windows of eval_seq_len tokens (from eval_split)")
+    eval_seq_len: int | None = _f(None, "tokens per evaluation window (default: seq_len)")
+    eval_batch_size: int = _f(4, "evaluation windows per forward pass")
+    eval_stride: int | None = _f(None, "evaluation stride < eval_seq_len: overlapping windows, more context")
     output_dir: str = _f("out/pruned", "where the pruned checkpoint and report are written")
     include: list[str] = _f([], "regexes over module names; a target must match one (empty = all)")
     exclude: list[str] = _f([], "regexes over module names; a match is never pruned")
@@ -133,6 +144,32 @@ class PruneConfig:
             low = 0 if name == "num_samples" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} {value!r} must be an integer >= {low}")
+        for name in ("eval_num_samples", "eval_batch_size", "eval_seq_len", "eval_stride"):
+            value = getattr(self, name)
+            if value is None and name in ("eval_seq_len", "eval_stride"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} {value!r} must be an integer >= 1")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"allocation {self.allocation!r} is unknown: choose one of {', '.join(ALLOCATIONS)}"
+            )
+        if self.allocation == "owl":
+            if self.scope == "global" and self.pattern == "unstructured":
+                raise ConfigError(
+                    "allocation 'owl' sets one sparsity per layer: use scope tensor or row, not global"
+                )
+            if self.pattern != "unstructured":
+                raise ConfigError(
+                    f"allocation 'owl' needs an unstructured pattern: {self.pattern!r} fixes every layer's sparsity"
+                )
+            if self.num_samples == 0:
+                raise ConfigError("allocation 'owl' needs activation statistics but num_samples is 0")
+        for name in ("owl_m", "owl_lambda"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} {value!r} must be a number >= 0")
+            setattr(self, name, float(value))
         ce = self.checkpoint_every
         if not isinstance(ce, int) or isinstance(ce, bool) or ce < 0:
             raise ConfigError(f"checkpoint_every {ce!r} must be an integer >= 0 (batches; 0 = never)")

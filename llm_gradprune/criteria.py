@@ -20,6 +20,7 @@ MEAN_OF = {
     "grad_abs_mean": "grad_abs_sum",
     "grad_sq_mean": "grad_sq_sum",
     "act_sq_mean": "act_sq_sum",
+    "token_grad_sq_mean": "token_grad_sq_sum",
 }
 
 
@@ -106,6 +107,17 @@ def blend(
     return log
 
 
+def token_fisher(w: torch.Tensor, token_grad_sq_mean: torch.Tensor) -> torch.Tensor:
+    """w^2 * E_t[(dL/dy_t,i * x_t,j)^2]: Optimal Brain Damage with the per-token empirical Fisher.
+
+    `fisher` squares each micro-batch gradient, a sum over its tokens in which their contributions
+    cancel; here each token's own gradient term is squared before summing, the diagonal Gauss-Newton
+    curvature of the loss. Compared with Wanda's w^2 * E_t[x_j^2] it weights every token by how much
+    the loss depends on that output channel at that token.
+    """
+    return w.square() * token_grad_sq_mean
+
+
 @dataclass(frozen=True)
 class Criterion:
     name: str
@@ -140,7 +152,7 @@ def register(fn: Callable[..., torch.Tensor], name: str | None = None) -> Callab
     return fn
 
 
-for _fn in (magnitude, gradient, taylor, fisher, wanda, gblm, blend):
+for _fn in (magnitude, gradient, taylor, fisher, wanda, gblm, blend, token_fisher):
     register(_fn)
 
 

@@ -161,7 +161,12 @@ def pack_blocks(
 
 
 def load_blocks(
-    cfg, tokenizer, split: str | None = None, num_blocks: int | None = None, seed: int | None = None
+    cfg,
+    tokenizer,
+    split: str | None = None,
+    num_blocks: int | None = None,
+    seed: int | None = None,
+    seq_len: int | None = None,
 ):
     """The calibration (or, with split=cfg.eval_split, evaluation) blocks a config describes."""
     split = split or cfg.split
@@ -169,7 +174,8 @@ def load_blocks(
     texts = iter_texts(
         cfg.dataset, split, cfg.text_column, cfg.seed if seed is None else seed, cfg.dataset_config
     )
-    return pack_blocks(texts, tokenizer, n, cfg.seq_len, source=f"{cfg.dataset}[{split}]")
+    length = cfg.seq_len if seq_len is None else seq_len
+    return pack_blocks(texts, tokenizer, n, length, source=f"{cfg.dataset}[{split}]")
 
 
 def micro_batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ from .checkpoint import check_output_dir, save_pruned
 from .config import ConfigError, PruneConfig
 from .data import load_blocks, micro_batches, shard_samples, token_hash
 from .distributed import make_accelerator
+from .evaluate import perplexity
 from .pruner import prune_
 from .resume import check_state, checkpointer_for
 from .sharded import run_sharded, uses_fsdp
@@ -90,6 +91,49 @@ def versions() -> dict[str, str]:
     }
 
 
+def eval_blocks(cfg: PruneConfig, tokenizer, model=None) -> torch.Tensor:
+    """The held-out windows `cfg` describes (eval_split, eval_num_samples x eval_seq_len tokens)."""
+    seq_len = cfg.eval_seq_len or cfg.seq_len
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ConfigError(f"eval_seq_len {seq_len} is larger than the model's context of {context} tokens")
+    if cfg.eval_stride is not None and cfg.eval_stride > seq_len:
+        raise ConfigError(f"eval_stride {cfg.eval_stride} is larger than eval_seq_len {seq_len}")
+    return load_blocks(cfg, tokenizer, split=cfg.eval_split, num_blocks=cfg.eval_num_samples, seq_len=seq_len)
+
+
+def run_eval(cfg: PruneConfig) -> dict[str, Any]:
+    """Perplexity of `cfg.model` on `cfg.eval_num_samples` held-out windows of `cfg.dataset`."""
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(cfg)
+    if cfg.device:
+        model.to(cfg.device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    load_s = time.perf_counter() - t
+    blocks = eval_blocks(cfg, tokenizer, model)
+    result = perplexity(
+        model, blocks, batch_size=cfg.eval_batch_size, stride=cfg.eval_stride, progress=cfg.progress
+    )
+    return {
+        "model": cfg.model,
+        "dataset": {"name": cfg.dataset, "split": cfg.eval_split, "text_column": cfg.text_column},
+        "seq_len": blocks.shape[1],
+        "stride": cfg.eval_stride,
+        "batch_size": cfg.eval_batch_size,
+        "seed": cfg.seed,
+        "token_sha256": token_hash(blocks),
+        **result,
+        "load_s": load_s,
+    }
+
+
+def _eval_now(cfg: PruneConfig, model, blocks) -> dict[str, float]:
+    return perplexity(
+        model, blocks, batch_size=cfg.eval_batch_size, stride=cfg.eval_stride, progress=cfg.progress
+    )
+
+
 def quiet_hf_progress_bars() -> None:
     """--no-progress also silences the bars transformers and datasets draw while loading."""
     import datasets
@@ -122,7 +166,11 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     t = time.perf_counter()
     batches, calib_hash = None, None
     sharded = uses_fsdp(cfg, accelerator)
-    if crit.needs_calibration:
+    if cfg.eval and sharded:
+        raise ConfigError(
+            "eval with an FSDP-sharded model is not supported: run llm-gradprune eval on the output"
+        )
+    if crit.needs_calibration or cfg.allocation == "owl":
         blocks = load_blocks(cfg, tokenizer)
         calib_hash = token_hash(blocks)
         batches = micro_batches(blocks, cfg.batch_size)
@@ -135,6 +183,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
 
     device = torch.device(cfg.device) if cfg.device else accelerator.device
     state_dict = None
+    dense_eval, held_out = None, None
     if sharded:  # FSDP2: every rank holds some rows of every weight; see sharded.py
         if checkpointer is not None:
             raise ConfigError("checkpoint_every/resume do not work with a sharded (FSDP) model")
@@ -146,6 +195,11 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
             model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
         else:
             model.to(device)  # several processes: no DDP wrapper, see calibrate.py
+        if cfg.eval and accelerator.is_main_process:  # same windows before and after pruning
+            t = time.perf_counter()
+            held_out = eval_blocks(cfg, tokenizer, model)
+            dense_eval = _eval_now(cfg, model, held_out)
+            timings["eval_dense"] = time.perf_counter() - t
         result = prune_(model, batches, cfg, accelerator=accelerator, return_masks=False,
                         num_batches=len(batches) if batches is not None else None,
                         checkpointer=checkpointer)  # fmt: skip
@@ -159,6 +213,22 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     if checkpointer is not None:
         report["calibration"]["resumed_from_batch"] = checkpointer.resumed_from
     report["versions"] = versions()
+    if held_out is not None:
+        t = time.perf_counter()
+        pruned_eval = _eval_now(cfg, model, held_out)
+        timings["eval_pruned"] = time.perf_counter() - t
+        report["eval"] = {
+            "dense_ppl": dense_eval["ppl"],
+            "pruned_ppl": pruned_eval["ppl"],
+            "dense_nll": dense_eval["nll"],
+            "pruned_nll": pruned_eval["nll"],
+            "tokens": pruned_eval["tokens"],
+            "windows": pruned_eval["windows"],
+            "split": cfg.eval_split,
+            "seq_len": held_out.shape[1],
+            "stride": cfg.eval_stride,
+            "token_sha256": token_hash(held_out),
+        }
     report["timings_s"] = timings
 
     if accelerator.is_main_process:

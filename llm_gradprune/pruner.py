@@ -19,17 +19,34 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import criteria
+from .allocation import owl_sparsities
 from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_
 from .config import PruneConfig
 from .masks import apply_mask_, iter_masks, mask_summary
-from .stats import ActStats, GradStats
-from .targets import check_nm_fits, find_targets
+from .stats import ActStats, GradStats, TokenGradStats
+from .targets import check_nm_fits, find_targets, weight_rows
 
 
 @dataclass
 class PruneResult:
     masks: dict[str, torch.Tensor] | None
     report: dict[str, Any] = field(default_factory=dict)
+
+
+def reduce_token_stats_(tok_stats: TokenGradStats | None, accelerator) -> None:
+    """Sum per-token Fisher sums and token counts across processes (no-op with one process)."""
+    if tok_stats is None or accelerator is None or accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for t in tok_stats.sums.values():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    names = list(tok_stats.tokens)
+    packed = torch.tensor(
+        [tok_stats.tokens[n] for n in names], dtype=torch.float64, device=accelerator.device
+    )
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    tok_stats.tokens = {n: int(v) for n, v in zip(names, packed.tolist(), strict=True)}
 
 
 def criterion_params(cfg: PruneConfig) -> dict[str, float]:
@@ -67,17 +84,35 @@ def prune_(
     grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
     stats_device = "cpu" if cfg.stats_device == "cpu" else None
     grad_stats = GradStats(params, grad_needs, device=stats_device) if grad_needs else None
-    act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators else None
+    tok_stats = (
+        TokenGradStats(targets, device=stats_device) if "token_grad_sq_sum" in crit.accumulators else None
+    )
+    if tok_stats is not None and len(tok_stats.modules) < len(targets):
+        other = next(n for n in targets if n not in tok_stats.modules)
+        raise ValueError(
+            f"criterion {cfg.criterion!r} reads Linear layers only; {other!r} is not one (use fisher)"
+        )
+    if tok_stats is not None and grad_stats is None:
+        grad_stats = GradStats(params, ())  # no sums: only makes calibrate run the backward pass
+    owl = getattr(cfg, "allocation", "uniform") == "owl"
+    act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators or owl else None
     counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
-    if crit.needs_calibration:
+    if crit.needs_calibration or owl:
         if batches is None:
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
-        counters = calibrate(
-            model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
-            progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
-            checkpointing=cfg.gradient_checkpointing, checkpointer=checkpointer,
-        )  # fmt: skip
+        if tok_stats is not None:
+            tok_stats.attach()
+        try:
+            counters = calibrate(
+                model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
+                progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
+                checkpointing=cfg.gradient_checkpointing, checkpointer=checkpointer,
+            )  # fmt: skip
+        finally:
+            if tok_stats is not None:
+                tok_stats.detach()
         reduce_stats_(grad_stats, act_stats, counters, accelerator, chunk_elems=cfg.select_chunk_elems)
+        reduce_token_stats_(tok_stats, accelerator)
         if counters["batches"] == 0:
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
     report["timings_s"]["calibration"] = counters["seconds"]
@@ -90,17 +125,26 @@ def prune_(
         for need in crit.needs:
             if need == "act_sq_mean":
                 stats[need] = act_stats.mean_sq(module_of[pname])
+            elif need == "token_grad_sq_mean":
+                stats[need] = tok_stats.mean(module_of[pname])
             else:
                 stats[need] = grad_stats.mean(criteria.MEAN_OF[need], pname)
         return crit.score(params[pname], stats, **kw)
 
     start = time.perf_counter()
     names = list(params)
+    sparsity: float | dict[str, float] = cfg.sparsity
+    if owl:  # OWL reads Wanda scores whatever the criterion (Yin et al., 2024)
+        sparsity, report["allocation"] = owl_sparsities(
+            lambda n: criteria.wanda(params[n].detach().float(), act_stats.mean_sq(module_of[n])),
+            {n: weight_rows(p) for n, p in params.items()}, cfg.sparsity, cfg.scope,
+            m=cfg.owl_m, lam=cfg.owl_lambda,
+        )  # fmt: skip
     masks: dict[str, torch.Tensor] = {}
     per_tensor: dict[str, dict[str, int]] = {}
     with torch.no_grad():
         stream = iter_masks(
-            names, score_fn, scope=cfg.scope, sparsity=cfg.sparsity, nm=cfg.nm,
+            names, score_fn, scope=cfg.scope, sparsity=sparsity, nm=cfg.nm,
             chunk_elems=cfg.select_chunk_elems, shapes={n: p.shape for n, p in params.items()},
             scores_dir=cfg.scores_dir,
         )  # fmt: skip
@@ -123,6 +167,7 @@ def prune_(
             "scope": cfg.scope if cfg.nm is None else "n:m",
             "pattern": cfg.pattern,
             "target_sparsity": cfg.sparsity,
+            "allocation_method": getattr(cfg, "allocation", "uniform"),
             "targets": len(per_tensor),
             "target_weights": numel,
             "masked_weights": masked,

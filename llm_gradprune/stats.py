@@ -233,3 +233,56 @@ class ActStats:
         if self.tokens.get(name, 0) == 0:
             raise RuntimeError(f"no activations were recorded for {name}")
         return self.sums[name] / self.tokens[name]
+
+
+class TokenGradStats:
+    """Per-weight fp32 sums over tokens of the per-token gradient squared, (dL/dy_t,i * x_t,j)^2.
+
+    The weight gradient of a Linear layer is a sum over tokens, g = sum_t d_t x_t^T; GradStats sees only
+    that sum per micro-batch, where contributions of different tokens cancel. Summing the squares of
+    the per-token terms instead gives the diagonal of the per-token empirical Fisher (Gauss-Newton)
+    matrix, the curvature Optimal Brain Damage asks for. It costs one extra [out, T] x [T, in] matmul
+    per layer and batch (as much as the weight gradient itself) and one fp32 tensor per weight.
+    Filled by a forward hook that hooks the layer's output gradient, so it needs a backward pass.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device=None):
+        self.modules = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+        self.sums = {
+            n: torch.zeros(m.weight.shape, dtype=torch.float32, device=device or m.weight.device)
+            for n, m in self.modules.items()
+        }
+        self.tokens = {n: 0 for n in self.sums}
+        self._handles: list = []
+
+    def attach(self) -> TokenGradStats:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output) -> None:
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                acc = self.sums[name]
+                d = grad.reshape(-1, grad.shape[-1]).to(device=acc.device, dtype=torch.float32)
+                xx = x.reshape(-1, x.shape[-1]).to(device=acc.device, dtype=torch.float32)
+                acc.addmm_(d.square().T, xx.square())
+                self.tokens[name] += xx.shape[0]
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def mean(self, name: str) -> torch.Tensor:
+        if self.tokens.get(name, 0) == 0:
+            raise RuntimeError(f"no output gradients were recorded for {name}")
+        return self.sums[name] / self.tokens[name]

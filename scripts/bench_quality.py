@@ -1,0 +1,287 @@
+"""Quality benchmark: held-out perplexity of SmolLM2-135M pruned by every criterion.
+
+Protocol (fixed): builtin:smollm2-135m in fp32; calibration = 64 blocks x 512 tokens of builtin:imdb
+split train (seed 0), batch size 1 (one gradient sample per block); evaluation = 64 windows x 512 tokens
+of builtin:imdb split test (seed 0); targets = every Linear in the decoder layers (210 tensors).
+
+One calibration pass collects every statistic (mean g, |g|, g^2 per weight; mean x^2 per input channel)
+and caches them in a safetensors file, so reruns skip it. A CPU copy of the original target weights is
+restored between rows; each row only scores, selects, prunes and evaluates.
+
+Run (all default rows, then extras; results accumulate in the JSON, finished rows are skipped):
+
+    PYTHONPATH=$PWD python scripts/bench_quality.py --rows main
+    PYTHONPATH=$PWD python scripts/bench_quality.py --rows nm
+    PYTHONPATH=$PWD python scripts/bench_quality.py --only wanda/row/0.5/owl fisher/row/0.3
+    PYTHONPATH=$PWD python scripts/bench_quality.py --report   # table into docs/BENCHMARKS.md + PNG
+
+A row spec is CRITERION[:k=v,...]/SCOPE/SPARSITY_OR_N:M[/owl[:m=5,lam=0.08]], e.g.
+`gblm:alpha=1000/row/0.5`, `blend:act=1,grad=0.25/row/2:4`, `wanda/row/0.5/owl`.
+`--screen N` evaluates on N calibration blocks instead (a tuning signal that never reads held-out text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm_gradprune import allocation, criteria
+from llm_gradprune.calibrate import calibrate
+from llm_gradprune.config import PruneConfig, parse_pattern
+from llm_gradprune.data import load_blocks, micro_batches, token_hash
+from llm_gradprune.evaluate import perplexity
+from llm_gradprune.masks import apply_mask_, iter_masks
+from llm_gradprune.pipeline import load_model
+from llm_gradprune.stats import ActStats, GradStats, TokenGradStats
+from llm_gradprune.targets import find_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_SETS = {
+    "main": [
+        "magnitude/tensor/0.5", "wanda/row/0.5", "gradient/tensor/0.5", "gradient/row/0.5",
+        "taylor/row/0.5", "fisher/row/0.5", "gblm/row/0.5", "blend/row/0.5",
+    ],
+    "nm": ["magnitude/nm/2:4", "wanda/nm/2:4", "fisher/nm/2:4", "gblm/nm/2:4", "blend/nm/2:4"],
+    "owl": ["wanda/row/0.5/owl", "fisher/row/0.5/owl", "gblm/row/0.5/owl", "blend/row/0.5/owl"],
+    "sweep": ["wanda/row/0.3", "wanda/row/0.7", "blend/row/0.3", "blend/row/0.7",
+              "magnitude/tensor/0.3", "magnitude/tensor/0.7"],
+}  # fmt: skip
+PARAM_NAMES = {"alpha": "alpha", "weight": "weight_exp", "act": "act_exp", "grad": "grad_exp"}
+
+
+def parse_row(spec: str) -> dict:
+    parts = spec.split("/")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"row spec {spec!r} must be CRITERION/SCOPE/SPARSITY[/owl]")
+    crit, _, kv = parts[0].partition(":")
+    params = {}
+    for item in filter(None, kv.split(",")):
+        k, _, v = item.partition("=")
+        params[PARAM_NAMES.get(k, k)] = float(v)
+    if crit not in criteria.REGISTRY:
+        raise SystemExit(f"criterion {crit!r} in {spec!r} is unknown")
+    nm = parse_pattern(parts[2]) if ":" in parts[2] else None
+    sparsity = 1 - nm[0] / nm[1] if nm else float(parts[2])
+    alloc, owl = "uniform", {}
+    if len(parts) == 4:
+        alloc, _, kv = parts[3].partition(":")
+        for item in filter(None, kv.split(",")):
+            k, _, v = item.partition("=")
+            owl[k] = float(v)
+    return {"spec": spec, "criterion": crit, "params": params, "scope": parts[1], "nm": nm,
+            "sparsity": sparsity, "allocation": alloc, "owl": owl}  # fmt: skip
+
+
+STATS = ("grad_mean", "grad_abs_mean", "grad_sq_mean", "act_sq_mean", "token_grad_sq_mean")
+
+
+def collect_stats(model, targets, blocks, folder: Path) -> dict[str, torch.Tensor]:
+    """{'<stat>/<weight name>': mean statistic}; from the cache folder (one file per statistic) if there."""
+    if all((folder / f"{s}.safetensors").exists() for s in STATS):
+        return {f"{s}/{k}": v for s in STATS for k, v in load_file(str(folder / f"{s}.safetensors")).items()}
+    params = {f"{n}.weight": m.weight for n, m in targets.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gs = GradStats(params, ("grad_sum", "grad_abs_sum", "grad_sq_sum"))
+    acts = ActStats(targets)
+    tok = TokenGradStats(targets).attach()
+    try:
+        counters = calibrate(model, micro_batches(blocks, 1), gs, acts, total=len(blocks))
+    finally:
+        tok.detach()
+    out: dict[str, dict[str, torch.Tensor]] = {s: {} for s in STATS}
+    for stat in gs.needs:  # divide in place: never two model-sized copies of a statistic
+        for n in params:
+            out[stat.replace("_sum", "_mean")][n] = gs.sums[stat][n].div_(gs.counts[n])
+    for n in targets:
+        out["act_sq_mean"][f"{n}.weight"] = acts.mean_sq(n).contiguous()
+        out["token_grad_sq_mean"][f"{n}.weight"] = tok.sums[n].div_(tok.tokens[n])
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"seconds": f"{counters['seconds']:.1f}", "mean_loss": f"{counters['mean_loss']:.5f}"}
+    for stat, tensors in out.items():  # one file at a time bounds the serialisation copy
+        save_file(tensors, str(folder / f"{stat}.safetensors"), metadata=meta)
+    print(f"calibration: {counters['seconds']:.0f} s, mean loss {counters['mean_loss']:.4f}", flush=True)
+    return {f"{s}/{n}": t for s, tensors in out.items() for n, t in tensors.items()}
+
+
+def prune_row(row, params, stats, originals, chunk=1 << 24) -> dict:
+    crit = criteria.get(row["criterion"])
+
+    def score_fn(name: str) -> torch.Tensor:
+        return crit.score(originals[name], {s: stats[f"{s}/{name}"] for s in crit.needs}, **row["params"])
+
+    for n, p in params.items():
+        p.data.copy_(originals[n])
+    names = list(params)
+    sparsity: float | dict[str, float] = row["sparsity"]
+    info: dict = {}
+    if row["allocation"] == "owl":
+        sparsity, layers = allocation.owl_sparsities(
+            lambda n: criteria.wanda(originals[n], stats[f"act_sq_mean/{n}"]),
+            {n: (p.shape[0], p[0].numel()) for n, p in params.items()}, row["sparsity"], row["scope"],
+            m=row["owl"].get("m", 5.0), lam=row["owl"].get("lam", 0.08),
+        )  # fmt: skip
+        info["owl_layers"] = layers
+    scope = "tensor" if row["nm"] else row["scope"]
+    for name, mask in iter_masks(names, score_fn, scope=scope, sparsity=sparsity, nm=row["nm"],
+                                 chunk_elems=chunk, shapes={n: p.shape for n, p in params.items()}):  # fmt: skip
+        apply_mask_(params[name], mask)
+    zeros = sum(int((p == 0).sum()) for p in params.values())
+    numel = sum(p.numel() for p in params.values())
+    return {"achieved_sparsity": zeros / numel, **info}
+
+
+def run(args) -> None:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a shared machine one thread beats two contended ones
+    cfg = PruneConfig(model="builtin:smollm2-135m", dataset="builtin:imdb", num_samples=64, seq_len=512)
+    model, tok, _ = load_model(cfg)
+    targets = find_targets(model)
+    params = {f"{n}.weight": m.weight for n, m in targets.items()}
+    calib = load_blocks(cfg, tok)
+    evalb = load_blocks(cfg, tok, split="test", num_blocks=64)
+    key = hashlib.sha256((token_hash(calib) + cfg.model).encode()).hexdigest()[:12]
+    t = time.perf_counter()
+    stats = collect_stats(model, targets, calib, args.cache_dir / f"stats_{key}")
+    print(f"statistics ready in {time.perf_counter() - t:.0f} s", flush=True)
+    originals = {n: p.detach().clone() for n, p in params.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    screen = args.screen
+    eval_blocks = calib[-screen:] if screen else evalb
+    store = results.setdefault("screen" if screen else "rows", {})
+    meta = results.setdefault("protocol", {})
+    meta.update({"model": cfg.model, "calibration_tokens_sha256": token_hash(calib),
+                 "eval_tokens_sha256": token_hash(evalb), "eval_batch_size": args.eval_batch_size,
+                 "targets": len(params), "target_weights": sum(p.numel() for p in params.values()),
+                 "torch_threads": torch.get_num_threads()})  # fmt: skip
+
+    def evaluate(label: str) -> dict:
+        r = perplexity(model, eval_blocks, batch_size=args.eval_batch_size, progress=False)
+        print(f"{label:45s} ppl {r['ppl']:10.3f}  ({r['seconds']:.0f} s eval)", flush=True)
+        return r
+
+    specs = [s for name in args.rows for s in ROW_SETS[name]] + list(args.only)
+    if "dense" not in store or args.force:
+        for n, p in params.items():
+            p.data.copy_(originals[n])
+        r = evaluate("dense")
+        store["dense"] = {"ppl": r["ppl"], "eval_s": r["seconds"], "achieved_sparsity": 0.0}
+        args.json.write_text(json.dumps(results, indent=1))
+    for spec in specs:
+        if spec in store and not args.force:
+            print(f"{spec:45s} ppl {store[spec]['ppl']:10.3f}  (cached)", flush=True)
+            continue
+        row = parse_row(spec)
+        t = time.perf_counter()
+        info = prune_row(row, params, stats, originals)
+        prune_s = time.perf_counter() - t
+        r = evaluate(spec)
+        store[spec] = {**{k: row[k] for k in ("criterion", "params", "scope", "sparsity", "allocation")},
+                       "pattern": f"{row['nm'][0]}:{row['nm'][1]}" if row["nm"] else "unstructured",
+                       "ppl": r["ppl"], "prune_s": prune_s, "eval_s": r["seconds"], **info}  # fmt: skip
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+# -- report -----------------------------------------------------------------------------------
+def table(rows: dict) -> str:
+    lines = ["| row | criterion | params | scope | pattern | allocation | achieved sparsity | held-out ppl "
+             "| prune s | eval s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for spec, r in rows.items():
+        if spec == "dense":
+            lines.append(f"| dense | - | - | - | - | - | 0 | {r['ppl']:.2f} | - | {r['eval_s']:.0f} |")
+            continue
+        params = ", ".join(f"{k}={v:g}" for k, v in r["params"].items()) or "-"
+        lines.append(
+            f"| `{spec}` | {r['criterion']} | {params} | {r['scope'] if r['pattern'] == 'unstructured' else 'n:m'} "
+            f"| {r['pattern']} | {r['allocation']} | {r['achieved_sparsity']:.4f} | {r['ppl']:.2f} "
+            f"| {r['prune_s']:.1f} | {r['eval_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for spec, r in rows.items():
+        if spec == "dense" or r["pattern"] != "unstructured" or r["allocation"] != "uniform" or r["params"]:
+            continue
+        curves.setdefault(f"{r['criterion']}/{r['scope']}", []).append((r["sparsity"], r["ppl"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(curves.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if "dense" in rows:
+        ax.axhline(rows["dense"]["ppl"], color="grey", ls="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of target weights")
+    ax.set_ylabel("held-out IMDB perplexity (log)")
+    ax.set_title("SmolLM2-135M, 64x512 calibration / 64x512 held-out")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
+
+
+def report(args) -> None:
+    results = json.loads(args.json.read_text())
+    text = table(results["rows"])
+    print(text)
+    if results.get("screen"):
+        print("\nscreen (calibration-block perplexity):")
+        for spec, r in results["screen"].items():
+            print(f"  {spec:45s} {r['ppl']:.3f}")
+    plot(results["rows"], args.png)
+    print(f"wrote {args.png}")
+    if args.markdown:
+        md = args.markdown.read_text() if args.markdown.exists() else "# Benchmarks\n"
+        intro = args.intro.read_text().strip() if args.intro and args.intro.exists() else ""
+        block = f"{START}\n{intro}\n\n{text}\n{END}"
+        if START in md:
+            md = md[: md.index(START)] + block + md[md.index(END) + len(END) :]
+        else:
+            md = md.rstrip() + "\n\n" + block + "\n"
+        args.markdown.write_text(md)
+        print(f"wrote the table into {args.markdown}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="*", default=[], choices=sorted(ROW_SETS), help="named row sets")
+    p.add_argument("--only", nargs="*", default=[], help="row specs to run (see docstring)")
+    p.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
+    p.add_argument("--screen", type=int, default=0, help="evaluate on the last N calibration blocks")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_quality.json")
+    p.add_argument("--png", type=Path, default=ROOT / "docs" / "bench_quality.png")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "out" / "bench_quality")
+    p.add_argument("--report", action="store_true", help="only print the table and write the PNG")
+    p.add_argument("--markdown", type=Path, default=None, help="with --report: put the table in this file")
+    p.add_argument("--intro", type=Path, default=None, help="with --markdown: text placed above the table")
+    args = p.parse_args(argv)
+    if args.report:
+        report(args)
+    else:
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
