@@ -105,7 +105,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     if not cfg.progress:
         quiet_hf_progress_bars()
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    crit = criteria.get(cfg.criterion)
+    needs_data = cfg.layer_wise or criteria.get(cfg.criterion).needs_calibration
     if accelerator.is_main_process:
         resolve_model(cfg.model)
     accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
@@ -119,7 +119,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     batches, calib_hash = None, None
-    if crit.needs_calibration:
+    if needs_data:
         blocks = load_blocks(cfg, tokenizer)
         calib_hash = token_hash(blocks)
         batches = shard(
