@@ -188,8 +188,8 @@ def _obs_columns(
                 score[:, dead[i1:i2]] = 0  # an input that is always zero costs nothing to prune
             M1 = _block_mask_unstructured(score, sparsity)
             mask[:, i1:i2] = M1
+        keep = None if chosen else (~M1).to(W1.dtype)
         for i in range(i2 - i1):
-            w = W1[:, i]
             if chosen and nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
                 score = W1[:, g].square() / d[g].square()
@@ -199,12 +199,15 @@ def _obs_columns(
                     score[:, dead[i1 + i : i1 + i + nm[1]]] = 0
                 drop = torch.topk(score, nm[1] - nm[0], dim=1, largest=False, sorted=False).indices
                 M1[:, g].scatter_(1, drop, True)
-            q = w.masked_fill(M1[:, i], 0)
-            err = (w - q) / d[i]
-            loss += err.square() / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q  # exactly 0 where pruned, whatever rounding the update left
+            # err = (w - q) / U_jj with q = w where kept and 0 where pruned
+            if keep is None:
+                err = W1[:, i].masked_fill(~M1[:, i], 0).div_(d[i])
+            else:
+                err = W1[:, i].sub(W1[:, i] * keep[:, i]).div_(d[i])
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
             Err1[:, i] = err
+        W1.masked_fill_(M1, 0)  # exactly 0 where pruned, whatever rounding the update left
+        loss += Err1.square().sum(dim=1) / 2
         W[:, i1:i2] = W1
         if i2 < cols:
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
