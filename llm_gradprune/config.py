@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend", "sparsegpt")
-RECONSTRUCT = ("none", "obs")
+RECONSTRUCT = ("none", "obs", "lsq")
 SCOPES = ("tensor", "row", "global")
 DTYPES = ("float32", "bfloat16", "float16")
 STATS_DEVICES = ("same", "cpu")

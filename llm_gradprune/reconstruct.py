@@ -108,13 +108,10 @@ def hessian_bytes(in_features: int) -> int:
     return in_features * in_features * 4
 
 
-def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(U, dead, damp): upper Cholesky factor of (H + damp I)^-1, dead input channels, damping used.
-
-    Dead channels (H_jj == 0: an input that is always zero) get H_jj = 1, which decouples them: no
-    update ever flows into or out of them. Damping starts at `percdamp` x mean diagonal; if a Cholesky
-    fails it is multiplied by 10 (up to 5 times) with a warning.
-    """
+def damped_hessian(
+    H: torch.Tensor, percdamp: float = 0.01, add: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(H + damp I with dead channels decoupled, dead mask, damp); `add=False` leaves the diagonal."""
     H = H.detach().to(torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, :] = 0
@@ -122,6 +119,19 @@ def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tens
     H[dead, dead] = 1
     mean_diag = float(torch.diag(H).mean())
     damp = percdamp * mean_diag if mean_diag > 0 else percdamp
+    if add:
+        H.diagonal().add_(damp)
+    return H, dead, damp
+
+
+def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(U, dead, damp): upper Cholesky factor of (H + damp I)^-1, dead input channels, damping used.
+
+    Dead channels (H_jj == 0: an input that is always zero) get H_jj = 1, which decouples them: no
+    update ever flows into or out of them. Damping starts at `percdamp` x mean diagonal; if a Cholesky
+    fails it is multiplied by 10 (up to 5 times) with a warning.
+    """
+    H, dead, damp = damped_hessian(H, percdamp, add=False)
     idx = torch.arange(H.shape[0], device=H.device)
     for attempt in range(6):
         Hd = H.clone()
@@ -273,6 +283,56 @@ def obs_update_(
     W = weight.detach().to(torch.float32).clone()
     mask = mask.to(device=W.device, dtype=torch.bool)
     _, loss = _obs_columns(W, U, blocksize=blocksize, mask=mask)
+    weight.copy_(W.to(weight.dtype))
+    weight.masked_fill_(mask, 0)
+    return {"damp": damp, "dead_inputs": int(dead.sum()), "obs_loss": loss}
+
+
+@torch.no_grad()
+def lsq_update_(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    mask: torch.Tensor,
+    percdamp: float = 0.01,
+    rows_per_chunk: int = 64,
+) -> dict:
+    """Zero `mask` and set each row's kept weights to the exact least-squares optimum (damped H).
+
+    Per row, with P pruned and K kept: w_K <- w_K + H_KK^-1 H_KP w_P, the minimiser of
+    (w' - w)^T H (w' - w) subject to w'_P = 0. Unlike the greedy left-to-right OBS pass it re-optimises
+    every kept weight against every pruned one, at the cost of one |K| x |K| Cholesky per row (rows
+    are batched `rows_per_chunk` at a time; rows with fewer kept weights are padded with identity).
+    """
+    if weight.dim() != 2 or H.shape != (weight.shape[1], weight.shape[1]) or mask.shape != weight.shape:
+        raise ValueError(
+            f"shapes do not match: weight {tuple(weight.shape)}, Hessian {tuple(H.shape)}, mask {tuple(mask.shape)}"
+        )
+    Hd, dead, damp = damped_hessian(H.to(weight.device), percdamp)
+    W = weight.detach().to(torch.float32).clone()
+    mask = mask.to(device=W.device, dtype=torch.bool)
+    rhs_all = (W * mask) @ Hd  # row r: H w_P (H symmetric)
+    loss = 0.0
+    for r0 in range(0, W.shape[0], rows_per_chunk):
+        kept = ~mask[r0 : r0 + rows_per_chunk]
+        counts = kept.sum(dim=1)
+        k = int(counts.max())
+        if k == 0:
+            continue
+        idx = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :k]  # kept columns first
+        valid = torch.arange(k, device=W.device) < counts.unsqueeze(1)
+        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+        A = Hd[idx.unsqueeze(2), idx.unsqueeze(1)]
+        eye = torch.eye(k, device=W.device, dtype=A.dtype).expand_as(A)
+        A = torch.where(pair, A, eye)
+        b = rhs_all[r0 : r0 + rows_per_chunk].gather(1, idx) * valid
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):  # a sub-matrix of a PD matrix is PD: only rounding gets here
+            L = torch.linalg.cholesky(A + damp * torch.eye(k, device=W.device, dtype=A.dtype))
+        delta = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2) * valid
+        W[r0 : r0 + rows_per_chunk].scatter_add_(1, idx, delta)
+    W.masked_fill_(mask, 0)
+    dW = W - weight.detach().to(torch.float32)
+    loss = float(((dW @ Hd) * dW).sum()) / 2
     weight.copy_(W.to(weight.dtype))
     weight.masked_fill_(mask, 0)
     return {"damp": damp, "dead_inputs": int(dead.sum()), "obs_loss": loss}

@@ -30,7 +30,7 @@ from . import criteria
 from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_, to_device
 from .config import ConfigError, PruneConfig
 from .masks import apply_mask_, iter_masks, mask_summary
-from .reconstruct import Hessians, obs_update_, sparsegpt_
+from .reconstruct import Hessians, lsq_update_, obs_update_, sparsegpt_
 from .stats import ActStats, GradStats
 
 
@@ -173,7 +173,7 @@ def prune_sequential_(
     if is_sgpt and cfg.sparsegpt_grad_exp:
         needs_grad = {"grad_sq_sum"}
     needs_act = crit is not None and "act_sq_sum" in crit.accumulators
-    reconstruct = is_sgpt or cfg.reconstruct == "obs"
+    reconstruct = is_sgpt or cfg.reconstruct != "none"
     sequential = cfg.sequential is not False
     timings: dict[str, float] = {}
     params = {f"{n}.weight": m.weight for n, m in targets.items()}
@@ -236,6 +236,9 @@ def prune_sequential_(
                         sparsity=(sparsity or {}).get(pname, cfg.sparsity), nm=cfg.nm,
                         blocksize=cfg.blocksize, percdamp=cfg.percdamp, prior=prior,
                     )  # fmt: skip
+                    if cfg.reconstruct == "lsq":  # keep SparseGPT's mask, refit the kept weights exactly
+                        info = {**info, **lsq_update_(params[pname].data, hess.hessian(module_of[pname]),
+                                                      mask, percdamp=cfg.percdamp)}  # fmt: skip
                     _record(pname, mask, info, params, per_tensor, masks, cfg)
                     hessian_bytes[pname] = hess.nbytes(module_of[pname])
             else:
@@ -246,7 +249,11 @@ def prune_sequential_(
                 ):  # fmt: skip
                     mask = mask.view(params[pname].shape).to(params[pname].device)
                     info: dict[str, Any] = {}
-                    if reconstruct:
+                    if cfg.reconstruct == "lsq":
+                        info = lsq_update_(params[pname].data, hess.hessian(module_of[pname]), mask,
+                                           percdamp=cfg.percdamp)  # fmt: skip
+                        hessian_bytes[pname] = hess.nbytes(module_of[pname])
+                    elif reconstruct:
                         info = obs_update_(params[pname].data, hess.hessian(module_of[pname]), mask,
                                            blocksize=cfg.blocksize, percdamp=cfg.percdamp)  # fmt: skip
                         hessian_bytes[pname] = hess.nbytes(module_of[pname])
@@ -271,7 +278,7 @@ def prune_sequential_(
         "mode": {
             "layer_wise": True,
             "sequential": sequential,
-            "reconstruct": "obs" if reconstruct else "none",
+            "reconstruct": ("obs+lsq" if cfg.reconstruct == "lsq" else "obs") if is_sgpt else cfg.reconstruct,
             "blocksize": cfg.blocksize,
             "percdamp": cfg.percdamp,
             "offload_inputs": cfg.offload_inputs,
