@@ -135,17 +135,18 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 grad_stats = gradient_stats(model, calib, targets, Path(args.grad_cache))
                 grad_s = time.perf_counter() - t
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.process_time()
             res = prune_layer_wise_(
                 model, micro_batches(calib, 1), cfg, targets=targets, return_masks=False,
                 grad_stats=grad_stats if needs_grad(cfg) else None,
             )  # fmt: skip
-            prune_s = time.perf_counter() - start
+            prune_s, prune_cpu_s = time.perf_counter() - start, time.process_time() - cpu0
             rep = res.report
             ev = perplexity(model, evalb, progress=False)
             results["rows"][row] = {
                 "ppl": ev["ppl"],
                 "prune_s": prune_s,
+                "prune_cpu_s": prune_cpu_s,  # CPU seconds: the fair measure on a shared machine
                 "gradient_pass_s": grad_s,
                 "eval_s": ev["seconds"],
                 "sparsity": rep["overall_sparsity"],
@@ -170,17 +171,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(results: dict) -> str:
     lines = [
-        "| row | held-out ppl | reference | prune time (s) | sparsity |",
-        "|---|---|---|---|---|",
+        "| row | held-out ppl | reference code | prune wall (s) | prune CPU (s) | sparsity |",
+        "|---|---|---|---|---|---|",
     ]
     for row, r in results["rows"].items():
         ref = REFERENCE.get(row)
         ppl = r["ppl"]
         lines.append(
             f"| {row} | {ppl:.2f} | {ref if ref else '-'} | "
-            f"{r.get('prune_s', float('nan')):.0f} | {r.get('sparsity', 0):.4f} |"
+            f"{r.get('prune_s', float('nan')):.0f} | {r.get('prune_cpu_s', float('nan')):.0f} | "
+            f"{r.get('sparsity', 0):.4f} |"
             if math.isfinite(ppl)
-            else f"| {row} | {ppl} | - | - | - |"
+            else f"| {row} | {ppl} | - | - | - | - |"
         )
     return "\n".join(lines)
 
