@@ -107,12 +107,14 @@ class PruneConfig:
     )
     # -- layer-wise reconstruction (reconstruct.py, sequential.py) --------------------------------
     reconstruct: str = _f(
-        "none", "none, or obs: OBS updates of the kept weights after masking (sparsegpt always does them)"
+        "none",
+        "none; obs: SparseGPT's left-to-right OBS updates of the kept weights (sparsegpt always does them); "
+        "lsq: exact per-row least-squares refit of the kept weights (one |kept|^3 solve per row: slow)",
     )
     sequential: bool | None = _f(
         None,
         "layer-wise mode, each block calibrated on the outputs of the already-pruned blocks before it "
-        "(default: on for sparsegpt and reconstruct=obs, off otherwise)",
+        "(default: on for sparsegpt and reconstruct obs/lsq, off otherwise)",
     )
     blocksize: int = _f(128, "columns per block of OBS updates (a multiple of M for N:M)")
     percdamp: float = _f(0.01, "Hessian damping as a fraction of its mean diagonal")
@@ -169,7 +171,7 @@ class PruneConfig:
             raise ConfigError(f"sequential {self.sequential!r} must be true or false")
         if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
             raise ConfigError(f"blocksize {self.blocksize!r} must be an integer >= 1")
-        if self.nm is not None and self.blocksize % self.nm[1]:
+        if self.layer_wise and self.nm is not None and self.blocksize % self.nm[1]:
             raise ConfigError(
                 f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} of pattern {self.pattern}"
             )
@@ -181,6 +183,10 @@ class PruneConfig:
         if self.sparsegpt_grad_exp and self.criterion != "sparsegpt":
             raise ConfigError(
                 f"sparsegpt_grad_exp {self.sparsegpt_grad_exp} applies to criterion sparsegpt only"
+            )
+        if self.layer_wise and (self.checkpoint_every or self.resume):
+            raise ConfigError(
+                "checkpoint_every/resume cover the whole-model calibration only: not in layer-wise mode"
             )
         if self.layer_wise and self.scope == "global" and self.nm is None and self.criterion != "sparsegpt":
             raise ConfigError("scope 'global' needs every score at once: not available in layer-wise mode")

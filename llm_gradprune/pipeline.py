@@ -126,7 +126,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
             micro_batches(blocks, cfg.batch_size), accelerator.process_index, accelerator.num_processes
         )
     timings["load_data"] = time.perf_counter() - t
-    checkpointer = checkpointer_for(cfg, model, calib_hash, accelerator) if crit.needs_calibration else None
+    checkpointer = (
+        checkpointer_for(cfg, model, calib_hash, accelerator) if needs_data and not cfg.layer_wise else None
+    )
 
     device = torch.device(cfg.device) if cfg.device else accelerator.device
     if accelerator.num_processes == 1 and cfg.device is None:

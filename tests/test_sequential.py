@@ -141,6 +141,7 @@ def test_gradient_prior_and_gradient_masks_with_obs_run():
         ({"percdamp": 0.0}, "percdamp"),
         ({"sparsegpt_grad_exp": 1.0}, "criterion sparsegpt only"),
         ({"reconstruct": "obs", "scope": "global"}, "global"),
+        ({"criterion": "sparsegpt", "checkpoint_every": 2}, "layer-wise"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kw, match):
