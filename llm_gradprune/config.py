@@ -15,7 +15,18 @@ from typing import Any
 
 import yaml
 
-CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend", "token_fisher")
+CRITERIA = (
+    "magnitude",
+    "gradient",
+    "taylor",
+    "fisher",
+    "wanda",
+    "gblm",
+    "blend",
+    "token_fisher",
+    "sparsegpt",
+)
+RECONSTRUCT = ("none", "obs", "lsq")
 SCOPES = ("tensor", "row", "global")
 DTYPES = ("float32", "bfloat16", "float16")
 ALLOCATIONS = ("uniform", "owl")
@@ -123,6 +134,23 @@ class PruneConfig:
     state_dir: str | None = _f(
         None, "folder of the saved calibration state (default: <output_dir>.calib-state)"
     )
+    # -- layer-wise reconstruction (reconstruct.py, sequential.py) --------------------------------
+    reconstruct: str = _f(
+        "none",
+        "none; obs: SparseGPT's left-to-right OBS updates of the kept weights (sparsegpt always does them); "
+        "lsq: exact per-row least-squares refit of the kept weights (one |kept|^3 solve per row: slow)",
+    )
+    sequential: bool | None = _f(
+        None,
+        "layer-wise mode, each block calibrated on the outputs of the already-pruned blocks before it "
+        "(default: on for sparsegpt and reconstruct obs/lsq, off otherwise)",
+    )
+    blocksize: int = _f(128, "columns per block of OBS updates (a multiple of M for N:M)")
+    percdamp: float = _f(0.01, "Hessian damping as a fraction of its mean diagonal")
+    offload_inputs: bool = _f(False, "layer-wise mode: keep the recorded block inputs on CPU")
+    sparsegpt_grad_exp: float = _f(
+        0.0, "sparsegpt: multiply the OBS saliency by E[g^2]^exp (0 = plain SparseGPT; needs gradients)"
+    )
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -184,9 +212,44 @@ class PruneConfig:
             self.sparsity = 1.0 - self.nm[0] / self.nm[1]
         if self.scores_dir is not None and (self.scope != "global" or self.nm is not None):
             raise ConfigError(f"scores_dir {self.scores_dir!r} is used only by the unstructured global scope")
+        self._check_reconstruction()
         for name in ("include", "exclude"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
+
+    def _check_reconstruction(self) -> None:
+        if self.reconstruct not in RECONSTRUCT:
+            raise ConfigError(
+                f"reconstruct {self.reconstruct!r} is unknown: choose one of {', '.join(RECONSTRUCT)}"
+            )
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential {self.sequential!r} must be true or false")
+        if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
+            raise ConfigError(f"blocksize {self.blocksize!r} must be an integer >= 1")
+        if self.layer_wise and self.nm is not None and self.blocksize % self.nm[1]:
+            raise ConfigError(
+                f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} of pattern {self.pattern}"
+            )
+        if not isinstance(self.percdamp, int | float) or not 0.0 < float(self.percdamp) <= 10.0:
+            raise ConfigError(f"percdamp {self.percdamp!r} must be in (0, 10]")
+        self.percdamp = float(self.percdamp)
+        if not isinstance(self.sparsegpt_grad_exp, int | float) or self.sparsegpt_grad_exp < 0:
+            raise ConfigError(f"sparsegpt_grad_exp {self.sparsegpt_grad_exp!r} must be a number >= 0")
+        if self.sparsegpt_grad_exp and self.criterion != "sparsegpt":
+            raise ConfigError(
+                f"sparsegpt_grad_exp {self.sparsegpt_grad_exp} applies to criterion sparsegpt only"
+            )
+        if self.layer_wise and (self.checkpoint_every or self.resume):
+            raise ConfigError(
+                "checkpoint_every/resume cover the whole-model calibration only: not in layer-wise mode"
+            )
+        if self.layer_wise and self.scope == "global" and self.nm is None and self.criterion != "sparsegpt":
+            raise ConfigError("scope 'global' needs every score at once: not available in layer-wise mode")
+
+    @property
+    def layer_wise(self) -> bool:
+        """Whether the block-by-block executor runs (sparsegpt, reconstruction, or sequential asked)."""
+        return self.criterion == "sparsegpt" or self.reconstruct != "none" or bool(self.sequential)
 
     # -- I/O ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

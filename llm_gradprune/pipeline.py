@@ -151,7 +151,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     if not cfg.progress:
         quiet_hf_progress_bars()
     accelerator = make_accelerator(cpu=cfg.device == "cpu")  # CPU-only machines: see distributed.py
-    crit = criteria.get(cfg.criterion)
+    # sparsegpt has no criterion entry: it always runs layer-wise, so the registry is not asked
+    needs_data = cfg.layer_wise or criteria.get(cfg.criterion).needs_calibration
     if accelerator.is_main_process:
         resolve_model(cfg.model)
     accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
@@ -170,7 +171,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         raise ConfigError(
             "eval with an FSDP-sharded model is not supported: run llm-gradprune eval on the output"
         )
-    if crit.needs_calibration or cfg.allocation == "owl":
+    if needs_data or cfg.allocation == "owl":
         blocks = load_blocks(cfg, tokenizer)
         calib_hash = token_hash(blocks)
         batches = micro_batches(blocks, cfg.batch_size)
@@ -179,7 +180,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
                 batches, cfg.grad_accum, accelerator.process_index, accelerator.num_processes
             )
     timings["load_data"] = time.perf_counter() - t
-    checkpointer = checkpointer_for(cfg, model, calib_hash, accelerator) if crit.needs_calibration else None
+    checkpointer = (
+        checkpointer_for(cfg, model, calib_hash, accelerator) if needs_data and not cfg.layer_wise else None
+    )
 
     device = torch.device(cfg.device) if cfg.device else accelerator.device
     state_dict = None

@@ -73,6 +73,11 @@ def prune_(
 ) -> PruneResult:
     """Calibrate (if the criterion needs it), score, select and zero the target weights in place."""
     cfg = cfg or PruneConfig()
+    if cfg.layer_wise:  # sparsegpt, OBS reconstruction or sequential statistics: block by block
+        from .sequential import prune_layer_wise_
+
+        return prune_layer_wise_(model, batches, cfg, loss_fn=loss_fn, targets=targets, accelerator=accelerator,
+                                 return_masks=return_masks, num_batches=num_batches)  # fmt: skip
     crit = criteria.get(cfg.criterion)
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
     params = {f"{name}.weight": module.weight for name, module in targets.items()}

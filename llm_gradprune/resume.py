@@ -231,7 +231,7 @@ class CalibCheckpointer:
         if self.every and batches % self.every == 0:
             self._due = True
         # With gradient accumulation a partial group lives outside the sums: save at its boundary.
-        if self._due and not getattr(self.grad_stats, "_group_sums", None):
+        if self._due and not getattr(self.grad_stats, "_group_started", None):
             self.save(batches, tokens, loss_sum)
 
     def end(self, batches: int, tokens: int, loss_sum: float) -> None:

@@ -120,18 +120,18 @@ def test_changed_config_model_or_data_is_refused_naming_the_difference(tmp_path)
 
 
 def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
-    """Interplay with gradient accumulation / host staging in GradStats (duck-typed: `_group_sums`
-    holds a partial group outside the sums, `flush()` folds a deferred gradient)."""
+    """Interplay with gradient accumulation / host staging in GradStats (duck-typed: `_group_started`
+    names tensors whose partial group lives outside the sums, `flush()` folds a deferred gradient)."""
     model = make_tiny_llama()
     gs, acts = _stats(model)
     flushed = []
     gs.flush = lambda: flushed.append(True)
     ckpt = CalibCheckpointer(tmp_path / "s", 2, False, _identity(model))
     ckpt.restore(gs, acts)
-    gs._group_sums = {"partial": torch.ones(1)}  # mid-group at the due batch: no save yet
+    gs._group_started = {"partial"}  # mid-group at the due batch: no save yet
     ckpt.after_batch(2, 32, 1.0)
     assert latest_state(tmp_path / "s") is None and not flushed
-    gs._group_sums = {}  # the group ended one batch later: the due save happens now
+    gs._group_started = set()  # the group ended one batch later: the due save happens now
     ckpt.after_batch(3, 48, 1.5)
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 3 and flushed == [True]
 
