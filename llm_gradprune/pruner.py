@@ -107,6 +107,8 @@ def prune_(
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
         if tok_stats is not None:
             tok_stats.attach()
+            if checkpointer is not None:  # per-token sums are part of a resumable state too
+                checkpointer.token_stats = tok_stats
         try:
             counters = calibrate(
                 model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,

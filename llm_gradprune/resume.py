@@ -168,6 +168,7 @@ class CalibCheckpointer:
         self._due = False
         self.grad_stats = None
         self.act_stats = None
+        self.token_stats = None  # stats.TokenGradStats, bound by prune_ when the criterion reads it
         self._found = latest_state(self.dir) if resume else None
         if self._found is not None:
             self._check_identity(self._found[1])
@@ -221,6 +222,8 @@ class CalibCheckpointer:
             grad_stats.skipped = dict(meta["grad_skipped"])
         if act_stats is not None:
             act_stats.tokens = dict(meta["act_tokens"])
+        if self.token_stats is not None:
+            self.token_stats.tokens = dict(meta["tok_tokens"])
         _set_rng_state(rng, meta["rng"])
         self.resumed_from = self.last_saved = meta["batches_done"]
         print(f"[llm-gradprune] resuming calibration from {folder} (batch {self.resumed_from})", flush=True)
@@ -246,6 +249,8 @@ class CalibCheckpointer:
                 out.update({f"grad.{stat}.{name}": t for name, t in per.items()})
         if self.act_stats is not None:
             out.update({f"act.{name}": t for name, t in self.act_stats.sums.items()})
+        if self.token_stats is not None:
+            out.update({f"tok.{name}": t for name, t in self.token_stats.sums.items()})
         return out
 
     def save(self, batches: int, tokens: int, loss_sum: float) -> Path:
@@ -286,6 +291,7 @@ class CalibCheckpointer:
             "grad_counts": gs.counts if gs is not None else {},
             "grad_skipped": gs.skipped if gs is not None else {},
             "act_tokens": acts.tokens if acts is not None else {},
+            "tok_tokens": self.token_stats.tokens if self.token_stats is not None else {},
             "rng": rng_meta,
             "identity": self.identity,
             "config_sha256": hashlib.sha256(

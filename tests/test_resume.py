@@ -246,3 +246,31 @@ def test_sigkill_between_and_during_state_saves_then_resume_matches(tmp_path):
         assert report["calibration"]["tokens"] == ref_report["calibration"]["tokens"] == 160
         assert report["calibration"]["mean_loss"] == ref_report["calibration"]["mean_loss"]
         assert report["calibration"]["resumed_from_batch"] == resumed_from
+
+
+def test_resumed_token_fisher_masks_match_uninterrupted(tmp_path):
+    """token_fisher (the default) keeps per-token sums outside GradStats: they must be saved too."""
+    from llm_gradprune import prune_
+
+    blocks = make_blocks(n=6)
+    batches = [blocks[i : i + 1] for i in range(6)]
+    cfg = PruneConfig(criterion="token_fisher", num_samples=6, seq_len=blocks.shape[1], progress=False)
+
+    def run(ckpt=None, crash_at=None):
+        model, seen = make_tiny_llama(), []
+
+        def loss_fn(m, b):
+            if crash_at is not None and len(seen) == crash_at:
+                raise Crash
+            seen.append(1)
+            return causal_lm_loss(m, b)
+
+        return prune_(model, batches, cfg, loss_fn=loss_fn, checkpointer=ckpt).masks
+
+    ref = run()
+    ident = _identity(make_tiny_llama(), cfg)
+    with pytest.raises(Crash):
+        run(CalibCheckpointer(tmp_path / "s", 2, False, ident), crash_at=5)
+    assert latest_state(tmp_path / "s")[1]["batches_done"] == 4
+    got = run(CalibCheckpointer(tmp_path / "s", 2, True, ident))
+    assert all(torch.equal(ref[n], got[n]) for n in ref)
