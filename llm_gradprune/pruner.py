@@ -59,6 +59,31 @@ def criterion_params(cfg: PruneConfig) -> dict[str, float]:
     return {}
 
 
+def make_score_fn(
+    crit: criteria.Criterion,
+    kw: dict[str, float],
+    weights: dict[str, torch.Tensor],
+    grad_stats: GradStats | None = None,
+    act_stats: ActStats | None = None,
+    tok_stats: TokenGradStats | None = None,
+):
+    """score_fn(parameter name) -> scores of that weight from the means of the filled statistics."""
+
+    def score_fn(pname: str) -> torch.Tensor:
+        module = pname.removesuffix(".weight")
+        stats: dict[str, torch.Tensor] = {}
+        for need in crit.needs:
+            if need == "act_sq_mean":
+                stats[need] = act_stats.mean_sq(module)
+            elif need == "token_grad_sq_mean":
+                stats[need] = tok_stats.mean(module)
+            else:
+                stats[need] = grad_stats.mean(criteria.MEAN_OF[need], pname)
+        return crit.score(weights[pname], stats, **kw)
+
+    return score_fn
+
+
 def prune_(
     model: nn.Module,
     batches: Iterable[Any] | None = None,
@@ -124,26 +149,15 @@ def prune_(
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
     report["timings_s"]["calibration"] = counters["seconds"]
 
-    module_of = {f"{name}.weight": name for name in targets}
     kw = criterion_params(cfg)
-
-    def score_fn(pname: str) -> torch.Tensor:
-        stats: dict[str, torch.Tensor] = {}
-        for need in crit.needs:
-            if need == "act_sq_mean":
-                stats[need] = act_stats.mean_sq(module_of[pname])
-            elif need == "token_grad_sq_mean":
-                stats[need] = tok_stats.mean(module_of[pname])
-            else:
-                stats[need] = grad_stats.mean(criteria.MEAN_OF[need], pname)
-        return crit.score(params[pname], stats, **kw)
+    score_fn = make_score_fn(crit, kw, params, grad_stats, act_stats, tok_stats)
 
     start = time.perf_counter()
     names = list(params)
     sparsity: float | dict[str, float] = cfg.sparsity
     if owl:  # OWL reads Wanda scores whatever the criterion (Yin et al., 2024)
         sparsity, report["allocation"] = owl_sparsities(
-            lambda n: criteria.wanda(params[n].detach().float(), act_stats.mean_sq(module_of[n])),
+            lambda n: criteria.wanda(params[n].detach().float(), act_stats.mean_sq(n.removesuffix(".weight"))),
             {n: weight_rows(p) for n, p in params.items()}, cfg.sparsity, cfg.scope,
             m=cfg.owl_m, lam=cfg.owl_lambda,
         )  # fmt: skip

@@ -33,7 +33,7 @@ from .calibrate import LossFn, causal_lm_loss, count_tokens, to_device
 from .config import ConfigError, PruneConfig
 from .distributed import all_reduce_scalars, all_reduce_sum_, iter_sharded_masks, world
 from .masks import apply_mask_, mask_summary
-from .pruner import PruneResult, criterion_params
+from .pruner import PruneResult, criterion_params, make_score_fn
 from .stats import ActStats, GradStats
 from .targets import block_list_prefix, find_targets
 
@@ -207,6 +207,11 @@ def prune_sharded_(
             f"grad_accum {cfg.grad_accum} is not supported with a sharded (FSDP) model: raise batch_size instead"
         )
     crit = criteria.get(cfg.criterion)
+    if "token_grad_sq_sum" in crit.accumulators:
+        raise ConfigError(
+            f"criterion {cfg.criterion!r} is not supported with a sharded (FSDP) model: "
+            "its per-token sums are not collected per shard; use fisher or a replicated model"
+        )
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
     params = {f"{name}.weight": module.weight for name, module in targets.items()}
     local = {n: local_rows(p, n) for n, p in params.items()}
@@ -230,17 +235,8 @@ def prune_sharded_(
             raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
     report["timings_s"]["calibration"] = counters["seconds"]
 
-    module_of = {f"{name}.weight": name for name in targets}
     kw = criterion_params(cfg)
-
-    def score_fn(pname: str) -> torch.Tensor:
-        stats: dict[str, torch.Tensor] = {}
-        for need in crit.needs:
-            if need == "act_sq_mean":
-                stats[need] = act_stats.mean_sq(module_of[pname])
-            else:
-                stats[need] = grad_stats.mean(criteria.MEAN_OF[need], pname)
-        return crit.score(local[pname], stats, **kw)
+    score_fn = make_score_fn(crit, kw, local, grad_stats, act_stats)
 
     start = time.perf_counter()
     names = list(params)
