@@ -26,6 +26,7 @@ CRITERIA = (
     "token_fisher",
     "sparsegpt",
 )
+SPARSEGPT_PRIORS = ("fisher", "token_fisher")
 RECONSTRUCT = ("none", "obs", "lsq")
 SCOPES = ("tensor", "row", "global")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -149,7 +150,12 @@ class PruneConfig:
     percdamp: float = _f(0.01, "Hessian damping as a fraction of its mean diagonal")
     offload_inputs: bool = _f(False, "layer-wise mode: keep the recorded block inputs on CPU")
     sparsegpt_grad_exp: float = _f(
-        0.0, "sparsegpt: multiply the OBS saliency by E[g^2]^exp (0 = plain SparseGPT; needs gradients)"
+        0.0, "sparsegpt: multiply the OBS saliency by a gradient factor^exp (0 = plain SparseGPT)"
+    )
+    sparsegpt_prior: str = _f(
+        "fisher",
+        "sparsegpt's gradient factor: fisher = E[g^2] per weight; token_fisher = E_t[(dL/dy_i x_j)^2] / "
+        "E_t[x_j^2], the output-side curvature per weight",
     )
 
     def __post_init__(self) -> None:
@@ -235,6 +241,10 @@ class PruneConfig:
         self.percdamp = float(self.percdamp)
         if not isinstance(self.sparsegpt_grad_exp, int | float) or self.sparsegpt_grad_exp < 0:
             raise ConfigError(f"sparsegpt_grad_exp {self.sparsegpt_grad_exp!r} must be a number >= 0")
+        if self.sparsegpt_prior not in SPARSEGPT_PRIORS:
+            raise ConfigError(
+                f"sparsegpt_prior {self.sparsegpt_prior!r} is unknown: choose one of {', '.join(SPARSEGPT_PRIORS)}"
+            )
         if self.sparsegpt_grad_exp and self.criterion != "sparsegpt":
             raise ConfigError(
                 f"sparsegpt_grad_exp {self.sparsegpt_grad_exp} applies to criterion sparsegpt only"

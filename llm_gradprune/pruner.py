@@ -84,6 +84,73 @@ def make_score_fn(
     return score_fn
 
 
+@dataclass
+class Statistics:
+    """The filled calibration statistics of one whole-model pass (None where not asked for)."""
+
+    grad: GradStats | None
+    act: ActStats | None
+    token: TokenGradStats | None
+    counters: dict[str, Any]
+
+
+GRAD_SUMS = frozenset({"grad_sum", "grad_abs_sum", "grad_sq_sum"})
+
+
+def gather_statistics(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    cfg: PruneConfig,
+    targets: dict[str, nn.Module],
+    accumulators: set[str],
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    accelerator=None,
+    num_batches: int | None = None,
+    checkpointer=None,
+) -> Statistics:
+    """Allocate exactly the sums in `accumulators`, fill them in one calibration pass, reduce them
+    across processes. No pass at all when nothing is asked for. Shared by `prune_` and layer-wise mode."""
+    params = {f"{name}.weight": module.weight for name, module in targets.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    stats_device = "cpu" if cfg.stats_device == "cpu" else None
+    grad_needs = set(accumulators) & GRAD_SUMS
+    grad_stats = GradStats(params, grad_needs, device=stats_device) if grad_needs else None
+    tok_stats = TokenGradStats(targets, device=stats_device) if "token_grad_sq_sum" in accumulators else None
+    if tok_stats is not None and len(tok_stats.modules) < len(targets):
+        other = next(n for n in targets if n not in tok_stats.modules)
+        raise ValueError(
+            f"criterion {cfg.criterion!r} reads Linear layers only; {other!r} is not one (use fisher)"
+        )
+    if tok_stats is not None and grad_stats is None:
+        grad_stats = GradStats(params, ())  # no sums: only makes calibrate run the backward pass
+    act_stats = ActStats(targets) if "act_sq_sum" in accumulators else None
+    counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
+    if not accumulators:
+        return Statistics(grad_stats, act_stats, tok_stats, counters)
+    if batches is None:
+        raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
+    if tok_stats is not None:
+        tok_stats.attach()
+        if checkpointer is not None:  # per-token sums are part of a resumable state too
+            checkpointer.token_stats = tok_stats
+    try:
+        counters = calibrate(
+            model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
+            progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
+            checkpointing=cfg.gradient_checkpointing, checkpointer=checkpointer,
+        )  # fmt: skip
+    finally:
+        if tok_stats is not None:
+            tok_stats.detach()
+    reduce_stats_(grad_stats, act_stats, counters, accelerator, chunk_elems=cfg.select_chunk_elems)
+    reduce_token_stats_(tok_stats, accelerator)
+    if counters["batches"] == 0:
+        raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
+    return Statistics(grad_stats, act_stats, tok_stats, counters)
+
+
 def prune_(
     model: nn.Module,
     batches: Iterable[Any] | None = None,
@@ -109,44 +176,12 @@ def prune_(
     check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
     report: dict[str, Any] = {"timings_s": {}}
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    grad_needs = crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
-    stats_device = "cpu" if cfg.stats_device == "cpu" else None
-    grad_stats = GradStats(params, grad_needs, device=stats_device) if grad_needs else None
-    tok_stats = (
-        TokenGradStats(targets, device=stats_device) if "token_grad_sq_sum" in crit.accumulators else None
-    )
-    if tok_stats is not None and len(tok_stats.modules) < len(targets):
-        other = next(n for n in targets if n not in tok_stats.modules)
-        raise ValueError(
-            f"criterion {cfg.criterion!r} reads Linear layers only; {other!r} is not one (use fisher)"
-        )
-    if tok_stats is not None and grad_stats is None:
-        grad_stats = GradStats(params, ())  # no sums: only makes calibrate run the backward pass
     owl = getattr(cfg, "allocation", "uniform") == "owl"
-    act_stats = ActStats(targets) if "act_sq_sum" in crit.accumulators or owl else None
-    counters = {"batches": 0, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
-    if crit.needs_calibration or owl:
-        if batches is None:
-            raise ValueError(f"criterion {cfg.criterion!r} needs calibration batches")
-        if tok_stats is not None:
-            tok_stats.attach()
-            if checkpointer is not None:  # per-token sums are part of a resumable state too
-                checkpointer.token_stats = tok_stats
-        try:
-            counters = calibrate(
-                model, batches, grad_stats, act_stats, accelerator=accelerator, loss_fn=loss_fn,
-                progress=cfg.progress, total=num_batches, grad_accum=cfg.grad_accum,
-                checkpointing=cfg.gradient_checkpointing, checkpointer=checkpointer,
-            )  # fmt: skip
-        finally:
-            if tok_stats is not None:
-                tok_stats.detach()
-        reduce_stats_(grad_stats, act_stats, counters, accelerator, chunk_elems=cfg.select_chunk_elems)
-        reduce_token_stats_(tok_stats, accelerator)
-        if counters["batches"] == 0:
-            raise ValueError(f"criterion {cfg.criterion!r} needs calibration data but no batch was given")
+    stats = gather_statistics(
+        model, batches, cfg, targets, crit.accumulators | ({"act_sq_sum"} if owl else set()),
+        loss_fn=loss_fn, accelerator=accelerator, num_batches=num_batches, checkpointer=checkpointer,
+    )  # fmt: skip
+    grad_stats, act_stats, tok_stats, counters = stats.grad, stats.act, stats.token, stats.counters
     report["timings_s"]["calibration"] = counters["seconds"]
 
     kw = criterion_params(cfg)

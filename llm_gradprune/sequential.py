@@ -16,7 +16,6 @@ moves one sample at a time to the block's device.
 
 from __future__ import annotations
 
-import functools
 import resource
 import time
 from collections.abc import Iterable
@@ -27,11 +26,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import criteria
-from .calibrate import LossFn, calibrate, causal_lm_loss, reduce_stats_, to_device
+from .calibrate import LossFn, causal_lm_loss, to_device
 from .config import ConfigError, PruneConfig
 from .masks import apply_mask_, iter_masks, mask_summary
+from .pruner import Statistics, gather_statistics, make_score_fn
 from .reconstruct import Hessians, lsq_update_, obs_update_, sparsegpt_
-from .stats import ActStats, GradStats
+from .stats import ActStats
 
 
 class _StopForward(Exception):
@@ -144,14 +144,14 @@ def prune_sequential_(
     *,
     loss_fn: LossFn = causal_lm_loss,
     accelerator=None,
-    grad_stats: GradStats | None = None,
+    stats: Statistics | None = None,
     sparsity: dict[str, float] | None = None,
     num_batches: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Prune `targets` block by block; returns (masks on CPU, report fields).
 
-    `grad_stats`: already-filled gradient statistics (e.g. loaded from a cache); when the criterion
-    needs gradients and none are given, the usual whole-model calibration pass computes them first.
+    `stats`: already-filled whole-model statistics (e.g. loaded from a cache); when the criterion needs
+    gradients and none are given, the usual whole-model calibration pass computes them first.
     `sparsity`: optional per-tensor sparsity (non-uniform allocation) keyed by weight name.
     """
     from .targets import block_list_prefix
@@ -169,10 +169,11 @@ def prune_sequential_(
     per_block = _split_by_block(targets, prefix, len(layers))
     is_sgpt = cfg.criterion == "sparsegpt"
     crit = None if is_sgpt else criteria.get(cfg.criterion)
-    needs_grad = set() if crit is None else crit.accumulators & {"grad_sum", "grad_abs_sum", "grad_sq_sum"}
+    # whole-model statistics (gradients need every block): gathered once, on the dense model
+    whole = set() if crit is None else crit.accumulators - {"act_sq_sum"}
     if is_sgpt and cfg.sparsegpt_grad_exp:
-        needs_grad = {"grad_sq_sum"}
-    needs_act = crit is not None and "act_sq_sum" in crit.accumulators
+        whole = set(PRIOR_SUMS[cfg.sparsegpt_prior])
+    needs_act = crit is not None and "act_sq_sum" in crit.accumulators  # per block, on pruned inputs
     reconstruct = is_sgpt or cfg.reconstruct != "none"
     sequential = cfg.sequential is not False
     timings: dict[str, float] = {}
@@ -180,12 +181,12 @@ def prune_sequential_(
     for p in model.parameters():
         p.requires_grad_(False)
 
-    counters = {"batches": len(batches), "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
-    if needs_grad and grad_stats is None:
-        grad_stats = GradStats(params, needs_grad)
-        counters = calibrate(model, batches, grad_stats, None, accelerator=accelerator, loss_fn=loss_fn,
-                             progress=cfg.progress, total=num_batches)  # fmt: skip
-        reduce_stats_(grad_stats, None, counters, accelerator)
+    if whole and stats is None:
+        stats = gather_statistics(model, batches, cfg, targets, whole, loss_fn=loss_fn,
+                                  accelerator=accelerator, num_batches=num_batches)  # fmt: skip
+    empty = {"batches": len(batches), "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0}
+    stats = stats or Statistics(None, None, None, empty)
+    grad_stats, tok_stats, dense_acts, counters = stats.grad, stats.token, stats.act, stats.counters
     timings["gradient_calibration"] = counters["seconds"]
 
     start = time.perf_counter()
@@ -229,8 +230,8 @@ def prune_sequential_(
                 for pname in names:
                     prior = None
                     if cfg.sparsegpt_grad_exp:
-                        g2 = grad_stats.mean("grad_sq_sum", pname).to(params[pname].device)
-                        prior = g2.clamp_min(torch.finfo(torch.float32).tiny).pow(cfg.sparsegpt_grad_exp)
+                        prior = sparsegpt_prior(cfg, pname, grad_stats, tok_stats, dense_acts)
+                        prior = prior.to(params[pname].device)
                     mask, info = sparsegpt_(
                         params[pname].data, hess.hessian(module_of[pname]),
                         sparsity=(sparsity or {}).get(pname, cfg.sparsity), nm=cfg.nm,
@@ -242,7 +243,7 @@ def prune_sequential_(
                     _record(pname, mask, info, params, per_tensor, masks, cfg)
                     hessian_bytes[pname] = hess.nbytes(module_of[pname])
             else:
-                score_fn = functools.partial(_score, crit, params, grad_stats, acts, module_of, kw)
+                score_fn = make_score_fn(crit, kw, params, grad_stats, acts, tok_stats)
                 for pname, mask in iter_masks(
                     names, score_fn, scope=cfg.scope, sparsity=sparsity or cfg.sparsity, nm=cfg.nm,
                     chunk_elems=cfg.select_chunk_elems,
@@ -292,7 +293,7 @@ def prune_sequential_(
         "peak_memory_bytes": peak_memory_bytes(device),
         "calibration_counters": {**counters, "tokens": counters["tokens"] or tokens},
         "needs": sorted(
-            needs_grad | ({"act_sq_sum"} if needs_act else set()) | ({"hessian"} if reconstruct else set())
+            whole | ({"act_sq_sum"} if needs_act else set()) | ({"hessian"} if reconstruct else set())
         ),
         "timings_s": timings,
         "per_tensor": per_tensor,
@@ -300,14 +301,22 @@ def prune_sequential_(
     return masks, report
 
 
-def _score(crit, params, grad_stats, acts, module_of, kw, pname: str) -> torch.Tensor:
-    stats: dict[str, torch.Tensor] = {}
-    for need in crit.needs:
-        if need == "act_sq_mean":
-            stats[need] = acts.mean_sq(module_of[pname])
-        else:
-            stats[need] = grad_stats.mean(criteria.MEAN_OF[need], pname)
-    return crit.score(params[pname], stats, **kw)
+# sparsegpt_prior -> the whole-model sums it reads
+PRIOR_SUMS = {"fisher": ("grad_sq_sum",), "token_fisher": ("token_grad_sq_sum", "act_sq_sum")}
+
+
+def sparsegpt_prior(cfg: PruneConfig, pname: str, grad_stats, tok_stats, acts) -> torch.Tensor:
+    """The gradient factor multiplying SparseGPT's OBS saliency w^2 / [H^-1]_jj^2, to the power
+    `sparsegpt_grad_exp`. fisher: E_b[g^2] per weight. token_fisher: E_t[d_t,i^2 x_t,j^2] / E_t[x_t,j^2],
+    the loss curvature of output i at the tokens where input j is large: the saliency already holds
+    the input energy through H, so only the output side is added (statistics of the dense model)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if cfg.sparsegpt_prior == "fisher":
+        factor = grad_stats.mean("grad_sq_sum", pname)
+    else:
+        module = pname.removesuffix(".weight")
+        factor = tok_stats.mean(module) / acts.mean_sq(module).clamp_min(tiny).view(1, -1)
+    return factor.clamp_min(tiny).pow(cfg.sparsegpt_grad_exp)
 
 
 def _criterion_kwargs(cfg: PruneConfig) -> dict[str, float]:
@@ -336,7 +345,7 @@ def prune_layer_wise_(
     accelerator=None,
     return_masks: bool = True,
     num_batches: int | None = None,
-    grad_stats: GradStats | None = None,
+    stats: Statistics | None = None,
     sparsity: dict[str, float] | None = None,
 ):
     """`pruner.prune_` for the layer-wise modes: same PruneResult and report keys, plus the mode's."""
@@ -346,7 +355,7 @@ def prune_layer_wise_(
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
     start = time.perf_counter()
     masks, extra = prune_sequential_(
-        model, batches, cfg, targets, loss_fn=loss_fn, accelerator=accelerator, grad_stats=grad_stats,
+        model, batches, cfg, targets, loss_fn=loss_fn, accelerator=accelerator, stats=stats,
         sparsity=sparsity, num_batches=num_batches,
     )  # fmt: skip
     timings = extra.pop("timings_s")

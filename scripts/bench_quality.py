@@ -147,7 +147,7 @@ def run(args) -> None:
     targets = find_targets(model)
     params = {f"{n}.weight": m.weight for n, m in targets.items()}
     calib = load_blocks(cfg, tok)
-    evalb = load_blocks(cfg, tok, split="test", num_blocks=64)
+    evalb = load_blocks(cfg, tok, split="test", num_blocks=64, seed=args.eval_seed)
     key = hashlib.sha256((token_hash(calib) + cfg.model).encode()).hexdigest()[:12]
     t = time.perf_counter()
     stats = collect_stats(model, targets, calib, args.cache_dir / f"stats_{key}")
@@ -159,8 +159,12 @@ def run(args) -> None:
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     screen = args.screen
     eval_blocks = calib[-screen:] if screen else evalb
-    store = results.setdefault("screen" if screen else "rows", {})
+    # other held-out window sets (--eval-seed) measure how much the protocol's own sample moves a row
+    store_key = "screen" if screen else ("rows" if not args.eval_seed else f"rows_eval_seed_{args.eval_seed}")
+    store = results.setdefault(store_key, {})
     meta = results.setdefault("protocol", {})
+    if store_key != "rows":
+        meta = results.setdefault(f"protocol_{store_key}", {})
     meta.update({"model": cfg.model, "calibration_tokens_sha256": token_hash(calib),
                  "eval_tokens_sha256": token_hash(evalb), "eval_batch_size": args.eval_batch_size,
                  "targets": len(params), "target_weights": sum(p.numel() for p in params.values()),
@@ -268,6 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="rerun rows already in the JSON")
     p.add_argument("--screen", type=int, default=0, help="evaluate on the last N calibration blocks")
     p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--eval-seed", type=int, default=0, help="held-out window sample (0: the protocol's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_quality.json")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "bench_quality.png")

@@ -4,21 +4,24 @@ Protocol (the quality benchmark's): builtin:smollm2-135m in fp32; calibration = 
 of builtin:imdb split train (seed 0); evaluation = 64 windows x 512 tokens of split test (seed 0) with
 `evaluate.perplexity`; targets = every Linear in the decoder layers. Each row restores the dense
 weights, prunes layer-wise (sequential: each block calibrated on the outputs of the pruned blocks
-before it) and evaluates. Gradient statistics (E[g^2] over the 64 calibration blocks, batch size 1)
-are computed once on the dense model and cached on disk (`--grad-cache`).
+before it) and evaluates. Gradient statistics of the dense model over the 64 calibration blocks (batch
+size 1) are read from `bench_quality.py`'s cache (`--stats-cache`).
 
     PYTHONPATH=$PWD nohup nice -n 10 python scripts/bench_reconstruction.py \
         --rows sparsegpt-2:4,sparsegpt-50 --json docs/bench_reconstruction.json > bench.log 2>&1 &
 
-Rows are `METHOD-PATTERN` with PATTERN 2:4 or 50 and METHOD one of: sparsegpt, sparsegpt+fisherG
-(sparsegpt with saliency x E[g^2]^G), or CRITERION+obs / CRITERION (no reconstruction) for any
-criterion, plus `dense`. Results are merged into the JSON file row by row, so an interrupted run keeps
+Rows are `METHOD[+MOD...]-PATTERN` with PATTERN 2:4 or 50, METHOD sparsegpt or any criterion (layer-wise,
+no reconstruction unless a MOD asks), MOD one of obs / lsq (reconstruction of the kept weights),
+fisherG / tokenfisherG (sparsegpt's saliency times a gradient factor to the power G, see
+`sequential.sparsegpt_prior`), dampP (percdamp P); plus `dense`. Gradient statistics come from
+`bench_quality.py`'s cache (the dense model, same calibration blocks). Results are merged into the JSON file row by row, so an interrupted run keeps
 what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import resource
@@ -27,73 +30,85 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from llm_gradprune.calibrate import calibrate
 from llm_gradprune.config import PruneConfig
 from llm_gradprune.data import load_blocks, micro_batches, token_hash
 from llm_gradprune.evaluate import perplexity
 from llm_gradprune.pipeline import load_model
+from llm_gradprune.pruner import Statistics
 from llm_gradprune.sequential import prune_layer_wise_
-from llm_gradprune.stats import GradStats
+from llm_gradprune.stats import ActStats, GradStats, TokenGradStats
 from llm_gradprune.targets import find_targets
 
 REFERENCE = {"sparsegpt-2:4": 142.21, "sparsegpt-50": 84.07, "wanda-2:4": 298.72, "wanda-50": 100.70}
 
 
 def row_config(row: str, base: dict) -> PruneConfig:
+    """`METHOD[+MOD...]-PATTERN`: METHOD sparsegpt or a criterion; MOD obs | lsq (reconstruction),
+    fisherG | tokenfisherG (sparsegpt's gradient factor to the power G), dampP (percdamp P)."""
     method, _, pat = row.rpartition("-")
     pattern = {"50": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}.get(pat)
     if pattern is None:
         raise SystemExit(f"row {row!r}: pattern must be 2:4 or 50")
-    kw = {**base, **pattern}
-    if method == "sparsegpt":
-        kw["criterion"] = "sparsegpt"
-    elif method.startswith("sparsegpt+fisher"):
-        kw.update(criterion="sparsegpt", sparsegpt_grad_exp=float(method[len("sparsegpt+fisher") :]))
-    elif method.endswith("+obs"):
-        kw.update(criterion=method[: -len("+obs")], reconstruct="obs", sequential=True)
-    else:
-        kw.update(criterion=method, sequential=True)
+    name, *mods = method.split("+")
+    kw = {**base, **pattern, "criterion": name}
+    if name != "sparsegpt":
+        kw["sequential"] = True
+    for mod in mods:
+        if mod in ("obs", "lsq"):
+            kw["reconstruct"] = mod
+        elif mod.startswith("tokenfisher"):
+            kw.update(sparsegpt_prior="token_fisher", sparsegpt_grad_exp=float(mod[len("tokenfisher") :]))
+        elif mod.startswith("fisher"):
+            kw.update(sparsegpt_prior="fisher", sparsegpt_grad_exp=float(mod[len("fisher") :]))
+        elif mod.startswith("damp"):
+            kw["percdamp"] = float(mod[len("damp") :])
+        else:
+            raise SystemExit(f"row {row!r}: unknown modifier {mod!r}")
     return PruneConfig(**kw)
 
 
-def needs_grad(cfg: PruneConfig) -> bool:
+def whole_model_sums(cfg: PruneConfig) -> set[str]:
+    """The whole-model statistics a row reads (layer-wise activations are gathered per block)."""
     from llm_gradprune import criteria
+    from llm_gradprune.sequential import PRIOR_SUMS
 
     if cfg.criterion == "sparsegpt":
-        return bool(cfg.sparsegpt_grad_exp)
-    return "grad_sq_sum" in criteria.get(cfg.criterion).accumulators
+        return set(PRIOR_SUMS[cfg.sparsegpt_prior]) if cfg.sparsegpt_grad_exp else set()
+    return criteria.get(cfg.criterion).accumulators - {"act_sq_sum"}
 
 
-def gradient_stats(model, blocks, targets, cache: Path) -> GradStats:
+def cached_statistics(folder: Path, targets) -> Statistics:
+    """The dense model's statistics that `bench_quality.py` cached (means over the same 64 blocks).
+
+    Loaded as sums with a count of 1, so `.mean()` returns the cached mean."""
+    if not folder.is_dir():
+        raise SystemExit(f"no cached statistics in {folder}: run scripts/bench_quality.py once first")
     params = {f"{n}.weight": m.weight for n, m in targets.items()}
-    stats = GradStats(params, {"grad_sq_sum"})
-    key = token_hash(blocks)
-    if cache.is_file():
-        saved = torch.load(cache, map_location="cpu")
-        if saved["token_sha256"] == key:
-            stats.sums["grad_sq_sum"] = saved["grad_sq_sum"]
-            stats.counts = saved["counts"]
-            print(f"gradient statistics loaded from {cache}", flush=True)
-            return stats
-    for p in model.parameters():
-        p.requires_grad_(False)
-    counters = calibrate(model, micro_batches(blocks, 1), stats, None, progress=False)
-    print(f"gradient pass: {counters['seconds']:.0f} s", flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"token_sha256": key, "grad_sq_sum": stats.sums["grad_sq_sum"], "counts": stats.counts,
-         "seconds": counters["seconds"]},
-        cache,
-    )  # fmt: skip
-    return stats
+    grad = GradStats(params, ())
+    grad.needs = ("grad_sum", "grad_abs_sum", "grad_sq_sum")
+    grad.sums = {s: load_file(str(folder / f"{s.replace('_sum', '_mean')}.safetensors")) for s in grad.needs}
+    grad.counts = dict.fromkeys(params, 1)
+    tok = TokenGradStats({})
+    tok.sums = {
+        k.removesuffix(".weight"): v
+        for k, v in load_file(str(folder / "token_grad_sq_mean.safetensors")).items()
+    }
+    tok.tokens = dict.fromkeys(tok.sums, 1)
+    act = ActStats({})
+    act.sums = {
+        k.removesuffix(".weight"): v for k, v in load_file(str(folder / "act_sq_mean.safetensors")).items()
+    }
+    act.tokens = dict.fromkeys(act.sums, 1)
+    return Statistics(grad, act, tok, {"batches": 64, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0})
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="sparsegpt-2:4,sparsegpt-50")
     ap.add_argument("--json", default="docs/bench_reconstruction.json")
-    ap.add_argument("--grad-cache", default="out/bench_cache/grad_sq_sum.pt")
+    ap.add_argument("--stats-cache", default="out/bench_quality", help="bench_quality.py's --cache-dir")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     evalb = load_blocks(cfg0, tokenizer, split=cfg0.eval_split, num_blocks=args.eval_samples, seed=0)
     targets = find_targets(model)
     dense = {n: m.weight.detach().clone() for n, m in targets.items()}
-    grad_stats = None
+    stats = None
 
     out = Path(args.json)
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -131,14 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = row_config(row, base)
             grad_s = None
-            if needs_grad(cfg) and grad_stats is None:
-                t = time.perf_counter()
-                grad_stats = gradient_stats(model, calib, targets, Path(args.grad_cache))
-                grad_s = time.perf_counter() - t
+            if whole_model_sums(cfg) and stats is None:
+                key = hashlib.sha256((token_hash(calib) + cfg0.model).encode()).hexdigest()[:12]
+                stats = cached_statistics(Path(args.stats_cache) / f"stats_{key}", targets)
             start, cpu0 = time.perf_counter(), time.process_time()
             res = prune_layer_wise_(
                 model, micro_batches(calib, 1), cfg, targets=targets, return_masks=False,
-                grad_stats=grad_stats if needs_grad(cfg) else None,
+                stats=stats if whole_model_sums(cfg) else None,
             )  # fmt: skip
             prune_s, prune_cpu_s = time.perf_counter() - start, time.process_time() - cpu0
             rep = res.report
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 "timings_s": rep["timings_s"],
                 "config": {k: v for k, v in cfg.to_dict().items() if k in (
                     "criterion", "scope", "pattern", "sparsity", "reconstruct", "sequential", "blocksize",
-                    "percdamp", "sparsegpt_grad_exp", "gblm_alpha", "blend")},
+                    "percdamp", "sparsegpt_grad_exp", "sparsegpt_prior", "gblm_alpha", "blend")},
             }  # fmt: skip
         r = results["rows"][row]
         print(

@@ -133,6 +133,39 @@ def test_gradient_prior_and_gradient_masks_with_obs_run():
         assert rep["timings_s"]["gradient_calibration"] > 0
 
 
+def test_token_fisher_prior_reads_its_statistics_and_changes_the_mask():
+    ids = list(make_blocks(4, 16).split(1))
+    masks = {}
+    for exp in (0.0, 1.0):
+        model = make_tiny_llama()
+        cfg = PruneConfig(criterion="sparsegpt", pattern="2:4", sparsegpt_prior="token_fisher",
+                          sparsegpt_grad_exp=exp, progress=False)  # fmt: skip
+        res = prune_(model, ids, cfg)
+        assert res.report["overall_sparsity"] == 0.5
+        assert all(t["nm_groups_valid"] for t in res.report["per_tensor"].values())
+        masks[exp] = res.masks
+    assert {"token_grad_sq_sum", "act_sq_sum"} <= set(res.report["calibration"]["statistics"])
+    changed = sum(int((masks[0.0][n] != masks[1.0][n]).sum()) for n in masks[0.0])
+    assert changed > 0
+
+
+def test_token_fisher_with_obs_keeps_the_criterion_mask():
+    """token_fisher reads only whole-model statistics, so layer-wise OBS must prune exactly the weights
+    the plain (whole-model) token_fisher run prunes, and only move the kept ones."""
+    ids = list(make_blocks(4, 16).split(1))
+    plain_model, obs_model = make_tiny_llama(), make_tiny_llama()
+    plain = prune_(plain_model, ids, PruneConfig(criterion="token_fisher", progress=False))
+    obs = prune_(obs_model, ids, PruneConfig(criterion="token_fisher", reconstruct="obs", progress=False))
+    assert "token_grad_sq_sum" in obs.report["calibration"]["statistics"]
+    moved = 0
+    for name, mask in plain.masks.items():
+        assert torch.equal(mask, obs.masks[name])
+        w_plain, w_obs = plain_model.get_parameter(name), obs_model.get_parameter(name)
+        assert torch.equal(w_obs == 0, w_plain == 0)
+        moved += int((w_obs != w_plain).sum())
+    assert moved > 0
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -140,6 +173,7 @@ def test_gradient_prior_and_gradient_masks_with_obs_run():
         ({"criterion": "sparsegpt", "pattern": "2:4", "blocksize": 6}, "multiple of M=4"),
         ({"percdamp": 0.0}, "percdamp"),
         ({"sparsegpt_grad_exp": 1.0}, "criterion sparsegpt only"),
+        ({"criterion": "sparsegpt", "sparsegpt_prior": "hessian"}, "sparsegpt_prior 'hessian'"),
         ({"reconstruct": "obs", "scope": "global"}, "global"),
         ({"criterion": "sparsegpt", "checkpoint_every": 2}, "layer-wise"),
     ],
