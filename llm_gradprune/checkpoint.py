@@ -1,7 +1,7 @@
 """Save a pruned model so `from_pretrained` loads it as is, verify it, and only then put it in place.
 
 Everything is written into a temporary folder beside the target; the zero count of every target tensor
-is re-read from the safetensors files one tensor at a time (`safe_open`, no second model copy) and
+is re-read from the safetensors files through one small reused buffer (no second model copy) and
 compared with the report; only a checkpoint that passes is renamed into place. A crash mid-save
 therefore leaves no output (or the previous one), never a partial folder that loads: until verified,
 the temporary folder's config.json is kept under another name, so `from_pretrained` refuses it.
@@ -16,11 +16,12 @@ import ctypes
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+import torch
 
 from .config import ConfigError
 from .faults import pause_point
@@ -52,15 +53,48 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def count_zeros(folder: str | Path, names: list[str]) -> dict[str, int]:
-    """Zero count of each named tensor in the folder's safetensors files, one tensor in memory at a time."""
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+READ_CHUNK_BYTES = 64 << 20
+
+
+def _read_header(fh) -> tuple[dict, int]:
+    (size,) = struct.unpack("<Q", fh.read(8))
+    return json.loads(fh.read(size)), 8 + size
+
+
+def count_zeros(folder: str | Path, names: list[str], chunk_bytes: int = READ_CHUNK_BYTES) -> dict[str, int]:
+    """Zero count of each named tensor in the folder's safetensors files.
+
+    Reads each tensor's bytes through one reused buffer of `chunk_bytes` instead of mapping the files,
+    so verifying a checkpoint adds at most that buffer to resident memory, whatever the model's size
+    (a memory map would leave every page it read resident until the file is closed)."""
     found: dict[str, int] = {}
     wanted = set(names)
+    buf = bytearray(chunk_bytes)
     for path in safetensors_files(folder):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                if key in wanted:
-                    found[key] = int((fh.get_tensor(key) == 0).sum())
+        with open(path, "rb", buffering=0) as fh:
+            header, data_start = _read_header(fh)
+            for key, info in header.items():
+                if key not in wanted:
+                    continue
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise VerificationError(f"{key}: dtype {info['dtype']} cannot be verified")
+                begin, end = info["data_offsets"]
+                step = max(len(buf) // dtype.itemsize, 1) * dtype.itemsize
+                fh.seek(data_start + begin)
+                zeros = 0
+                for offset in range(begin, end, step):
+                    n = min(step, end - offset)
+                    view = memoryview(buf)[:n]
+                    if fh.readinto(view) != n:
+                        raise VerificationError(f"{path.name} ends inside tensor {key}")
+                    zeros += int((torch.frombuffer(view, dtype=dtype) == 0).sum())
+                found[key] = zeros
     missing = wanted - set(found)
     if missing:
         raise VerificationError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from llm_gradprune import cli
@@ -154,3 +155,19 @@ def test_checkpoint_whose_zeros_differ_from_the_report_is_not_installed(tmp_path
     with pytest.raises(VerificationError, match=f"{name}: .* zeros written but the report says"):
         save_pruned(model, None, cfg, report, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder remains
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_count_streams_in_chunks_that_split_tensors(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from llm_gradprune.checkpoint import count_zeros
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(37, 53, generator=g).to(dtype) for i in range(3)}
+    tensors["t1"][torch.rand(37, 53, generator=g) < 0.4] = 0
+    tensors["t2"][0, :7] = -0.0  # negative zero is a zero
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    want = {k: int((v == 0).sum()) for k, v in tensors.items()}
+    for chunk in (6, 100, 1 << 20):  # elements split across reads, and one read per tensor
+        assert count_zeros(tmp_path, ["t0", "t1", "t2"], chunk_bytes=chunk) == want
