@@ -254,7 +254,14 @@ class PruneConfig:
                 "checkpoint_every/resume cover the whole-model calibration only: not in layer-wise mode"
             )
         if self.layer_wise and self.scope == "global" and self.nm is None and self.criterion != "sparsegpt":
-            raise ConfigError("scope 'global' needs every score at once: not available in layer-wise mode")
+            from . import criteria  # late: criteria imports nothing from here, but keep config light
+
+            if "act_sq_sum" in criteria.get(self.criterion).accumulators:
+                raise ConfigError(
+                    f"scope 'global' with criterion {self.criterion!r} is not available in layer-wise mode: "
+                    "its scores read each block's pruned-input activations, which exist only one block "
+                    "at a time (use scope row/tensor, or a criterion without activation statistics)"
+                )
 
     @property
     def layer_wise(self) -> bool:

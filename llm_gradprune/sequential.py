@@ -197,10 +197,17 @@ def prune_sequential_(
     tokens = sum(int(_hidden(a, k).shape[:-1].numel()) for a, k in calls)
     timings["capture_inputs"] = time.perf_counter() - start
 
+    kw = _criterion_kwargs(cfg)
+    scope = cfg.scope
+    if scope == "global" and cfg.nm is None and not is_sgpt:
+        # the scores read whole-model statistics only (config refuses activation criteria), so the
+        # global threshold over the dense scores fixes each tensor's pruned count before any block runs
+        sparsity = global_counts(crit, kw, params, grad_stats, tok_stats, cfg)
+        scope = "tensor"
+
     masks: dict[str, torch.Tensor] = {}
     per_tensor: dict[str, dict[str, Any]] = {}
     hessian_bytes: dict[str, int] = {}
-    kw = _criterion_kwargs(cfg)
     t_stats = t_prune = t_forward = 0.0
     try:
         for index, block in enumerate(
@@ -232,12 +239,16 @@ def prune_sequential_(
                     if cfg.sparsegpt_grad_exp:
                         prior = sparsegpt_prior(cfg, pname, grad_stats, tok_stats, dense_acts)
                         prior = prior.to(params[pname].device)
+                    # lsq refits from the dense weights: sparsegpt_ overwrites them with its greedy update
+                    dense_w = params[pname].data.clone() if cfg.reconstruct == "lsq" else None
                     mask, info = sparsegpt_(
                         params[pname].data, hess.hessian(module_of[pname]),
                         sparsity=(sparsity or {}).get(pname, cfg.sparsity), nm=cfg.nm,
                         blocksize=cfg.blocksize, percdamp=cfg.percdamp, prior=prior,
                     )  # fmt: skip
-                    if cfg.reconstruct == "lsq":  # keep SparseGPT's mask, refit the kept weights exactly
+                    if dense_w is not None:  # keep SparseGPT's mask, refit the kept weights exactly
+                        params[pname].data.copy_(dense_w)
+                        del dense_w
                         info = {**info, **lsq_update_(params[pname].data, hess.hessian(module_of[pname]),
                                                       mask, percdamp=cfg.percdamp)}  # fmt: skip
                     _record(pname, mask, info, params, per_tensor, masks, cfg)
@@ -245,7 +256,7 @@ def prune_sequential_(
             else:
                 score_fn = make_score_fn(crit, kw, params, grad_stats, acts, tok_stats)
                 for pname, mask in iter_masks(
-                    names, score_fn, scope=cfg.scope, sparsity=sparsity or cfg.sparsity, nm=cfg.nm,
+                    names, score_fn, scope=scope, sparsity=sparsity or cfg.sparsity, nm=cfg.nm,
                     chunk_elems=cfg.select_chunk_elems,
                 ):  # fmt: skip
                     mask = mask.view(params[pname].shape).to(params[pname].device)
@@ -333,6 +344,20 @@ def _record(pname, mask, info, params, per_tensor, masks, cfg) -> None:
         **{k: v for k, v in info.items() if k in ("damp", "dead_inputs", "obs_loss")},
     }
     masks[pname] = mask.cpu()
+
+
+def global_counts(crit, kw, params, grad_stats, tok_stats, cfg: PruneConfig) -> dict[str, float]:
+    """Per-tensor sparsity k_t / n_t where k_t is how many of tensor t's weights the exact global
+    selection over all (dense) scores prunes; per-tensor selection with it reproduces the global mask."""
+    names = list(params)
+    score_fn = make_score_fn(crit, kw, params, grad_stats, None, tok_stats)
+    shapes = {n: params[n].shape for n in names}
+    out = {}
+    for name, mask in iter_masks(names, score_fn, scope="global", sparsity=cfg.sparsity,
+                                 chunk_elems=cfg.select_chunk_elems, shapes=shapes,
+                                 scores_dir=cfg.scores_dir):  # fmt: skip
+        out[name] = int(mask.sum()) / mask.numel()
+    return out
 
 
 def prune_layer_wise_(

@@ -13,7 +13,8 @@ size 1) are read from `bench_quality.py`'s cache (`--stats-cache`).
 Rows are `METHOD[+MOD...]-PATTERN` with PATTERN 2:4 or 50, METHOD sparsegpt or any criterion (layer-wise,
 no reconstruction unless a MOD asks), MOD one of obs / lsq (reconstruction of the kept weights),
 fisherG / tokenfisherG (sparsegpt's saliency times a gradient factor to the power G, see
-`sequential.sparsegpt_prior`), dampP (percdamp P); plus `dense`. Gradient statistics come from
+`sequential.sparsegpt_prior`), dampP (percdamp P), tensor / global (the criterion's scope; default row);
+plus `dense`. `--eval-seeds 1,2` also evaluates every row on other held-out window samples. Gradient statistics come from
 `bench_quality.py`'s cache (the dense model, same calibration blocks). Results are merged into the JSON file row by row, so an interrupted run keeps
 what it measured.
 """
@@ -56,7 +57,9 @@ def row_config(row: str, base: dict) -> PruneConfig:
     if name != "sparsegpt":
         kw["sequential"] = True
     for mod in mods:
-        if mod in ("obs", "lsq"):
+        if mod in ("tensor", "global"):
+            kw["scope"] = mod
+        elif mod in ("obs", "lsq"):
             kw["reconstruct"] = mod
         elif mod.startswith("tokenfisher"):
             kw.update(sparsegpt_prior="token_fisher", sparsegpt_grad_exp=float(mod[len("tokenfisher") :]))
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
+    ap.add_argument("--eval-seeds", default="", help="extra held-out samples to evaluate each row on")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     calib = load_blocks(cfg0, tokenizer)
     evalb = load_blocks(cfg0, tokenizer, split=cfg0.eval_split, num_blocks=args.eval_samples, seed=0)
+    extra = {int(s): load_blocks(cfg0, tokenizer, split=cfg0.eval_split, num_blocks=args.eval_samples,
+                                 seed=int(s)) for s in args.eval_seeds.split(",") if s}  # fmt: skip
     targets = find_targets(model)
     dense = {n: m.weight.detach().clone() for n, m in targets.items()}
     stats = None
@@ -173,12 +179,20 @@ def main(argv: list[str] | None = None) -> int:
                     "percdamp", "sparsegpt_grad_exp", "sparsegpt_prior", "gblm_alpha", "blend")},
             }  # fmt: skip
         r = results["rows"][row]
+        for seed, blocks in extra.items():  # the same pruned weights on another held-out sample
+            r[f"ppl_eval_seed_{seed}"] = perplexity(model, blocks, progress=False)["ppl"]
         print(
-            f"{row}: ppl {r['ppl']:.2f}  prune {r.get('prune_s', 0):.0f} s  eval {r['eval_s']:.0f} s",
+            f"{row}: ppl {r['ppl']:.2f}  prune {r.get('prune_s', 0):.0f} s  eval {r['eval_s']:.0f} s"
+            + "".join(f"  seed {s}: {r[f'ppl_eval_seed_{s}']:.2f}" for s in extra),
             flush=True,
         )
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+        # merge into what is on disk now: another run may have added rows to the same file meanwhile
+        latest = json.loads(out.read_text()) if out.is_file() else {}
+        latest.setdefault("protocol", results["protocol"])
+        latest.setdefault("rows", {})[row] = r
+        results["rows"] = dict(latest["rows"])
+        out.write_text(json.dumps(latest, indent=1))
     print(table(results))
     return 0
 

@@ -166,6 +166,39 @@ def test_token_fisher_with_obs_keeps_the_criterion_mask():
     assert moved > 0
 
 
+def test_sparsegpt_lsq_keeps_the_mask_and_refits_from_the_dense_weights():
+    """lsq after sparsegpt must start from the dense weights: refitting the already-updated ones would
+    see every pruned weight as 0 and change nothing."""
+    ids = list(make_blocks(4, 16).split(1))
+    runs = {}
+    for rec in ("none", "lsq"):
+        model = make_tiny_llama()
+        cfg = PruneConfig(criterion="sparsegpt", pattern="2:4", reconstruct=rec, progress=False)
+        runs[rec] = (model, prune_(model, ids, cfg).masks)
+    (m_obs, masks_obs), (m_lsq, masks_lsq) = runs["none"], runs["lsq"]
+    first = next(iter(masks_obs))  # block 0 sees the same inputs in both runs, so the same mask
+    assert torch.equal(masks_obs[first], masks_lsq[first])
+    for name, mask in masks_lsq.items():
+        w = m_lsq.get_parameter(name)
+        assert torch.equal(w == 0, mask) and ((w.reshape(-1, 4) != 0).sum(1) == 2).all()
+    assert not torch.equal(m_obs.get_parameter(first), m_lsq.get_parameter(first))
+
+
+@pytest.mark.parametrize("criterion", ["fisher", "token_fisher"])
+def test_global_scope_in_layer_wise_mode_prunes_the_whole_model_global_mask(criterion):
+    ids = list(make_blocks(4, 16).split(1))
+    whole = prune_(make_tiny_llama(), ids, PruneConfig(criterion=criterion, scope="global", progress=False))
+    obs_model = make_tiny_llama()
+    obs = prune_(obs_model, ids, PruneConfig(criterion=criterion, scope="global", reconstruct="obs",
+                                             progress=False))  # fmt: skip
+    assert obs.report["mode"]["layer_wise"] and obs.report["overall_sparsity"] == 0.5
+    per = [int(m.sum()) / m.numel() for m in obs.masks.values()]
+    assert max(per) - min(per) > 0.05  # really non-uniform, not a per-tensor 50%
+    for name, mask in whole.masks.items():
+        assert torch.equal(mask, obs.masks[name]), name
+        assert torch.equal(obs_model.get_parameter(name) == 0, mask)
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -174,7 +207,10 @@ def test_token_fisher_with_obs_keeps_the_criterion_mask():
         ({"percdamp": 0.0}, "percdamp"),
         ({"sparsegpt_grad_exp": 1.0}, "criterion sparsegpt only"),
         ({"criterion": "sparsegpt", "sparsegpt_prior": "hessian"}, "sparsegpt_prior 'hessian'"),
-        ({"reconstruct": "obs", "scope": "global"}, "global"),
+        (
+            {"criterion": "wanda", "reconstruct": "obs", "scope": "global"},
+            "scope 'global' with criterion 'wanda'",
+        ),
         ({"criterion": "sparsegpt", "checkpoint_every": 2}, "layer-wise"),
     ],
 )
