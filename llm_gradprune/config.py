@@ -146,6 +146,11 @@ class PruneConfig:
         "layer-wise mode, each block calibrated on the outputs of the already-pruned blocks before it "
         "(default: on for sparsegpt and reconstruct obs/lsq, off otherwise)",
     )
+    true_sequential: bool = _f(
+        False,
+        "layer-wise mode: inside each block, prune its targets in stages of modules sharing one input "
+        "(q/k/v, o, gate/up, down), each stage calibrated after the stages before it are pruned",
+    )
     blocksize: int = _f(128, "columns per block of OBS updates (a multiple of M for N:M)")
     percdamp: float = _f(0.01, "Hessian damping as a fraction of its mean diagonal")
     offload_inputs: bool = _f(False, "layer-wise mode: keep the recorded block inputs on CPU")
@@ -230,6 +235,14 @@ class PruneConfig:
             )
         if self.sequential is not None and not isinstance(self.sequential, bool):
             raise ConfigError(f"sequential {self.sequential!r} must be true or false")
+        if not isinstance(self.true_sequential, bool):
+            raise ConfigError(f"true_sequential {self.true_sequential!r} must be true or false")
+        if self.true_sequential and (self.sequential is False or not self.layer_wise):
+            raise ConfigError(
+                "true_sequential needs sequential layer-wise mode (criterion sparsegpt, reconstruct "
+                "obs/lsq, or sequential: true), not sequential: "
+                f"{self.sequential} with reconstruct {self.reconstruct!r}"
+            )
         if not isinstance(self.blocksize, int) or isinstance(self.blocksize, bool) or self.blocksize < 1:
             raise ConfigError(f"blocksize {self.blocksize!r} must be an integer >= 1")
         if self.layer_wise and self.nm is not None and self.blocksize % self.nm[1]:

@@ -116,6 +116,61 @@ def run_block(
             calls[i] = _with_hidden(args, kwargs, h.to(store))
 
 
+class _StageInputsSeen(Exception):
+    """Raised by a hook to stop a block's forward once a stage's last module has read its input."""
+
+
+def run_block_until(block: nn.Module, calls: list[tuple[tuple, dict]], device, module: nn.Module) -> None:
+    """Run every recorded call through `block` only up to (and including) `module`; outputs are dropped."""
+
+    def stop(*_):
+        raise _StageInputsSeen
+
+    handle = module.register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            for args, kwargs in calls:
+                try:
+                    block(*_move(args, device), **_move(kwargs, device))
+                except _StageInputsSeen:
+                    pass
+    finally:
+        handle.remove()
+
+
+def call_stages(
+    block: nn.Module, modules: dict[str, nn.Module], calls: list[tuple[tuple, dict]], device
+) -> list[list[str]]:
+    """The block's target modules in call order, grouped into stages of modules that read the very same
+    input tensor (found by running `calls`, normally one sample, with recording hooks)."""
+    stages: list[list[str]] = []
+    last: list = [None]
+
+    def make_hook(name: str):
+        def hook(mod, inputs, output) -> None:
+            if any(name in g for g in stages):
+                return
+            if last[0] is not None and inputs[0] is last[0] and stages:
+                stages[-1].append(name)
+            else:
+                stages.append([name])
+            last[0] = inputs[0]
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            run_block(block, calls, device, keep_outputs=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in modules if not any(n in g for g in stages)]
+    if missing:
+        raise RuntimeError(f"true_sequential: target {missing[0]!r} was never called by its block")
+    return stages
+
+
 def _split_by_block(targets: dict[str, nn.Module], prefix: str, n_blocks: int) -> list[dict[str, nn.Module]]:
     per: list[dict[str, nn.Module]] = [{} for _ in range(n_blocks)]
     for name, module in targets.items():
@@ -208,6 +263,48 @@ def prune_sequential_(
     masks: dict[str, torch.Tensor] = {}
     per_tensor: dict[str, dict[str, Any]] = {}
     hessian_bytes: dict[str, int] = {}
+
+    def prune_group(group: list[str], hess: Hessians | None, acts: ActStats | None) -> None:
+        if is_sgpt:
+            for pname in group:
+                prior = None
+                if cfg.sparsegpt_grad_exp:
+                    prior = sparsegpt_prior(cfg, pname, grad_stats, tok_stats, dense_acts)
+                    prior = prior.to(params[pname].device)
+                # lsq refits from the dense weights: sparsegpt_ overwrites them with its greedy update
+                dense_w = params[pname].data.clone() if cfg.reconstruct == "lsq" else None
+                mask, info = sparsegpt_(
+                    params[pname].data, hess.hessian(pname.removesuffix(".weight")),
+                    sparsity=(sparsity or {}).get(pname, cfg.sparsity), nm=cfg.nm,
+                    blocksize=cfg.blocksize, percdamp=cfg.percdamp, prior=prior,
+                )  # fmt: skip
+                if dense_w is not None:  # keep SparseGPT's mask, refit the kept weights exactly
+                    params[pname].data.copy_(dense_w)
+                    del dense_w
+                    info = {**info, **lsq_update_(params[pname].data, hess.hessian(pname.removesuffix(".weight")),
+                                                  mask, percdamp=cfg.percdamp)}  # fmt: skip
+                _record(pname, mask, info, params, per_tensor, masks, cfg)
+                hessian_bytes[pname] = hess.nbytes(pname.removesuffix(".weight"))
+            return
+        score_fn = make_score_fn(crit, kw, params, grad_stats, acts, tok_stats)
+        for pname, mask in iter_masks(
+            group, score_fn, scope=scope, sparsity=sparsity or cfg.sparsity, nm=cfg.nm,
+            chunk_elems=cfg.select_chunk_elems,
+        ):  # fmt: skip
+            mask = mask.view(params[pname].shape).to(params[pname].device)
+            info: dict[str, Any] = {}
+            if cfg.reconstruct == "lsq":
+                info = lsq_update_(params[pname].data, hess.hessian(pname.removesuffix(".weight")), mask,
+                                   percdamp=cfg.percdamp)  # fmt: skip
+                hessian_bytes[pname] = hess.nbytes(pname.removesuffix(".weight"))
+            elif reconstruct:
+                info = obs_update_(params[pname].data, hess.hessian(pname.removesuffix(".weight")), mask,
+                                   blocksize=cfg.blocksize, percdamp=cfg.percdamp)  # fmt: skip
+                hessian_bytes[pname] = hess.nbytes(pname.removesuffix(".weight"))
+            else:
+                apply_mask_(params[pname].data, mask)
+            _record(pname, mask, info, params, per_tensor, masks, cfg)
+
     t_stats = t_prune = t_forward = 0.0
     try:
         for index, block in enumerate(
@@ -219,62 +316,29 @@ def prune_sequential_(
                 run_block(block, calls, device, keep_outputs=True)
                 t_forward += time.perf_counter() - t
                 continue
-            t = time.perf_counter()
-            hess = Hessians(block_targets).attach() if reconstruct else None
-            acts = ActStats(block_targets).attach() if needs_act else None
-            try:
-                run_block(block, calls, device, keep_outputs=not sequential)
-            finally:
-                for s in (hess, acts):
-                    if s is not None:
-                        s.detach()
-            t_stats += time.perf_counter() - t
-
-            t = time.perf_counter()
-            names = [f"{n}.weight" for n in block_targets]
-            module_of = {f"{n}.weight": n for n in block_targets}
-            if is_sgpt:
-                for pname in names:
-                    prior = None
-                    if cfg.sparsegpt_grad_exp:
-                        prior = sparsegpt_prior(cfg, pname, grad_stats, tok_stats, dense_acts)
-                        prior = prior.to(params[pname].device)
-                    # lsq refits from the dense weights: sparsegpt_ overwrites them with its greedy update
-                    dense_w = params[pname].data.clone() if cfg.reconstruct == "lsq" else None
-                    mask, info = sparsegpt_(
-                        params[pname].data, hess.hessian(module_of[pname]),
-                        sparsity=(sparsity or {}).get(pname, cfg.sparsity), nm=cfg.nm,
-                        blocksize=cfg.blocksize, percdamp=cfg.percdamp, prior=prior,
-                    )  # fmt: skip
-                    if dense_w is not None:  # keep SparseGPT's mask, refit the kept weights exactly
-                        params[pname].data.copy_(dense_w)
-                        del dense_w
-                        info = {**info, **lsq_update_(params[pname].data, hess.hessian(module_of[pname]),
-                                                      mask, percdamp=cfg.percdamp)}  # fmt: skip
-                    _record(pname, mask, info, params, per_tensor, masks, cfg)
-                    hessian_bytes[pname] = hess.nbytes(module_of[pname])
-            else:
-                score_fn = make_score_fn(crit, kw, params, grad_stats, acts, tok_stats)
-                for pname, mask in iter_masks(
-                    names, score_fn, scope=scope, sparsity=sparsity or cfg.sparsity, nm=cfg.nm,
-                    chunk_elems=cfg.select_chunk_elems,
-                ):  # fmt: skip
-                    mask = mask.view(params[pname].shape).to(params[pname].device)
-                    info: dict[str, Any] = {}
-                    if cfg.reconstruct == "lsq":
-                        info = lsq_update_(params[pname].data, hess.hessian(module_of[pname]), mask,
-                                           percdamp=cfg.percdamp)  # fmt: skip
-                        hessian_bytes[pname] = hess.nbytes(module_of[pname])
-                    elif reconstruct:
-                        info = obs_update_(params[pname].data, hess.hessian(module_of[pname]), mask,
-                                           blocksize=cfg.blocksize, percdamp=cfg.percdamp)  # fmt: skip
-                        hessian_bytes[pname] = hess.nbytes(module_of[pname])
+            # true_sequential: the block's targets in stages of modules sharing one input (q/k/v, o,
+            # gate/up, down); each stage's statistics are taken after the stages before it are pruned
+            stages = call_stages(block, block_targets, calls[:1], device) if cfg.true_sequential else None
+            for group in stages or [list(block_targets)]:
+                t = time.perf_counter()
+                mods = {n: block_targets[n] for n in group}
+                hess = Hessians(mods).attach() if reconstruct else None
+                acts = ActStats(mods).attach() if needs_act else None
+                try:
+                    if stages is None:
+                        run_block(block, calls, device, keep_outputs=not sequential)
                     else:
-                        apply_mask_(params[pname].data, mask)
-                    _record(pname, mask, info, params, per_tensor, masks, cfg)
-            if hess is not None:
-                hess.free()
-            t_prune += time.perf_counter() - t
+                        run_block_until(block, calls, device, block_targets[group[-1]])
+                finally:
+                    for s in (hess, acts):
+                        if s is not None:
+                            s.detach()
+                t_stats += time.perf_counter() - t
+                t = time.perf_counter()
+                prune_group([f"{n}.weight" for n in group], hess, acts)
+                if hess is not None:
+                    hess.free()
+                t_prune += time.perf_counter() - t
 
             if sequential:
                 t = time.perf_counter()
@@ -295,6 +359,7 @@ def prune_sequential_(
             "percdamp": cfg.percdamp,
             "offload_inputs": cfg.offload_inputs,
             "sparsegpt_grad_exp": cfg.sparsegpt_grad_exp if is_sgpt else None,
+            "true_sequential": cfg.true_sequential,
         },
         "hessian_bytes": {
             "per_tensor": hessian_bytes,

@@ -184,6 +184,37 @@ def test_sparsegpt_lsq_keeps_the_mask_and_refits_from_the_dense_weights():
     assert not torch.equal(m_obs.get_parameter(first), m_lsq.get_parameter(first))
 
 
+def test_true_sequential_finds_the_llama_stages_and_prunes_each_after_the_ones_before():
+    from llm_gradprune.sequential import call_stages
+
+    model = make_tiny_llama(layers=2)
+    layers = model.get_submodule(block_list_prefix(model))
+    ids = make_blocks(4, 16)
+    calls = capture_block_inputs(model, layers[0], list(ids.split(1)))
+    mods = {n: m for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)}
+    stages = call_stages(layers[0], mods, calls[:1], torch.device("cpu"))
+    assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # fmt: skip
+
+    batches = list(ids.split(1))
+    results = {}
+    for staged in (False, True):
+        for kw in (
+            {"criterion": "sparsegpt", "pattern": "2:4"},
+            {"criterion": "wanda", "reconstruct": "obs"},
+        ):
+            model = make_tiny_llama(layers=2)
+            res = prune_(model, batches, PruneConfig(true_sequential=staged, progress=False, **kw))
+            assert res.report["mode"]["true_sequential"] is staged and res.report["overall_sparsity"] == 0.5
+            results[staged, kw["criterion"]] = res.masks
+    for crit in ("sparsegpt", "wanda"):
+        plain, staged = results[False, crit], results[True, crit]
+        q = next(n for n in plain if "q_proj" in n)
+        down = next(n for n in plain if "layers.0.mlp.down_proj" in n)
+        assert torch.equal(plain[q], staged[q])  # the first stage sees the same inputs either way
+        assert not torch.equal(plain[down], staged[down])  # later stages see the pruned stages' outputs
+
+
 @pytest.mark.parametrize("criterion", ["fisher", "token_fisher"])
 def test_global_scope_in_layer_wise_mode_prunes_the_whole_model_global_mask(criterion):
     ids = list(make_blocks(4, 16).split(1))
@@ -212,6 +243,8 @@ def test_global_scope_in_layer_wise_mode_prunes_the_whole_model_global_mask(crit
             "scope 'global' with criterion 'wanda'",
         ),
         ({"criterion": "sparsegpt", "checkpoint_every": 2}, "layer-wise"),
+        ({"true_sequential": True}, "true_sequential needs sequential layer-wise mode"),
+        ({"criterion": "sparsegpt", "sequential": False, "true_sequential": True}, "sequential: False"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kw, match):
