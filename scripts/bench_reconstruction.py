@@ -13,7 +13,7 @@ size 1) are read from `bench_quality.py`'s cache (`--stats-cache`).
 Rows are `METHOD[+MOD...]-PATTERN` with PATTERN 2:4 or 50, METHOD sparsegpt or any criterion (layer-wise,
 no reconstruction unless a MOD asks), MOD one of obs / lsq (reconstruction of the kept weights),
 fisherG / tokenfisherG (sparsegpt's saliency times a gradient factor to the power G, see
-`sequential.sparsegpt_prior`), dampP (percdamp P), tensor / global (the criterion's scope; default row);
+`sequential.sparsegpt_prior`), dampP (percdamp P), tensor / global (the criterion's scope; default row), ts (true_sequential);
 plus `dense`. `--eval-seeds 1,2` also evaluates every row on other held-out window samples. Gradient statistics come from
 `bench_quality.py`'s cache (the dense model, same calibration blocks). Results are merged into the JSON file row by row, so an interrupted run keeps
 what it measured.
@@ -59,6 +59,8 @@ def row_config(row: str, base: dict) -> PruneConfig:
     for mod in mods:
         if mod in ("tensor", "global"):
             kw["scope"] = mod
+        elif mod == "ts":
+            kw["true_sequential"] = True
         elif mod in ("obs", "lsq"):
             kw["reconstruct"] = mod
         elif mod.startswith("tokenfisher"):
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 "timings_s": rep["timings_s"],
                 "config": {k: v for k, v in cfg.to_dict().items() if k in (
                     "criterion", "scope", "pattern", "sparsity", "reconstruct", "sequential", "blocksize",
-                    "percdamp", "sparsegpt_grad_exp", "sparsegpt_prior", "gblm_alpha", "blend")},
+                    "percdamp", "sparsegpt_grad_exp", "sparsegpt_prior", "gblm_alpha", "blend", "true_sequential")},
             }  # fmt: skip
         r = results["rows"][row]
         for seed, blocks in extra.items():  # the same pruned weights on another held-out sample
