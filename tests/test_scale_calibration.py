@@ -211,3 +211,22 @@ def test_prune_with_scale_knobs_end_to_end(tmp_path):
 def test_scale_config_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         PruneConfig(**kw)
+
+
+def test_token_fisher_sums_are_the_same_with_gradient_checkpointing():
+    """The per-token Fisher hook sits on layer outputs: a checkpointed layer's recompute in backward
+    must neither add its tokens twice nor lose them."""
+    from llm_gradprune.pruner import gather_statistics
+
+    batches = list(make_blocks(3, 16).split(1))
+    sums = {}
+    for ckpt in (False, True):
+        model = make_tiny_llama()
+        targets = find_targets(model)
+        cfg = PruneConfig(criterion="token_fisher", gradient_checkpointing=ckpt, progress=False)
+        tok = gather_statistics(model, batches, cfg, targets, {"token_grad_sq_sum"}).token
+        assert all(t == 48 for t in tok.tokens.values()) and len(tok.tokens) == len(targets)
+        sums[ckpt] = tok.sums
+    for n in sums[False]:
+        assert sums[False][n].abs().sum() > 0
+        torch.testing.assert_close(sums[True][n], sums[False][n], rtol=1e-5, atol=1e-9)
