@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     ap.add_argument("--eval-seeds", default="", help="extra held-out samples to evaluate each row on")
+    ap.add_argument("--report", action="store_true", help="only print the table of the JSON file")
     args = ap.parse_args(argv)
+    if args.report:
+        print(table(json.loads(Path(args.json).read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -199,21 +203,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+REF_DENSE = 49.29
+
+
 def table(results: dict) -> str:
-    lines = [
-        "| row | held-out ppl | reference code | prune wall (s) | prune CPU (s) | sparsity |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row, r in results["rows"].items():
-        ref = REFERENCE.get(row)
+    """Markdown table of the rows, with each perplexity divided by the dense model's on the same windows
+    (the held-out text differs from the reference's, so ratios are what compare across splits)."""
+    rows = results["rows"]
+    dense = rows.get("dense", {})
+    seeds = sorted({k for r in rows.values() for k in r if k.startswith("ppl_eval_seed_")})
+    head = ["row", "held-out ppl", "/ dense"] + [f"seed {k.rsplit('_', 1)[1]} (/ dense)" for k in seeds]
+    head += ["reference code (/ dense 49.29)", "prune wall s", "prune CPU s", "sparsity"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, r in rows.items():
         ppl = r["ppl"]
-        lines.append(
-            f"| {row} | {ppl:.2f} | {ref if ref else '-'} | "
-            f"{r.get('prune_s', float('nan')):.0f} | {r.get('prune_cpu_s', float('nan')):.0f} | "
-            f"{r.get('sparsity', 0):.4f} |"
-            if math.isfinite(ppl)
-            else f"| {row} | {ppl} | - | - | - | - |"
-        )
+        cells = [f"`{row}`", f"{ppl:.2f}", f"{ppl / dense['ppl']:.3f}" if dense else "-"]
+        for k in seeds:
+            v, d = r.get(k), dense.get(k)
+            cells.append(f"{v:.2f} ({v / d:.3f})" if v and d else "-")
+        ref = REFERENCE.get(row)
+        cells.append(f"{ref} ({ref / REF_DENSE:.3f})" if ref else "-")
+        cells += [f"{r['prune_s']:.0f}" if "prune_s" in r else "-",
+                  f"{r['prune_cpu_s']:.0f}" if "prune_cpu_s" in r else "-",
+                  f"{r.get('sparsity', 0):.4f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |" if math.isfinite(ppl) else f"| `{row}` | {ppl} |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,8 @@
 """Layer-wise execution on tiny models: same outputs as the full model when nothing is pruned, any block
 signature, and end to end through prune_ -> save -> from_pretrained."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -250,3 +252,9 @@ def test_global_scope_in_layer_wise_mode_prunes_the_whole_model_global_mask(crit
 def test_bad_settings_are_one_line_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         PruneConfig(**kw)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=str)
+def test_every_shipped_pruning_config_is_valid(path):
+    cfg = PruneConfig.from_yaml(path, progress=False)
+    assert cfg.model == "builtin:smollm2-135m" and cfg.output_dir
