@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from llm_gradprune import allocation, criteria
 from llm_gradprune.calibrate import calibrate
-from llm_gradprune.config import PruneConfig, parse_pattern
+from llm_gradprune.config import SCOPES, PruneConfig, parse_pattern
 from llm_gradprune.data import load_blocks, micro_batches, token_hash
 from llm_gradprune.evaluate import perplexity
 from llm_gradprune.masks import apply_mask_, iter_masks
@@ -214,6 +214,55 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: dict) -> str:
+    """Criterion x scope at 50% unstructured (uniform), plus 2:4; then the sparsity sweep."""
+
+    def cell(spec: str) -> str:
+        return f"{rows[spec]['ppl']:,.2f}" if spec in rows else "-"
+
+    crits = sorted({r["criterion"] for k, r in rows.items() if k != "dense"})
+    out = ["| criterion | per tensor 50% | per row 50% | global 50% | 2:4 |", "|---|---|---|---|---|"]
+    for c in crits:
+        out.append(
+            f"| {c} | " + " | ".join(cell(f"{c}/{s}/0.5") for s in SCOPES) + f" | {cell(f'{c}/nm/2:4')} |"
+        )
+    sweep: dict[str, dict[float, float]] = {}
+    for k, r in rows.items():
+        if (
+            k != "dense"
+            and r["pattern"] == "unstructured"
+            and r["allocation"] == "uniform"
+            and not r["params"]
+        ):
+            sweep.setdefault(f"{r['criterion']}/{r['scope']}", {})[r["sparsity"]] = r["ppl"]
+    levels = sorted({s for v in sweep.values() for s in v})
+    out += ["", "| sweep | " + " | ".join(f"{s:.0%}" for s in levels) + " |", "|---|" + "---|" * len(levels)]
+    for name, v in sorted(sweep.items()):
+        if len(v) > 1:
+            out.append(f"| {name} | " + " | ".join(f"{v[s]:,.2f}" if s in v else "-" for s in levels) + " |")
+    return "\n".join(out)
+
+
+def seed_table(results: dict) -> str:
+    """Rows measured on other held-out samples (--eval-seed): how much the protocol's own sample moves them."""
+    stores = {0: results["rows"]} | {
+        int(k.rsplit("_", 1)[1]): v for k, v in results.items() if k.startswith("rows_eval_seed_")
+    }
+    specs = [k for k in results["rows"] if k != "dense" and all(k in v for v in stores.values())]
+    if len(stores) < 2 or not specs:
+        return ""
+    out = ["| held-out sample | dense | " + " | ".join(f"`{k}` (/ dense)" for k in specs) + " |",
+           "|---|---|" + "---|" * len(specs)]  # fmt: skip
+    for seed, v in sorted(stores.items()):
+        d = v["dense"]["ppl"]
+        out.append(
+            f"| seed {seed} | {d:.2f} | "
+            + " | ".join(f"{v[k]['ppl']:.2f} ({v[k]['ppl'] / d:.2f})" for k in specs)
+            + " |"
+        )
+    return "\n".join(out)
+
+
 def plot(rows: dict, path: Path) -> None:
     import matplotlib
 
@@ -245,7 +294,10 @@ START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
 
 def report(args) -> None:
     results = json.loads(args.json.read_text())
-    text = table(results["rows"])
+    ordered = dict(sorted(results["rows"].items(), key=lambda kv: (
+        kv[0] != "dense", kv[1].get("pattern", ""), kv[1].get("sparsity", 0), kv[1].get("allocation", ""),
+        kv[1].get("criterion", ""), kv[1].get("scope", ""))))  # fmt: skip
+    text = "\n\n".join(t for t in (pivot(results["rows"]), seed_table(results), table(ordered)) if t)
     print(text)
     if results.get("screen"):
         print("\nscreen (calibration-block perplexity):")
