@@ -120,9 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     ap.add_argument("--eval-seeds", default="", help="extra held-out samples to evaluate each row on")
     ap.add_argument("--report", action="store_true", help="only print the table of the JSON file")
+    ap.add_argument("--markdown", type=Path, help="with --report: replace the table between the markers here")
     args = ap.parse_args(argv)
     if args.report:
-        print(table(json.loads(Path(args.json).read_text())))
+        text = table(json.loads(Path(args.json).read_text()))
+        print(text)
+        if args.markdown:
+            md = args.markdown.read_text()
+            start, end = "<!-- bench_reconstruction:start -->", "<!-- bench_reconstruction:end -->"
+            if start not in md or end not in md:
+                raise SystemExit(f"{args.markdown}: no {start} ... {end} markers to replace")
+            md = md[: md.index(start) + len(start)] + "\n" + text + "\n" + md[md.index(end) :]
+            args.markdown.write_text(md)
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
