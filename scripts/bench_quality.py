@@ -274,7 +274,8 @@ def plot(rows: dict, path: Path) -> None:
         if spec == "dense" or r["pattern"] != "unstructured" or r["allocation"] != "uniform" or r["params"]:
             continue
         curves.setdefault(f"{r['criterion']}/{r['scope']}", []).append((r["sparsity"], r["ppl"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = {k: v for k, v in curves.items() if len(v) > 1}  # single 50% points live in the tables
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, pts in sorted(curves.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -284,7 +285,7 @@ def plot(rows: dict, path: Path) -> None:
     ax.set_xlabel("sparsity of target weights")
     ax.set_ylabel("held-out IMDB perplexity (log)")
     ax.set_title("SmolLM2-135M, 64x512 calibration / 64x512 held-out")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
