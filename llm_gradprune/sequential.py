@@ -265,44 +265,39 @@ def prune_sequential_(
     hessian_bytes: dict[str, int] = {}
 
     def prune_group(group: list[str], hess: Hessians | None, acts: ActStats | None) -> None:
-        if is_sgpt:
-            for pname in group:
+        score_fn = None if is_sgpt else make_score_fn(crit, kw, params, grad_stats, acts, tok_stats)
+        for pname in group:
+            weight = params[pname].data
+            H = hess.hessian(pname.removesuffix(".weight")) if hess is not None else None
+            if is_sgpt:
                 prior = None
                 if cfg.sparsegpt_grad_exp:
-                    prior = sparsegpt_prior(cfg, pname, grad_stats, tok_stats, dense_acts)
-                    prior = prior.to(params[pname].device)
+                    prior = sparsegpt_prior(cfg, pname, grad_stats, tok_stats, dense_acts).to(weight.device)
                 # lsq refits from the dense weights: sparsegpt_ overwrites them with its greedy update
-                dense_w = params[pname].data.clone() if cfg.reconstruct == "lsq" else None
+                dense_w = weight.clone() if cfg.reconstruct == "lsq" else None
                 mask, info = sparsegpt_(
-                    params[pname].data, hess.hessian(pname.removesuffix(".weight")),
-                    sparsity=(sparsity or {}).get(pname, cfg.sparsity), nm=cfg.nm,
+                    weight, H, sparsity=(sparsity or {}).get(pname, cfg.sparsity), nm=cfg.nm,
                     blocksize=cfg.blocksize, percdamp=cfg.percdamp, prior=prior,
                 )  # fmt: skip
                 if dense_w is not None:  # keep SparseGPT's mask, refit the kept weights exactly
-                    params[pname].data.copy_(dense_w)
+                    weight.copy_(dense_w)
                     del dense_w
-                    info = {**info, **lsq_update_(params[pname].data, hess.hessian(pname.removesuffix(".weight")),
-                                                  mask, percdamp=cfg.percdamp)}  # fmt: skip
-                _record(pname, mask, info, params, per_tensor, masks, cfg)
-                hessian_bytes[pname] = hess.nbytes(pname.removesuffix(".weight"))
-            return
-        score_fn = make_score_fn(crit, kw, params, grad_stats, acts, tok_stats)
-        for pname, mask in iter_masks(
-            group, score_fn, scope=scope, sparsity=sparsity or cfg.sparsity, nm=cfg.nm,
-            chunk_elems=cfg.select_chunk_elems,
-        ):  # fmt: skip
-            mask = mask.view(params[pname].shape).to(params[pname].device)
-            info: dict[str, Any] = {}
-            if cfg.reconstruct == "lsq":
-                info = lsq_update_(params[pname].data, hess.hessian(pname.removesuffix(".weight")), mask,
-                                   percdamp=cfg.percdamp)  # fmt: skip
-                hessian_bytes[pname] = hess.nbytes(pname.removesuffix(".weight"))
-            elif reconstruct:
-                info = obs_update_(params[pname].data, hess.hessian(pname.removesuffix(".weight")), mask,
-                                   blocksize=cfg.blocksize, percdamp=cfg.percdamp)  # fmt: skip
-                hessian_bytes[pname] = hess.nbytes(pname.removesuffix(".weight"))
+                    info = {**info, **lsq_update_(weight, H, mask, percdamp=cfg.percdamp)}
             else:
-                apply_mask_(params[pname].data, mask)
+                ((_, mask),) = iter_masks(
+                    [pname], score_fn, scope=scope, sparsity=sparsity or cfg.sparsity, nm=cfg.nm,
+                    chunk_elems=cfg.select_chunk_elems,
+                )  # fmt: skip
+                mask = mask.view(weight.shape).to(weight.device)
+                info: dict[str, Any] = {}
+                if cfg.reconstruct == "lsq":
+                    info = lsq_update_(weight, H, mask, percdamp=cfg.percdamp)
+                elif reconstruct:
+                    info = obs_update_(weight, H, mask, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+                else:
+                    apply_mask_(weight, mask)
+            if H is not None:
+                hessian_bytes[pname] = hess.nbytes(pname.removesuffix(".weight"))
             _record(pname, mask, info, params, per_tensor, masks, cfg)
 
     t_stats = t_prune = t_forward = 0.0
