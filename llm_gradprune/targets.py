@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

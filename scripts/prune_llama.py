@@ -8,7 +8,7 @@ Takes exactly the flags of `llm-gradprune prune` (see --help); this file only fo
 
 import sys
 
-from llm_gradprune.cli import main
+from llm_gradprune.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["prune", *sys.argv[1:]]))

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from llm_gradprune import PruneConfig, prune_
-from llm_gradprune.allocation import (
+from llm_gradprune.errors import ConfigError
+from llm_gradprune.scoring.allocation import (
     exact_sparsities,
     layer_key,
     outlier_ratio,
     owl_densities,
     owl_sparsities,
 )
-from llm_gradprune.config import ConfigError
-from llm_gradprune.select import num_to_prune
+from llm_gradprune.selection.select import num_to_prune
 
 from .conftest import make_blocks, make_tiny_llama
 
@@ -86,8 +86,8 @@ def test_owl_end_to_end_on_tiny_llama(criterion):
         layer = model.model.layers[1]
         layer.input_layernorm.weight[:2] = 40.0
         layer.post_attention_layernorm.weight[:2] = 40.0
-    cfg = PruneConfig(criterion=criterion, allocation="owl", owl_lambda=0.1, scope="row", sparsity=0.5,
-                      num_samples=2, seq_len=16, progress=False)  # fmt: skip
+    cfg = PruneConfig(criterion=criterion, allocation="owl", allocation_params={"lambda": 0.1}, scope="row",
+                      sparsity=0.5, progress=False)  # fmt: skip
     result = prune_(model, list(make_blocks(2, 16).split(1)), cfg)
     rep = result.report
     assert rep["masked_weights"] == rep["target_weights"] // 2  # overall exact
@@ -110,5 +110,12 @@ def test_owl_config_errors():
         PruneConfig(allocation="owl", pattern="2:4")
     with pytest.raises(ConfigError, match="allocation 'owls' is unknown"):
         PruneConfig(allocation="owls")
-    with pytest.raises(ConfigError, match="owl_lambda -0.1"):
-        PruneConfig(owl_lambda=-0.1)
+    with pytest.raises(ConfigError, match=r"allocation 'owl' parameter lambda -0.1 must be >= 0"):
+        PruneConfig(allocation="owl", allocation_params={"lambda": -0.1})
+    # a layer sparsity would leave [0, 1): 0.5 + 0.9 > 1
+    with pytest.raises(
+        ConfigError, match=r"lambda 0.9 lets a layer's sparsity leave \[0, 1\) around sparsity 0.5"
+    ):
+        PruneConfig(allocation="owl", allocation_params={"lambda": 0.9})
+    with pytest.raises(ConfigError, match="allocation 'uniform' has no parameter 'lambda'"):
+        PruneConfig(allocation_params={"lambda": 0.1})

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_gradprune import cli, pruner
+from llm_gradprune import commands as cli
+from llm_gradprune.calibration import loop
 
 from .tiny_folder import make_model_folder, make_text_file
 
@@ -109,7 +110,9 @@ def state_without_resume(ws, a):
     state.mkdir(parents=True)
     save_file({"x": torch.zeros(1)}, state / "stats-00000.safetensors")
     size = (state / "stats-00000.safetensors").stat().st_size
-    meta = {"version": 1, "batches_done": 2, "files": {"stats-00000.safetensors": size}}
+    from llm_gradprune.io.calib_state import STATE_VERSION
+
+    meta = {"version": STATE_VERSION, "batches_done": 2, "files": {"stats-00000.safetensors": size}}
     (state / "state.json").write_text(json.dumps(meta))
     return ["--checkpoint-every", "2"]
 
@@ -118,26 +121,23 @@ def _saved_state(ws, a):
     """A real calibration state of the good run (2 of 4 batches done), as a killed run leaves it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_gradprune.calibrate import calibrate
-    from llm_gradprune.config import PruneConfig
-    from llm_gradprune.data import load_blocks, micro_batches, token_hash
-    from llm_gradprune.resume import checkpointer_for
-    from llm_gradprune.stats import GradStats
-    from llm_gradprune.targets import find_targets
+    from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
+    from llm_gradprune.calibration.loop import gather_statistics
+    from llm_gradprune.config import JobConfig
+    from llm_gradprune.io.calib_state import checkpointer_for
+    from llm_gradprune.plan import make_plan
 
     model_dir = _copy_model(a["model"], ws / "model")
     text = ws / "t.txt"
     text.write_bytes(a["text"].read_bytes())
-    cfg = PruneConfig(model=str(model_dir), dataset=str(text), num_samples=4, seq_len=16,
-                      output_dir=str(ws / "out"), checkpoint_every=2, progress=False)  # fmt: skip
+    cfg = JobConfig.from_flat({"model": str(model_dir), "dataset": str(text), "num_samples": 4, "seq_len": 16,
+                               "output_dir": str(ws / "out"), "checkpoint_every": 2, "progress": False})  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(model_dir))
-    params = {f"{n}.weight": m.weight for n, m in find_targets(model).items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    plan = make_plan(model, cfg.prune, resume=True)
     ckpt = checkpointer_for(cfg, model, token_hash(blocks))
-    calibrate(model, micro_batches(blocks, 1)[:2], GradStats(params, {"grad_sq_sum"}), None,
-              progress=False, checkpointer=ckpt)  # fmt: skip
+    gather_statistics(model, micro_batches(blocks, 1)[:2], plan.whole_stats, plan.targets, checkpointer=ckpt,
+                      progress=False)  # fmt: skip
     return ["--model", str(model_dir), "--dataset", str(text), "--checkpoint-every", "2", "--resume"]
 
 
@@ -207,9 +207,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     def no_calibration(*a, **k):
         raise AssertionError("calibration started before the bad input was refused")
 
-    monkeypatch.setattr(pruner, "calibrate", no_calibration)
     ws = tmp_path
     extra = setup(ws, assets)
+    monkeypatch.setattr(loop, "calibrate", no_calibration)
     args = ["prune", "--model", str(assets["model"]), "--dataset", str(assets["text"]), "--num-samples", "4",
             "--seq-len", "16", "--output-dir", str(ws / "out"), "--no-progress", *extra]  # fmt: skip
     before = snapshot(ws, assets["model"])
@@ -230,5 +230,9 @@ def test_unreachable_hub_model_is_one_line(assets, tmp_path, capsys, monkeypatch
     assert cli.main(["prune", "--model", "no-such-org/no-such-model", "--output-dir", str(tmp_path / "o"),
                      "--no-progress"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "model 'no-such-org/no-such-model' cannot be loaded" in err, err
+    assert err.count("\n") == 0, err
+    assert (
+        "model 'no-such-org/no-such-model' could not be reached at https://huggingface.co (HF_HUB_OFFLINE is set)"
+        in err
+    )
     assert snapshot(tmp_path) == before

@@ -1,4 +1,5 @@
-"""The CLI is generated from the config: every key is a flag, flags beat YAML, bad values exit 2."""
+"""The command line: flags generated from the config, grouped help, flags beat YAML, one-line errors with a
+"did you mean" for typos, --version, python -m llm_gradprune, and the README's accelerate launch path."""
 
 import dataclasses
 import json
@@ -10,52 +11,126 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_gradprune import cli
-from llm_gradprune.config import ConfigError, PruneConfig
+from llm_gradprune import JobConfig, PruneConfig
+from llm_gradprune import commands as cli
+from llm_gradprune.commands.prune import config_from_args
+from llm_gradprune.config import param_aliases
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_help_lists_every_option_with_default(capsys):
+def prune_args(*argv):
+    parser, _ = cli.build_parser()
+    return parser.parse_args(["prune", *argv])
+
+
+def test_help_lists_every_option_once_with_its_default_and_in_groups(capsys):
     with pytest.raises(SystemExit):
         cli.main(["prune", "--help"])
     out = capsys.readouterr().out
-    for f in dataclasses.fields(PruneConfig):
+    fields = [f for f in dataclasses.fields(JobConfig) if f.name != "prune"] + list(
+        dataclasses.fields(PruneConfig)
+    )
+    for f in fields:
         assert "--" + f.name.replace("_", "-") in out, f.name
-    assert "default: 'token_fisher'" in " ".join(out.split())
+    for key in param_aliases():
+        assert "--" + key.replace("_", "-") in out, key
+    flat = " ".join(out.split())
+    assert "(default: token_fisher)" in flat and flat.count("(default: default: ") == 0
+    for title in ("model and data:", "method:", "method parameters:", "calibration:", "layer-wise:",
+                  "evaluation:", "output:", "distributed:", "resume:"):  # fmt: skip
+        assert title in out, title
+    for line in out.splitlines():  # one "(default: ...)" per option at most
+        assert line.count("(default:") <= 1, line
 
 
 def test_flags_override_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"num_samples": 8, "criterion": "taylor", "include": ["mlp"]}))
-    args = cli.build_parser().parse_args(
-        ["prune", "--config", str(path), "--num-samples", "3", "--no-progress"]
+    cfg = config_from_args(prune_args("--config", str(path), "--num-samples", "3", "--no-progress"))
+    assert (cfg.num_samples, cfg.prune.criterion, cfg.prune.include, cfg.prune.progress) == (
+        3,
+        "taylor",
+        ["mlp"],
+        False,
     )
-    cfg = cli.config_from_args(args)
-    assert (cfg.num_samples, cfg.criterion, cfg.include, cfg.progress) == (3, "taylor", ["mlp"], False)
+
+
+def test_parameter_flags_reach_the_criterion_and_the_allocation():
+    cfg = config_from_args(prune_args("--criterion", "gblm", "--gblm-alpha", "5", "--allocation", "owl",
+                                      "--owl-lambda", "0.1"))  # fmt: skip
+    assert cfg.prune.criterion_params == {"alpha": 5.0}
+    assert cfg.prune.allocation_params == {"m": 5.0, "lambda": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "--sparsity", "abc"], "argument --sparsity: invalid float value: 'abc'"),
+        (["prune", "--sparsityy", "0.3"], "unrecognized arguments: --sparsityy 0.3 (did you mean --sparsity?)"),
+        (["prune", "--criterion", "snip"], "criterion 'snip' is unknown: choose one of magnitude"),
+        (["prune", "--gblm-alpha", "2"], "gblm_alpha applies to criterion 'gblm', but the criterion is 'token_fisher'"),
+        (["prune", "--criterion", "blend", "--criterion-params", "weight: abc"],
+         "criterion 'blend' parameter weight 'abc' must be a number"),
+        (["prune", "--blend-weight", "abc"], "argument --blend-weight: invalid float value: 'abc'"),
+        (["prune", "--max-shard-size", "abc"], "max_shard_size 'abc' is not a size"),
+        (["eval", "x", "--num-samples", "3"], "unrecognized arguments: --num-samples 3 (did you mean --eval-num-samples?)"),
+        (["prunee"], "argument command: invalid choice: 'prunee'"),
+    ],
+)  # fmt: skip
+def test_a_bad_command_line_is_one_line(argv, message, capsys, tmp_path):
+    code = None
+    try:
+        code = cli.main([*argv, "--output-dir", str(tmp_path / "o")] if argv[0] == "prune" else argv)
+    except SystemExit as err:
+        code = err.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("llm-gradprune: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_version_and_python_dash_m(capsys):
+    from llm_gradprune import __version__
+
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--version"])
+    assert err.value.code == 0 and capsys.readouterr().out.strip() == f"llm-gradprune {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "llm_gradprune", "--version"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == f"llm-gradprune {__version__}"
 
 
 def test_unknown_yaml_key_suggests_nearest(tmp_path):
+    from llm_gradprune.errors import ConfigError
+
     path = tmp_path / "c.yaml"
     path.write_text("num_sample: 4\n")
     with pytest.raises(
         ConfigError, match="unknown config key 'num_sample' \\(did you mean 'num_samples'\\?\\)"
     ):
-        PruneConfig.from_yaml(path)
-
-
-def test_bad_value_exits_2_with_one_line(tmp_path, capsys):
-    assert cli.main(["prune", "--criterion", "snip", "--output-dir", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "'snip'" in err
-    assert not (tmp_path / "o").exists()
+        JobConfig.from_yaml(path)
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = PruneConfig(criterion="blend", pattern="4:8", blend={"grad": 1.0})
+    cfg = JobConfig.from_flat({"criterion": "blend", "pattern": "4:8", "blend_grad": 1.0, "num_samples": 8})
     cfg.save_yaml(tmp_path / "p.yaml")
-    again = PruneConfig.from_yaml(tmp_path / "p.yaml")
-    assert again.to_dict() == cfg.to_dict() and again.nm == (4, 8)
+    again = JobConfig.from_yaml(tmp_path / "p.yaml")
+    assert again.to_flat() == cfg.to_flat() and again.prune.nm == (4, 8)
+    assert again.prune.criterion_params == {"weight": 1.0, "act": 1.0, "grad": 1.0}
+    for kw in ({"criterion": "sparsegpt", "pattern": "2:4"}, {"reconstruct": "lsq", "scope": "global"},
+               {"allocation": "owl"}):  # fmt: skip
+        cfg = JobConfig.from_flat(kw)
+        cfg.save_yaml(tmp_path / "q.yaml")
+        assert JobConfig.from_yaml(tmp_path / "q.yaml").to_flat() == cfg.to_flat()
+
+
+def test_job_and_method_settings_are_apart():
+    """The library config carries no job field (paths, data, Hub); the job holds one PruneConfig."""
+    job_only = {"model", "dataset", "output_dir", "num_samples", "seq_len", "state_dir", "max_shard_size"}
+    assert not job_only & {f.name for f in dataclasses.fields(PruneConfig)}
+    assert isinstance(JobConfig().prune, PruneConfig)
 
 
 @pytest.mark.slow

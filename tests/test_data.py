@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from llm_gradprune.calibration.data import iter_texts, micro_batches, pack_blocks, shard
 from llm_gradprune.config import ConfigError
-from llm_gradprune.data import iter_texts, micro_batches, pack_blocks, shard
 
 
 class CharTokenizer:

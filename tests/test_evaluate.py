@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_gradprune import cli
-from llm_gradprune.assets import resolve_model
-from llm_gradprune.config import ConfigError, PruneConfig
+from llm_gradprune import commands as cli
+from llm_gradprune.calibration.assets import resolve_model
+from llm_gradprune.config import JobConfig
+from llm_gradprune.errors import ConfigError
 from llm_gradprune.evaluate import perplexity
 
 from .conftest import make_blocks, make_tiny_llama
@@ -111,12 +112,13 @@ def tiny_dir(tmp_path):
 def test_eval_cli_json_matches_library(tiny_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_gradprune.data import load_blocks
+    from llm_gradprune.calibration.data import load_blocks
 
-    argv = ["eval", str(tiny_dir), "--num-samples", "3", "--seq-len", "32", "--batch-size", "2", "--json"]
+    argv = ["eval", str(tiny_dir), "--eval-num-samples", "3", "--eval-seq-len", "32", "--eval-batch-size", "2",
+            "--json"]  # fmt: skip
     assert cli.main(argv) == 0
     got = json.loads(capsys.readouterr().out)
-    cfg = PruneConfig(model=str(tiny_dir), seq_len=32)
+    cfg = JobConfig(model=str(tiny_dir), seq_len=32)
     blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(tiny_dir), split="test", num_blocks=3)
     want = perplexity(AutoModelForCausalLM.from_pretrained(tiny_dir), blocks, progress=False)
     assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
@@ -124,20 +126,26 @@ def test_eval_cli_json_matches_library(tiny_dir, capsys):
 
 
 def test_eval_cli_bad_split_is_one_line(tiny_dir, capsys):
-    assert cli.main(["eval", str(tiny_dir), "--split", "dev", "--num-samples", "1", "--seq-len", "8"]) == 2
+    assert (
+        cli.main(
+            ["eval", str(tiny_dir), "--eval-split", "dev", "--eval-num-samples", "1", "--eval-seq-len", "8"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert err.startswith("llm-gradprune: error: split 'dev'")
 
 
 def test_prune_eval_records_dense_and_pruned(tiny_dir, tmp_path):
-    from llm_gradprune.pipeline import run_eval, run_prune
+    from llm_gradprune.job import run_eval, run_prune
 
     common = {"model": str(tiny_dir), "seq_len": 32, "progress": False, "eval_num_samples": 2}
-    cfg = PruneConfig(**common, criterion="wanda", num_samples=2, eval=True, output_dir=str(tmp_path / "o"))
+    cfg = JobConfig.from_flat({**common, "criterion": "wanda", "num_samples": 2, "eval": True,
+                               "output_dir": str(tmp_path / "o")})  # fmt: skip
     report = run_prune(cfg)
     ev = report["eval"]
-    dense = run_eval(PruneConfig(**common))
-    pruned = run_eval(PruneConfig(**{**common, "model": str(tmp_path / "o")}))
+    dense = run_eval(JobConfig.from_flat(common))
+    pruned = run_eval(JobConfig.from_flat({**common, "model": str(tmp_path / "o")}))
     assert ev["dense_ppl"] == pytest.approx(dense["ppl"], rel=1e-5)
     assert ev["pruned_ppl"] == pytest.approx(pruned["ppl"], rel=1e-5)
     assert ev["dense_ppl"] != pytest.approx(ev["pruned_ppl"], rel=1e-4)
@@ -153,4 +161,4 @@ def test_prune_eval_records_dense_and_pruned(tiny_dir, tmp_path):
 )  # fmt: skip
 def test_bad_eval_values(kw, bad):
     with pytest.raises(ConfigError, match=bad):
-        PruneConfig(**kw)
+        JobConfig(**kw)

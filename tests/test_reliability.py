@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_gradprune import cli
-from llm_gradprune.checkpoint import swap_dirs
-from llm_gradprune.config import PruneConfig
-from llm_gradprune.data import load_blocks, token_hash
-from llm_gradprune.pipeline import run_prune
+from llm_gradprune import commands as cli
+from llm_gradprune.calibration.data import load_blocks, token_hash
+from llm_gradprune.config import JobConfig
+from llm_gradprune.io.atomic import swap_dirs
+from llm_gradprune.job import run_prune
 
 from .tiny_folder import kill_when_paused, make_model_folder, make_text_file, start_cli
 
@@ -101,7 +101,7 @@ def test_hub_token_never_reaches_report_config_card_or_logs(assets, tmp_path, mo
 
 
 def test_safe_defaults():
-    cfg = PruneConfig()
+    cfg = JobConfig()
     assert cfg.trust_remote_code is False  # remote code only when the user passes --trust-remote-code
     # use_safetensors: tests/test_bad_input.py::...[model-only-pickled-bin] shows a .bin-only model refused
 
@@ -117,7 +117,7 @@ def test_same_seed_gives_byte_identical_checkpoints(assets, tmp_path):
     ra, rb = (json.loads((x / "pruning_report.json").read_text()) for x in (a, b))
     assert ra["seed"] == 5 and ra["per_tensor"] == rb["per_tensor"]
     # the recorded hash is the sha256 of exactly the calibration tokens used
-    cfg = PruneConfig(
+    cfg = JobConfig(
         model=str(assets["model"]), dataset=str(assets["text"]), num_samples=4, seq_len=16, seed=5
     )
     from transformers import AutoTokenizer
@@ -133,8 +133,8 @@ def test_same_seed_gives_byte_identical_checkpoints(assets, tmp_path):
 def test_run_prune_library_path_matches_cli(assets, tmp_path):
     """The same config through the library call gives the CLI's bytes (no hidden state in the shell)."""
     assert cli.main(_args(assets, tmp_path / "cli")) == 0
-    cfg = PruneConfig(model=str(assets["model"]), dataset=str(assets["text"]), num_samples=4, seq_len=16,
-                      output_dir=str(tmp_path / "lib"), progress=False)  # fmt: skip
+    cfg = JobConfig.from_flat({"model": str(assets["model"]), "dataset": str(assets["text"]), "num_samples": 4,
+                               "seq_len": 16, "output_dir": str(tmp_path / "lib"), "progress": False})  # fmt: skip
     run_prune(cfg)
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (
         tmp_path / "lib" / "model.safetensors"
@@ -142,14 +142,15 @@ def test_run_prune_library_path_matches_cli(assets, tmp_path):
 
 
 def test_checkpoint_whose_zeros_differ_from_the_report_is_not_installed(tmp_path):
-    from llm_gradprune.checkpoint import VerificationError, save_pruned
-    from llm_gradprune.pruner import prune_
+    from llm_gradprune import prune_
+    from llm_gradprune.io.checkpoint import VerificationError, save_pruned
 
     from .conftest import make_tiny_llama
 
     model = make_tiny_llama()
-    cfg = PruneConfig(criterion="magnitude", num_samples=0, output_dir=str(tmp_path / "out"), progress=False)
-    report = prune_(model, None, cfg, return_masks=False).report
+    cfg = JobConfig.from_flat({"criterion": "magnitude", "num_samples": 0, "output_dir": str(tmp_path / "out"),
+                               "progress": False})  # fmt: skip
+    report = prune_(model, None, cfg.prune, return_masks=False).report
     name = next(iter(report["per_tensor"]))
     report["per_tensor"][name]["zeros"] += 1  # the report claims one zero more than was written
     with pytest.raises(VerificationError, match=f"{name}: .* zeros written but the report says"):
@@ -161,7 +162,7 @@ def test_checkpoint_whose_zeros_differ_from_the_report_is_not_installed(tmp_path
 def test_zero_count_streams_in_chunks_that_split_tensors(tmp_path, dtype):
     from safetensors.torch import save_file
 
-    from llm_gradprune.checkpoint import count_zeros
+    from llm_gradprune.io.checkpoint import count_zeros
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(37, 53, generator=g).to(dtype) for i in range(3)}

@@ -7,24 +7,24 @@ state save, and checks the resumed checkpoint is byte-identical to an uninterrup
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from llm_gradprune import cli
-from llm_gradprune.calibrate import calibrate, causal_lm_loss
-from llm_gradprune.config import ConfigError, PruneConfig
-from llm_gradprune.resume import (
+from llm_gradprune import commands as cli
+from llm_gradprune.calibration.loop import calibrate, causal_lm_loss
+from llm_gradprune.calibration.stats import ActStats, GradStats, Statistics
+from llm_gradprune.config import JobConfig
+from llm_gradprune.errors import ConfigError
+from llm_gradprune.io.calib_state import (
     CalibCheckpointer,
     check_state,
     config_identity,
     latest_state,
     model_fingerprint,
 )
-from llm_gradprune.stats import ActStats, GradStats
 from llm_gradprune.targets import find_targets
 
 from .conftest import make_blocks, make_tiny_llama
@@ -44,7 +44,7 @@ def _stats(model):
 
 
 def _identity(model, cfg=None):
-    return {"config": config_identity(cfg or PruneConfig()), "model": model_fingerprint(model), "data": "d"}
+    return {"config": config_identity(cfg or JobConfig()), "model": model_fingerprint(model), "data": "d"}
 
 
 def _run(model, batches, ckpt=None, crash_at=None):
@@ -58,7 +58,14 @@ def _run(model, batches, ckpt=None, crash_at=None):
         # a little randomness in the loss, so a resume must restore the RNG state to match
         return causal_lm_loss(m, b) * (1 + 0.01 * torch.rand(()))
 
-    counters = calibrate(model, batches, gs, acts, loss_fn=loss_fn, progress=False, checkpointer=ckpt)
+    counters = calibrate(
+        model,
+        batches,
+        Statistics({"grad": gs, "act": acts}),
+        loss_fn=loss_fn,
+        progress=False,
+        checkpointer=ckpt,
+    )
     return gs, acts, counters
 
 
@@ -107,7 +114,7 @@ def test_changed_config_model_or_data_is_refused_naming_the_difference(tmp_path)
     model = make_tiny_llama()
     batches = [make_blocks(n=1, seed=i) for i in range(2)]
     _run(model, batches, CalibCheckpointer(tmp_path / "s", 1, False, _identity(model)))
-    other_cfg = _identity(model, PruneConfig(seed=3, sparsity=0.6))
+    other_cfg = _identity(model, JobConfig.from_flat({"seed": 3, "sparsity": 0.6}))
     with pytest.raises(ConfigError, match=r"config differs .*seed 0 -> 3.*sparsity 0\.5 -> 0\.6"):
         CalibCheckpointer(tmp_path / "s", 1, True, other_cfg)
     with pytest.raises(ConfigError, match="model's weights differ"):
@@ -115,7 +122,9 @@ def test_changed_config_model_or_data_is_refused_naming_the_difference(tmp_path)
     with pytest.raises(ConfigError, match="calibration tokens differ"):
         CalibCheckpointer(tmp_path / "s", 1, True, {**_identity(model), "data": "other"})
     # run-control keys (where to write, progress bars) may change between the runs
-    ok = _identity(model, PruneConfig(output_dir="elsewhere", progress=False, checkpoint_every=7))
+    ok = _identity(
+        model, JobConfig.from_flat({"output_dir": "elsewhere", "progress": False, "checkpoint_every": 7})
+    )
     assert CalibCheckpointer(tmp_path / "s", 1, True, ok)._found is not None
 
 
@@ -127,7 +136,7 @@ def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
     flushed = []
     gs.flush = lambda: flushed.append(True)
     ckpt = CalibCheckpointer(tmp_path / "s", 2, False, _identity(model))
-    ckpt.restore(gs, acts)
+    ckpt.restore(Statistics({"grad": gs, "act": acts}))
     gs._group_started = {"partial"}  # mid-group at the due batch: no save yet
     ckpt.after_batch(2, 32, 1.0)
     assert latest_state(tmp_path / "s") is None and not flushed
@@ -136,10 +145,6 @@ def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 3 and flushed == [True]
 
 
-@pytest.mark.skipif(
-    "grad_accum" not in inspect.signature(calibrate).parameters,
-    reason="needs gradient accumulation and host staging from the calibration-at-scale branch",
-)
 @pytest.mark.parametrize("stage_on_host", [False, True])
 def test_resume_with_grad_accum_and_host_staging_is_bit_identical(tmp_path, stage_on_host):
     model, blocks = make_tiny_llama(), make_blocks(n=7)
@@ -156,9 +161,8 @@ def test_resume_with_grad_accum_and_host_staging_is_bit_identical(tmp_path, stag
             seen.append(1)
             return causal_lm_loss(m, b)
 
-        c = calibrate(
-            model, batches, gs, acts, loss_fn=loss_fn, progress=False, grad_accum=2, checkpointer=ckpt
-        )
+        c = calibrate(model, batches, Statistics({"grad": gs, "act": acts}), loss_fn=loss_fn, progress=False,
+                      grad_accum=2, checkpointer=ckpt)  # fmt: skip
         return gs, c
 
     ref, ref_c = run()
@@ -180,16 +184,16 @@ def test_fingerprint_sees_a_single_changed_sampled_weight():
 
 
 def test_existing_state_without_resume_is_refused(tmp_path):
-    cfg = PruneConfig(output_dir=str(tmp_path / "out"), checkpoint_every=2)
+    cfg = JobConfig(output_dir=str(tmp_path / "out"), checkpoint_every=2)
     check_state(cfg)  # nothing saved yet
     model = make_tiny_llama()
     state = tmp_path / "out.calib-state"
     _run(model, [make_blocks(n=1)] * 2, CalibCheckpointer(state, 2, False, _identity(model)))
     with pytest.raises(ConfigError, match="saved at batch 2: pass --resume"):
         check_state(cfg)
-    check_state(PruneConfig(output_dir=str(tmp_path / "out"), checkpoint_every=2, resume=True))
+    check_state(JobConfig(output_dir=str(tmp_path / "out"), checkpoint_every=2, resume=True))
     with pytest.raises(ConfigError, match="inside output_dir"):
-        check_state(PruneConfig(output_dir=str(tmp_path), state_dir=str(tmp_path / "s"), resume=True))
+        check_state(JobConfig(output_dir=str(tmp_path), state_dir=str(tmp_path / "s"), resume=True))
 
 
 # -- SIGKILL end to end ---------------------------------------------------------------------------
@@ -254,7 +258,9 @@ def test_resumed_token_fisher_masks_match_uninterrupted(tmp_path):
 
     blocks = make_blocks(n=6)
     batches = [blocks[i : i + 1] for i in range(6)]
-    cfg = PruneConfig(criterion="token_fisher", num_samples=6, seq_len=blocks.shape[1], progress=False)
+    job = JobConfig.from_flat({"criterion": "token_fisher", "num_samples": 6, "seq_len": blocks.shape[1],
+                               "progress": False})  # fmt: skip
+    cfg = job.prune
 
     def run(ckpt=None, crash_at=None):
         model, seen = make_tiny_llama(), []
@@ -268,7 +274,7 @@ def test_resumed_token_fisher_masks_match_uninterrupted(tmp_path):
         return prune_(model, batches, cfg, loss_fn=loss_fn, checkpointer=ckpt).masks
 
     ref = run()
-    ident = _identity(make_tiny_llama(), cfg)
+    ident = _identity(make_tiny_llama(), job)
     with pytest.raises(Crash):
         run(CalibCheckpointer(tmp_path / "s", 2, False, ident), crash_at=5)
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 4

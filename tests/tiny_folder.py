@@ -56,7 +56,7 @@ def start_cli(args: list[str], pause: str | None) -> subprocess.Popen:
     env.pop(PAUSE_ENV, None)
     if pause:
         env[PAUSE_ENV] = pause
-    cmd = [sys.executable, "-m", "llm_gradprune.cli", *args]
+    cmd = [sys.executable, "-m", "llm_gradprune", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

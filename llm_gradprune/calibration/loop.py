@@ -1,0 +1,249 @@
+"""The one Accelerate loop that runs calibration batches and fills the statistics, on every path.
+
+The loop does not own the user's training step: it takes any model, an iterable of batches and a
+`loss_fn(model, batch) -> scalar loss` (the causal-LM loss by default). No optimizer step is taken.
+
+How the work spreads over processes is the collective's business (`parallel.Collective`):
+
+- one process, or a replicated model: each rank runs its own micro-batches. The model is deliberately
+  *not* wrapped in DistributedDataParallel: DDP would average gradients across ranks during backward,
+  and our statistics are sums over micro-batches of per-batch quantities (|g|, g^2) that an average
+  corrupts. Each rank folds its own micro-batches into local fp32 sums (gradients through hooks, the
+  moment autograd produces them); `reduce_statistics_` adds them across ranks once at the end.
+- rows sharded with FSDP2 (`RowShards`): every rank runs its piece of every micro-batch, FSDP's
+  reduce-scatter hands it its rows of the micro-batch gradient, and those are folded after backward,
+  a non-finite one skipped by all ranks together.
+
+Gradient accumulation, activation recompute, statistics placement, skipping of non-finite gradients
+and resume are this loop's, so they behave the same wherever they are allowed (`support.py`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..parallel import Collective
+from .recompute import enable_activation_checkpointing
+from .stats import Statistics, make_statistics
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """Mean next-token loss of a block of token ids (labels = inputs, shifted inside the model)."""
+    if isinstance(batch, dict):
+        return model(**batch).loss
+    return model(input_ids=batch, labels=batch).loss
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def count_tokens(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return batch["input_ids"].numel()
+    return 0
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    stats: Statistics,
+    *,
+    collective: Collective | None = None,
+    accelerator=None,
+    loss_fn: LossFn = causal_lm_loss,
+    progress: bool = True,
+    total: int | None = None,
+    grad_accum: int = 1,
+    checkpointing: bool = False,
+    checkpointer=None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Forward (+ backward when a statistic needs it) every batch once, folding statistics in. Returns counters.
+
+    `grad_accum` > 1 makes one gradient sample the mean gradient of that many consecutive micro-batches
+    (a last, shorter group counts as one sample too); `checkpointing` recomputes layer activations in
+    backward (see recompute.py); `checkpointer` (io.calib_state) saves and restores partial sums.
+    """
+    collective = collective or Collective()
+    if device is None:
+        device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    backward = stats.needs_backward
+    grad = stats.grad
+    forward_hooked = [acc for source, acc in stats.by_source.items() if source != "grad"]
+    # a checkpointed layer's recompute in backward must not count its inputs twice (the per-token
+    # statistic needs no pause: it only counts outputs that require grad)
+    recompute_sensitive = [acc for source, acc in stats.by_source.items() if source in ("act", "hessian")]
+    was_training = model.training
+    model.eval()  # calibration measures the deployed model: no dropout
+    undo_checkpointing, recomputed = None, 0
+    if checkpointing and backward:
+        undo_checkpointing, recomputed = enable_activation_checkpointing(model)
+    if grad is not None:
+        grad.group = grad_accum
+        grad.agree = collective.agree if collective.rows_sharded else None
+        grad.attach(hooks=not collective.rows_sharded)
+    for acc in forward_hooked:
+        acc.attach()
+    n_batches = n_tokens = n_samples = in_group = 0
+    loss_sum = 0.0
+    if checkpointer is not None:  # io.calib_state: continue saved sums, skip their batches
+        n_batches, n_tokens, loss_sum = checkpointer.restore(stats)
+        n_samples = -(-n_batches // grad_accum)
+        batches = itertools.islice(batches, n_batches, None)
+        total = None if total is None else total - n_batches
+    start = time.perf_counter()
+    main = (accelerator is None or accelerator.is_local_main_process) and collective.rank == 0
+    try:
+        for batch in tqdm(
+            batches, total=total, desc="calibration", disable=not (progress and main), unit="batch"
+        ):
+            piece, share = collective.piece(batch)
+            piece = to_device(piece, device)
+            for acc in forward_hooked:  # a rank's empty piece (row shards) records nothing
+                acc.paused = not share
+            if backward:
+                loss = loss_fn(model, piece)
+                for acc in recompute_sensitive:
+                    acc.paused = True
+                scale = collective.grad_scale(share)
+                scaled = loss if scale == 1.0 else loss * scale
+                if accelerator is not None:
+                    accelerator.backward(scaled)
+                else:
+                    scaled.backward()
+                if collective.rows_sharded and grad is not None:
+                    grad.collect_(collective.local)
+            else:  # forward statistics only: no backward needed
+                with torch.no_grad():
+                    loss = loss_fn(model, piece)
+            for acc in forward_hooked:
+                acc.paused = False
+            loss_sum += float(loss.detach()) * share if share != 1.0 else float(loss.detach())
+            n_batches += 1
+            n_tokens += count_tokens(piece) if share else 0
+            in_group += 1
+            if in_group == grad_accum:
+                n_samples += 1
+                in_group = 0
+                if grad is not None and grad_accum > 1:
+                    grad.end_group(grad_accum)
+            if checkpointer is not None:
+                checkpointer.after_batch(n_batches, n_tokens, loss_sum)
+        if in_group:
+            n_samples += 1
+            if grad is not None and grad_accum > 1:
+                grad.end_group(in_group)
+        if checkpointer is not None:
+            # the complete sums too: a crash during selection or saving then recalibrates nothing
+            checkpointer.end(n_batches, n_tokens, loss_sum)
+    finally:
+        if undo_checkpointing is not None:
+            undo_checkpointing()
+        for acc in stats.accumulators():
+            acc.detach()
+        model.train(was_training)
+    return {
+        "batches": n_batches,
+        "samples": n_samples,
+        "tokens": n_tokens,
+        "loss_sum": loss_sum,
+        "mean_loss": loss_sum / max(n_batches, 1),
+        "seconds": time.perf_counter() - start,
+        "recomputed_layers": recomputed,
+    }
+
+
+def reduce_statistics_(
+    stats: Statistics, collective: Collective, chunk_elems: int = 1 << 22
+) -> dict[str, Any]:
+    """Sum local statistics and their per-tensor counts across processes, in place (no-op with one).
+
+    Sums are reduced in chunks of at most `chunk_elems` elements (`parallel.all_reduce_sum_`), so the
+    reduction needs one chunk of extra memory, not a second copy. Row-sharded sums (each rank's own
+    rows, FSDP2) are never added. Returns what it cost (calls, elements, seconds).
+    """
+    accs = [a for a in stats.accumulators() if not getattr(a, "row_sharded", False)]
+    if collective.processes == 1:
+        return {"calls": 0, "elements": 0, "seconds": 0.0}
+    info = collective.sum_([t for a in accs for t in a.tensors().values()], chunk_elems)
+    layout = [(a, key, list(per)) for a in accs for key, per in a.counters().items()]
+    vals = collective.sum_scalars([float(a.counters()[key][n]) for a, key, names in layout for n in names])
+    i = 0
+    for a, key, names in layout:
+        a.load_counters({**a.counters(), key: dict(zip(names, vals[i : i + len(names)], strict=True))})
+        i += len(names)
+    return info
+
+
+def reduce_counters_(counters: dict[str, Any], collective: Collective) -> None:
+    """Sum tokens and loss across processes; batches too, unless every rank saw every micro-batch."""
+    if collective.processes == 1:
+        return
+    vals = collective.sum_scalars(
+        [float(counters["tokens"]), counters["loss_sum"], float(counters["batches"])]
+    )
+    counters["tokens"], counters["loss_sum"] = int(vals[0]), vals[1]
+    if not collective.splits_batches:
+        counters["batches"] = int(vals[2])
+    counters["mean_loss"] = counters["loss_sum"] / max(counters["batches"], 1)
+
+
+def gather_statistics(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    needs: set[str],
+    modules: dict[str, nn.Module],
+    *,
+    collective: Collective | None = None,
+    stats_device: str | None = None,
+    grad_accum: int = 1,
+    checkpointing: bool = False,
+    chunk_elems: int = 1 << 22,
+    loss_fn: LossFn = causal_lm_loss,
+    accelerator=None,
+    progress: bool = True,
+    num_batches: int | None = None,
+    checkpointer=None,
+) -> tuple[Statistics, dict[str, Any]]:
+    """Allocate exactly the accumulators `needs` (mean statistic names) read, fill them in one pass of
+    the loop and reduce them across processes; (statistics, counters). No pass when nothing is needed."""
+    collective = collective or Collective()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    stats = make_statistics(needs, modules, device=stats_device, local=collective.local)
+    if stats.grad is not None:
+        stats.grad.row_sharded = collective.rows_sharded
+    counters = {"batches": 0, "samples": 0, "tokens": 0, "loss_sum": 0.0, "mean_loss": float("nan"),
+                "seconds": 0.0}  # fmt: skip
+    if not needs:
+        return stats, counters
+    if batches is None:
+        raise ValueError("calibration statistics need batches, but none were given")
+    counters = calibrate(
+        model, batches, stats, collective=collective, accelerator=accelerator, loss_fn=loss_fn,
+        progress=progress, total=num_batches, grad_accum=grad_accum, checkpointing=checkpointing,
+        checkpointer=checkpointer,
+    )  # fmt: skip
+    counters["reduce"] = reduce_statistics_(stats, collective, chunk_elems=chunk_elems)
+    reduce_counters_(counters, collective)
+    if counters["batches"] == 0:
+        raise ValueError("calibration needs data but no batch was given")
+    return stats, counters

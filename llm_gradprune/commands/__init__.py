@@ -1,0 +1,78 @@
+"""`llm-gradprune` command line: a thin shell over the library, one file per command.
+
+Each command module has `add_parser(subparsers)` and `run(args) -> exit code`; `COMMANDS` registers
+them. Flags come from the config dataclasses (`flags.py`). Every bad input ends in one line on stderr
+and exit 2; argparse's own errors too (no usage dump), with a "did you mean" hint for a mistyped flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+
+from .. import __version__
+from ..calibration.assets import AssetError
+from ..errors import ConfigError
+from ..registry import Registry
+from . import eval as eval_command
+from . import prune as prune_command
+
+PROG = "llm-gradprune"
+COMMANDS: Registry = Registry("command")
+for _module in (prune_command, eval_command):
+    COMMANDS.add(_module.__name__.rsplit(".", 1)[1], _module)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage block)."""
+
+    def error(self, message: str):
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """One line naming the unknown arguments, with the nearest flag of the command for a typo."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    flags = [a.split("=")[0] for a in extras if a.startswith("--")]
+    known = [o for a in parser._actions for o in a.option_strings]
+    near = difflib.get_close_matches(flags[0], known, n=1) if flags else []
+    return message + (f" (did you mean {near[0]}?)" if near else "")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """(the top-level parser, each command's parser)."""
+    parser = OneLineParser(prog=PROG, description=(__doc__ or "").splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    commands = {}
+    for name in COMMANDS:
+        p = commands[name] = COMMANDS.get(name).add_parser(sub)
+        p.allow_abbrev = False
+        p.set_defaults(run=COMMANDS.get(name).run)
+    return parser, commands
+
+
+def _log_to_stderr() -> None:
+    log = logging.getLogger("llm_gradprune")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        commands[args.command].error(_unrecognized(commands[args.command], extras))
+    _log_to_stderr()
+    try:
+        return args.run(args)
+    except (ConfigError, AssetError) as err:  # a bad input, or a built-in asset missing
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2

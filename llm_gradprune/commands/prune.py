@@ -1,0 +1,46 @@
+"""`llm-gradprune prune`: calibrate, prune, save and verify a checkpoint (flags = every config key)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import JobConfig, read_yaml
+from .flags import add_field_flags, given
+
+HELP = "calibrate, prune and save a checkpoint"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("prune", help=HELP, description=HELP + "; every YAML key is a flag of the same name")
+    p.add_argument("--config", help="YAML file whose keys are the flags below (flags win)")
+    add_field_flags(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    values = read_yaml(args.config) if args.config else {}
+    return JobConfig.from_flat({**values, **given(args)})
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..job import run_prune
+
+    report = run_prune(config_from_args(args))
+    if "output_dir" not in report:
+        return 0  # not the main process
+    print(
+        f"pruned {report['targets']} tensors: {report['overall_sparsity']:.4%} of "
+        f"{report['target_weights']:,} target weights are zero "
+        f"(criterion {report['criterion']}, scope {report['scope']}, pattern {report['pattern']})"
+    )
+    if "eval" in report:
+        ev = report["eval"]
+        print(
+            f"held-out perplexity: dense {ev['dense_ppl']:.3f}, pruned {ev['pruned_ppl']:.3f} "
+            f"({ev['windows']} windows, {ev['tokens']:,} tokens of {ev['split']})"
+        )
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    print(f"checkpoint: {report['output_dir']} (verified; loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"wall time: {report['timings_s']['before_save'] + report['timings_s']['save_and_verify']:.1f} s")
+    return 0

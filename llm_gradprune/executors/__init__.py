@@ -1,0 +1,50 @@
+"""The library entry point `prune_`, and the one place that decides which executor runs.
+
+    from llm_gradprune import PruneConfig, prune_
+    result = prune_(model, batches, PruneConfig(criterion="fisher", sparsity=0.5))
+
+Works for any `nn.Module`: pass `loss_fn(model, batch)` for models that are not causal LMs and
+`targets` (or include/exclude patterns in the config) to choose the layers. A model whose parameters
+are FSDP2 DTensors is pruned shard by shard; every rank then passes all micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ..calibration.loop import LossFn, causal_lm_loss
+from ..config import PruneConfig
+from ..parallel import collective_for
+from ..plan import PruneResult, make_plan
+from . import layer_wise, whole_model
+
+# executor name (plan.executor) -> its run function; row shards are the whole-model executor with the
+# RowShards collective
+EXECUTORS = {"whole_model": whole_model.run, "layer_wise": layer_wise.run, "sharded": whole_model.run}
+
+
+def prune_(
+    model: nn.Module,
+    batches: Iterable[Any] | None = None,
+    cfg: PruneConfig | None = None,
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    targets: dict[str, nn.Module] | None = None,
+    accelerator=None,
+    return_masks: bool = True,
+    num_batches: int | None = None,
+    checkpointer=None,
+) -> PruneResult:
+    """Calibrate (if the criterion needs it), score, select, update and zero the target weights in place.
+
+    Returned masks hold this rank's rows when the model is row-sharded; report counts are global.
+    """
+    cfg = cfg or PruneConfig()
+    plan = make_plan(model, cfg, targets, collective_for(model), resume=checkpointer is not None)
+    return EXECUTORS[plan.executor](
+        model, batches, plan, loss_fn=loss_fn, accelerator=accelerator, return_masks=return_masks,
+        num_batches=num_batches, checkpointer=checkpointer,
+    )  # fmt: skip

@@ -1,0 +1,63 @@
+"""The whole-model executor: one calibration pass over every target, then one group of all targets.
+
+With the replicated collective each rank folds its own micro-batches and the sums are added once; with
+row shards (FSDP2, `executors/sharded.py`) every rank folds its rows of every micro-batch gradient and
+selects over its rows with thresholds shared through histograms. Nothing else differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.loop import LossFn, causal_lm_loss, gather_statistics
+from ..plan import Plan, PruneResult, Record, Timer, build_report, prune_group, resolve_budgets
+
+
+def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator, num_batches, checkpointer,
+                  needs: set[str] | None = None):  # fmt: skip
+    """The whole-model calibration pass a plan asks for: (statistics, counters); resume counters added."""
+    cfg = plan.cfg
+    stats, counters = gather_statistics(
+        model, batches, plan.whole_stats if needs is None else needs, plan.targets, collective=plan.collective,
+        stats_device="cpu" if cfg.stats_device == "cpu" else None, grad_accum=cfg.grad_accum,
+        checkpointing=cfg.gradient_checkpointing, chunk_elems=cfg.select_chunk_elems, loss_fn=loss_fn,
+        accelerator=accelerator, progress=cfg.progress, num_batches=num_batches, checkpointer=checkpointer,
+    )  # fmt: skip
+    if checkpointer is not None:
+        counters["resumed_from_batch"] = checkpointer.resumed_from
+        counters["state_saves"] = checkpointer.saves
+    return stats, counters
+
+
+def run(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    plan: Plan,
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    accelerator=None,
+    return_masks: bool = True,
+    num_batches: int | None = None,
+    checkpointer=None,
+) -> PruneResult:
+    timer = Timer()
+    stats, counters = statistics_of(plan, model, batches, loss_fn=loss_fn, accelerator=accelerator,
+                                    num_batches=num_batches, checkpointer=checkpointer)  # fmt: skip
+    timer.timings["calibration"] = counters["seconds"]
+    coll = plan.collective
+    weights = {f"{n}.weight": coll.local(m.weight, f"{n}.weight") for n, m in plan.targets.items()}
+    with timer("budgets"):
+        budgets, scope, allocation = resolve_budgets(plan, weights, stats)
+    record = Record(keep_masks=return_masks)
+    main = (accelerator is None or accelerator.is_local_main_process) and coll.rank == 0
+    with timer("prune"), tqdm(total=len(weights), desc="select+mask", unit="tensor",
+                              disable=not (plan.cfg.progress and main)) as bar:  # fmt: skip
+        prune_group(plan, plan.names, weights, budgets, scope, record, whole=stats, progress=bar.update)
+    timer.timings["total"] = sum(timer.timings.values())
+    device = accelerator.device if accelerator is not None else next(iter(weights.values())).device
+    report = build_report(plan, record, counters, stats, timer.timings, allocation=allocation, device=device)
+    return PruneResult(masks=record.masks if return_masks else None, report=report)

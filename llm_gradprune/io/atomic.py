@@ -1,0 +1,103 @@
+"""Atomic outputs: write a folder beside its target, then swap it in, so a reader never sees half of one.
+
+On Linux an existing output is swapped for the new one atomically (renameat2 RENAME_EXCHANGE), so the
+output path always holds a complete folder. Leftovers of killed saves (`.<name>.partial-<pid>-*`,
+`.<name>.old-<pid>`) are removed by the next save once their process is gone. Folders are created with
+the permissions the umask gives, as `save_pretrained` would (mkdtemp alone makes them 0700).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..faults import pause_point
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_partial_dir(out: Path) -> Path:
+    """A fresh hidden folder beside `out` (same file system, so it can be renamed into place)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_dirs(a: Path, b: Path) -> bool:
+    """Atomically exchange two folders (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def install(tmp: Path, out: Path) -> None:
+    """Put `tmp` at `out`. An old `out` is swapped out atomically where the OS can (so `out` is always
+    the old or the new checkpoint), else moved aside first; either way it is removed only after."""
+    if out.exists() and swap_dirs(tmp, out):
+        _fsync_dir(out.parent)
+        pause_point("output-install")
+        return  # `tmp` now holds the old output; the caller removes it
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        pause_point("output-install")
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_leftovers(out: Path) -> list[Path]:
+    """Remove `.partial-<pid>-*` / `.old-<pid>` folders beside `out` left by killed saves (dead pids)."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}.*"):
+        rest = p.name[len(out.name) + 2 :]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-", 1)[0]
+        if kind in ("partial", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

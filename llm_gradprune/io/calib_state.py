@@ -1,0 +1,311 @@
+"""The calibration state: fp32 sums saved every N batches, atomically, and continued after a crash.
+
+(This is the only thing called a "state" here: the output model is the checkpoint, io/checkpoint.py.)
+A state is a folder `step-<batches done>` inside the state folder (default `<output_dir>.calib-state`):
+
+    stats-00000.safetensors ...   the fp32 sums (grad.<stat>.<param>, act.<module>, tok.<module>) and RNG states,
+                                  split into files of at most SHARD_BYTES so host memory stays bounded
+    state.json                    batches done, token/loss counters, per-tensor counts, the identity
+                                  of the run (config, model fingerprint, calibration token hash), and
+                                  the size of every stats file; written last
+
+It is written under a temporary name, every file and the folder are fsynced, and only then is it
+renamed to `step-N`; older states are removed after that. A kill at any moment therefore leaves the
+previous complete state (a half-written `.tmp-*` folder is ignored and cleaned up). Resuming restores
+the saved partial sums and adds the remaining batches to them in the original order: fp32 addition
+in the same order gives bit-identical sums, hence bit-identical masks.
+
+A state belongs to one run: `--resume` refuses it, naming what differs, when the config (apart from
+run-control keys such as output_dir), the model fingerprint or the calibration token stream changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import ConfigError
+from ..faults import pause_point
+
+STATE_VERSION = 2
+SHARD_BYTES = 1 << 30
+# Keys that steer the run but cannot change the statistics or the masks: a resume may change them.
+RUN_CONTROL = frozenset(
+    {"output_dir", "overwrite", "progress", "checkpoint_every", "resume", "state_dir", "device",
+     "max_shard_size", "select_chunk_elems", "eval", "eval_split", "eval_num_samples", "eval_seq_len",
+     "eval_batch_size", "eval_stride", "allow_empty_tensors"}
+)  # fmt: skip
+
+
+# -- identity of a run -------------------------------------------------------------------------------
+def config_identity(cfg) -> dict[str, Any]:
+    """The settings of a job (`config.JobConfig`) a saved state depends on (all but run control)."""
+    values = {k: v for k, v in cfg.to_flat().items() if k not in RUN_CONTROL}
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def model_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """sha256 over every parameter's name, dtype, shape and `samples` evenly spaced values.
+
+    Cheap even for a 7B model (no full pass over the weights) yet changes with any other checkpoint,
+    fine-tune or dtype; device-independent, so a state saved on one GPU resumes on another.
+    """
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step][:samples].contiguous().cpu()
+        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def describe_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key, "<absent>") != now.get(key, "<absent>"):
+            diffs.append(f"{key} {saved.get(key, '<absent>')!r} -> {now.get(key, '<absent>')!r}")
+    return ", ".join(diffs)
+
+
+# -- the state folder --------------------------------------------------------------------------------
+def default_state_dir(cfg) -> Path:
+    if cfg.state_dir:
+        return Path(cfg.state_dir).expanduser().resolve()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    return out.with_name(out.name + ".calib-state")
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def latest_state(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete state (folder, its state.json), or None. Incomplete ones are skipped."""
+    if not state_dir.is_dir():
+        return None
+    steps = sorted((p for p in state_dir.iterdir() if _step_of(p) is not None), key=_step_of, reverse=True)
+    for folder in steps:
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+            sizes = meta["files"]
+            if meta.get("version") != STATE_VERSION:
+                continue
+            if all((folder / f).stat().st_size == size for f, size in sizes.items()):
+                return folder, meta
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def check_state(cfg) -> None:
+    """Before any work: a run that would silently overwrite a saved calibration is refused."""
+    if not cfg.checkpoint_every and not cfg.resume:
+        return
+    state_dir, out = default_state_dir(cfg), Path(cfg.output_dir).expanduser().resolve()
+    if state_dir == out or out in state_dir.parents:
+        raise ConfigError(f"state_dir {str(state_dir)!r} is inside output_dir: the checkpoint replaces it")
+    if cfg.resume:
+        return
+    found = latest_state(state_dir)
+    if found is not None:
+        raise ConfigError(
+            f"state folder {str(found[0].parent)!r} holds a calibration saved at batch "
+            f"{found[1]['batches_done']}: pass --resume to continue it, or delete the folder to start over"
+        )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors, {"python": random.getstate()}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda_keys = sorted(
+        (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
+    )
+    cuda = [tensors[k] for k in cuda_keys]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+class CalibCheckpointer:
+    """Saves and restores one calibration's statistics; `calibrate(..., checkpointer=)` drives it."""
+
+    def __init__(self, state_dir: str | Path, every: int, resume: bool, identity: dict[str, Any]):
+        self.dir = Path(state_dir)
+        self.every = every
+        self.resume = resume
+        self.identity = identity
+        self.saves = 0
+        self.resumed_from = 0
+        self.last_saved = -1
+        self._due = False
+        self.stats = None  # calibration.stats.Statistics, bound by restore()
+        self._found = latest_state(self.dir) if resume else None
+        if self._found is not None:
+            self._check_identity(self._found[1])
+
+    def _check_identity(self, meta: dict[str, Any]) -> None:
+        saved, now = meta["identity"], self.identity
+        where = str(self._found[0])
+        hint = f"rerun with the saved run's settings, or delete {str(self.dir)!r} to start over"
+        if saved["config"] != now["config"]:
+            diff = describe_difference(saved["config"], now["config"])
+            raise ConfigError(
+                f"cannot resume {where!r}: the config differs from the saved run ({diff}); {hint}"
+            )
+        if saved["model"] != now["model"]:
+            raise ConfigError(
+                f"cannot resume {where!r}: the model's weights differ from the saved run "
+                f"(fingerprint {saved['model'][:12]} -> {now['model'][:12]}); {hint}"
+            )
+        if saved["data"] != now["data"]:
+            raise ConfigError(
+                f"cannot resume {where!r}: the calibration tokens differ from the saved run "
+                f"(sha256 {str(saved['data'])[:12]} -> {str(now['data'])[:12]}): the data set changed; {hint}"
+            )
+
+    # -- called by calibrate ---------------------------------------------------------------------
+    def restore(self, stats) -> tuple[int, int, float]:
+        """Bind the statistics; load the saved sums into them. Returns (batches, tokens, loss_sum) done."""
+        self.stats = stats
+        if self._found is None:
+            if self.resume:
+                print(f"[llm-gradprune] no saved calibration in {self.dir}: starting at batch 0", flush=True)
+            return 0, 0, 0.0
+        folder, meta = self._found
+        targets = self._tensors_by_key()
+        want = set(targets)
+        rng: dict[str, torch.Tensor] = {}
+        for fname in meta["files"]:
+            with safe_open(str(folder / fname), framework="pt") as fh:
+                for key in fh.keys():
+                    if key.startswith("rng."):
+                        rng[key] = fh.get_tensor(key)
+                    elif key in targets:
+                        targets[key].copy_(fh.get_tensor(key))
+                        want.discard(key)
+                    else:
+                        raise ConfigError(f"saved state {str(folder)!r} holds an unexpected tensor {key!r}")
+        if want:
+            raise ConfigError(f"saved state {str(folder)!r} lacks {len(want)} statistics, e.g. {min(want)!r}")
+        for acc in stats.accumulators():
+            acc.load_counters({k: meta["counters"][k] for k in acc.counters()})
+        _set_rng_state(rng, meta["rng"])
+        self.resumed_from = self.last_saved = meta["batches_done"]
+        print(f"[llm-gradprune] resuming calibration from {folder} (batch {self.resumed_from})", flush=True)
+        return meta["batches_done"], meta["tokens"], meta["loss_sum"]
+
+    def after_batch(self, batches: int, tokens: int, loss_sum: float) -> None:
+        pause_point("batch", batches)
+        if self.every and batches % self.every == 0:
+            self._due = True
+        # With gradient accumulation a partial group lives outside the sums: save at its boundary.
+        if self._due and not getattr(self.stats.grad, "_group_started", None):
+            self.save(batches, tokens, loss_sum)
+
+    def end(self, batches: int, tokens: int, loss_sum: float) -> None:
+        if self.every and batches != self.last_saved:
+            self.save(batches, tokens, loss_sum)
+
+    # -- saving ----------------------------------------------------------------------------------
+    def _tensors_by_key(self) -> dict[str, torch.Tensor]:
+        return {k: t for acc in self.stats.accumulators() for k, t in acc.tensors().items()}
+
+    def save(self, batches: int, tokens: int, loss_sum: float) -> Path:
+        if self.stats.grad is not None:  # a gradient whose fold is deferred (host staging) belongs here
+            self.stats.grad.flush()
+        self._due = False
+        self.saves += 1
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{batches:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.dir))
+        rng_tensors, rng_meta = _rng_state()
+        files: dict[str, int] = {}
+        shard: dict[str, torch.Tensor] = dict(rng_tensors)
+        size = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            fname = f"stats-{len(files):05d}.safetensors"
+            save_file(shard, str(tmp / fname))
+            files[fname] = (tmp / fname).stat().st_size
+            shard, size = {}, 0
+
+        for key, t in self._tensors_by_key().items():
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > SHARD_BYTES:
+                flush()
+            shard[key] = t.detach().to("cpu", copy=True).contiguous()  # copy: never alias live sums
+            size += nbytes
+        flush()
+        pause_point("save", self.saves)
+        meta = {
+            "version": STATE_VERSION,
+            "batches_done": batches,
+            "tokens": tokens,
+            "loss_sum": loss_sum,  # a float: JSON round-trips it exactly
+            "counters": {k: v for acc in self.stats.accumulators() for k, v in acc.counters().items()},
+            "rng": rng_meta,
+            "identity": self.identity,
+            "config_sha256": hashlib.sha256(
+                json.dumps(self.identity["config"], sort_keys=True).encode()
+            ).hexdigest(),
+            "files": files,
+        }
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        final = self.dir / name
+        if final.exists():  # a leftover of an earlier, killed attempt at the same batch
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(self.dir)
+        self.last_saved = batches
+        for old in self.dir.iterdir():  # only now is the previous state redundant
+            if old != final and (old.name.startswith(".tmp-") or _step_of(old) is not None):
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def clear(self) -> None:
+        """Remove the state folder once the pruned checkpoint is safely in place."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def checkpointer_for(cfg, model: torch.nn.Module, token_sha256: str | None):
+    """The checkpointer a job config asks for (None without --checkpoint-every / --resume); the support
+    table (support.py) has refused it already on the paths where it does not work."""
+    every, resume = cfg.checkpoint_every, cfg.resume
+    if not every and not resume:
+        return None
+    identity = {"config": config_identity(cfg), "model": model_fingerprint(model), "data": token_sha256}
+    return CalibCheckpointer(default_state_dir(cfg), every, resume, identity)

@@ -1,0 +1,164 @@
+"""The output checkpoint: save a pruned model so `from_pretrained` loads it as is, verify it, install it.
+
+Everything is written into a temporary folder beside the target; the zero count of every target tensor
+is re-read from the safetensors files through one small reused buffer (no second model copy) and
+compared with the report; only a checkpoint that passes is renamed into place. A crash mid-save
+therefore leaves no output (or the previous one), never a partial folder that loads: until verified,
+the temporary folder's config.json is kept under another name, so `from_pretrained` refuses it.
+On Linux an existing output is swapped for the new one atomically (renameat2 RENAME_EXCHANGE), so the
+output path always holds a complete checkpoint. Leftovers of killed saves (`.<name>.partial-<pid>-*`)
+are removed by the next save once their process is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..faults import pause_point
+from .atomic import fsync_tree, install, make_partial_dir, remove_stale_leftovers, write_json
+from .card import model_card
+
+
+class VerificationError(RuntimeError):
+    """The written checkpoint does not hold what the report says."""
+
+
+def _writable_parent(out: Path) -> Path:
+    """The nearest existing folder above `out`, which the save will create folders in."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, model_dir: str | None = None) -> Path:
+    """Refuse an output that would clobber something, or could not be written, before any work is done."""
+    out = Path(output_dir).expanduser().resolve()
+    parent = _writable_parent(out)
+    if not parent.is_dir():
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} cannot be created: {str(parent)!r} is not a folder"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} cannot be written: no write permission in {str(parent)!r}"
+        )
+    if model_dir is not None and Path(model_dir).is_dir():
+        src = Path(model_dir).expanduser().resolve()
+        if out == src or src in out.parents:
+            raise ConfigError(f"output_dir {str(output_dir)!r} is inside the model's own folder {str(src)!r}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {str(output_dir)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output_dir {str(output_dir)!r} is not empty: pass --overwrite to replace it")
+    return out
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise VerificationError(f"no .safetensors file in {folder}")
+    return files
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+READ_CHUNK_BYTES = 64 << 20
+
+
+def _read_header(fh) -> tuple[dict, int]:
+    (size,) = struct.unpack("<Q", fh.read(8))
+    return json.loads(fh.read(size)), 8 + size
+
+
+def count_zeros(folder: str | Path, names: list[str], chunk_bytes: int = READ_CHUNK_BYTES) -> dict[str, int]:
+    """Zero count of each named tensor in the folder's safetensors files.
+
+    Reads each tensor's bytes through one reused buffer of `chunk_bytes` instead of mapping the files,
+    so verifying a checkpoint adds at most that buffer to resident memory, whatever the model's size
+    (a memory map would leave every page it read resident until the file is closed)."""
+    found: dict[str, int] = {}
+    wanted = set(names)
+    buf = bytearray(chunk_bytes)
+    for path in safetensors_files(folder):
+        with open(path, "rb", buffering=0) as fh:
+            header, data_start = _read_header(fh)
+            for key, info in header.items():
+                if key not in wanted:
+                    continue
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise VerificationError(f"{key}: dtype {info['dtype']} cannot be verified")
+                begin, end = info["data_offsets"]
+                step = max(len(buf) // dtype.itemsize, 1) * dtype.itemsize
+                fh.seek(data_start + begin)
+                zeros = 0
+                for offset in range(begin, end, step):
+                    n = min(step, end - offset)
+                    view = memoryview(buf)[:n]
+                    if fh.readinto(view) != n:
+                        raise VerificationError(f"{path.name} ends inside tensor {key}")
+                    zeros += int((torch.frombuffer(view, dtype=dtype) == 0).sum())
+                found[key] = zeros
+    missing = wanted - set(found)
+    if missing:
+        raise VerificationError(
+            f"{len(missing)} pruned tensors are missing from the checkpoint, e.g. {min(missing)}"
+        )
+    return found
+
+
+def verify_zeros(folder: str | Path, per_tensor: dict[str, dict[str, int]]) -> None:
+    found = count_zeros(folder, list(per_tensor))
+    for name, info in per_tensor.items():
+        if found[name] != info["zeros"]:
+            raise VerificationError(
+                f"{name}: {found[name]} zeros written but the report says {info['zeros']}"
+            )
+
+
+PENDING_CONFIG = "config.json.unverified"
+
+
+def save_pruned(
+    model, tokenizer, cfg, report: dict[str, Any], output_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """Write, verify and atomically install the checkpoint; returns its final path.
+
+    `cfg` is the job's config (`JobConfig`), saved beside the weights as prune_config.yaml.
+    `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(out)
+    tmp = make_partial_dir(out)
+    try:
+        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_bytes, state_dict=state_dict)
+        # Until it is verified the folder must not load: its config.json waits under another name.
+        os.rename(tmp / "config.json", tmp / PENDING_CONFIG)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        pause_point("output-write")
+        cfg.save_yaml(tmp / "prune_config.yaml")
+        verify_zeros(tmp, report["per_tensor"])
+        report["verified"] = True
+        write_json(tmp / "pruning_report.json", report)
+        (tmp / "README.md").write_text(model_card(cfg, report))
+        os.rename(tmp / PENDING_CONFIG, tmp / "config.json")
+        fsync_tree(tmp)
+        install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,222 @@
+"""The main job end to end: plan, load model and text, prune, evaluate, save and verify.
+
+The commands and scripts call `run_prune` / `run_eval`. Everything that can be checked without the
+compute is checked first, before the model is loaded: the support table for the path this launch
+takes, the output folder (free, writable), the saved calibration state, the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any
+
+import torch
+
+from . import __version__
+from .calibration.assets import resolve_model
+from .calibration.data import load_blocks, micro_batches, shard_samples, token_hash
+from .config import JobConfig
+from .errors import ConfigError
+from .evaluate import perplexity
+from .executors import prune_
+from .executors.sharded import full_state_dict, shard_model, uses_fsdp
+from .io.calib_state import check_state, checkpointer_for
+from .io.checkpoint import check_output_dir, save_pruned
+from .models import _looks_local, load_model
+from .parallel import make_accelerator
+from .support import Run, check_support
+
+log = logging.getLogger("llm_gradprune")
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import safetensors
+    import transformers
+
+    return {
+        "llm_gradprune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def check_device(device: str | None) -> None:
+    """A forced device must exist here: say so in one line instead of torch's assertion."""
+    if device is None or device == "cpu":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a device name: use cpu, cuda, cuda:1, ...") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} is not available: this machine has no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r} is not available: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    elif dev.type != "cpu":
+        backend = getattr(torch.backends, dev.type, None)
+        if backend is None or not backend.is_available():
+            raise ConfigError(f"device {device!r} is not available on this machine")
+
+
+def eval_blocks(cfg: JobConfig, tokenizer, model=None) -> torch.Tensor:
+    """The held-out windows `cfg` describes (eval_split, eval_num_samples x eval_seq_len tokens)."""
+    seq_len = cfg.eval_seq_len or cfg.seq_len
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ConfigError(f"eval_seq_len {seq_len} is larger than the model's context of {context} tokens")
+    return load_blocks(cfg, tokenizer, split=cfg.eval_split, num_blocks=cfg.eval_num_samples, seq_len=seq_len)
+
+
+def _perplexity(cfg: JobConfig, model, blocks, device=None, progress: bool = True) -> dict[str, Any]:
+    return perplexity(model, blocks, batch_size=cfg.eval_batch_size, stride=cfg.eval_stride,
+                      progress=progress and cfg.prune.progress, device=device)  # fmt: skip
+
+
+def run_eval(cfg: JobConfig) -> dict[str, Any]:
+    """Perplexity of `cfg.model` on `cfg.eval_num_samples` held-out windows of `cfg.dataset`."""
+    check_device(cfg.device)
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(cfg)
+    if cfg.device:
+        model.to(cfg.device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    load_s = time.perf_counter() - t
+    blocks = eval_blocks(cfg, tokenizer, model)
+    result = _perplexity(cfg, model, blocks)
+    return {
+        "model": cfg.model,
+        "dataset": {"name": cfg.dataset, "split": cfg.eval_split, "text_column": cfg.text_column},
+        "seq_len": blocks.shape[1],
+        "stride": cfg.eval_stride,
+        "batch_size": cfg.eval_batch_size,
+        "seed": cfg.seed,
+        "token_sha256": token_hash(blocks),
+        **result,
+        "load_s": load_s,
+    }
+
+
+def quiet_hf_progress_bars() -> None:
+    """--no-progress also silences the bars transformers and datasets draw while loading."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def plan_job(cfg: JobConfig, accelerator) -> tuple[bool, Any]:
+    """Everything checked before any work: (rows sharded?, output folder). Raises ConfigError."""
+    check_device(cfg.device)
+    sharded = uses_fsdp(cfg.fsdp, accelerator)
+    run = Run(cfg.prune, processes=accelerator.num_processes, sharded=sharded,
+              resume=bool(cfg.checkpoint_every or cfg.resume), fsdp_asked=cfg.fsdp)  # fmt: skip
+    check_support(run)
+    if accelerator.is_main_process:
+        resolve_model(cfg.model)
+    accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
+    resolved = resolve_model(cfg.model)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite, resolved if _looks_local(resolved) else None)
+    check_state(cfg)  # a saved calibration is never silently overwritten
+    return sharded, out
+
+
+def run_prune(cfg: JobConfig) -> dict[str, Any]:
+    """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
+    from accelerate.utils import DistributedType
+
+    start = time.perf_counter()
+    if not cfg.prune.progress:
+        quiet_hf_progress_bars()
+    accelerator = make_accelerator(cpu=cfg.device == "cpu")  # CPU-only machines: see parallel.py
+    sharded, out = plan_job(cfg, accelerator)
+
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(cfg)
+    timings = {"load_model": time.perf_counter() - t}
+    context = getattr(model.config, "max_position_embeddings", None)
+    if cfg.needs_data and context is not None and cfg.seq_len > context:
+        raise ConfigError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens")
+
+    t = time.perf_counter()
+    batches, calib_hash = None, None
+    if cfg.needs_data:
+        blocks = load_blocks(cfg, tokenizer)
+        calib_hash = token_hash(blocks)
+        batches = micro_batches(blocks, cfg.batch_size)
+        if not sharded:  # replicated model: each rank its round-robin share of whole micro-batches
+            batches = shard_samples(batches, cfg.prune.grad_accum, accelerator.process_index,
+                                    accelerator.num_processes)  # fmt: skip
+    held_out = eval_blocks(cfg, tokenizer, model) if cfg.eval else None
+    timings["load_data"] = time.perf_counter() - t
+    checkpointer = checkpointer_for(cfg, model, calib_hash) if cfg.needs_data else None
+
+    device = torch.device(cfg.device) if cfg.device else accelerator.device
+    if sharded:  # FSDP2: every rank holds some rows of every weight; see executors/sharded.py
+        model = shard_model(model, accelerator, device)
+    elif accelerator.distributed_type == DistributedType.NO and cfg.device is None:
+        # prepare() wraps in DDP for any multi-device type, even for one process launched by torchrun
+        # (`--num_processes 1` with a multi-GPU config): only a plain single process gets it
+        model = accelerator.prepare(model)  # device placement only: no optimizer, no DDP with one process
+    else:
+        model.to(device)  # several processes: no DDP wrapper, see calibration/loop.py
+    # held-out perplexity before and after, on the same windows; with row shards every rank takes part
+    evaluates = held_out is not None and (sharded or accelerator.is_main_process)
+    if evaluates:
+        t = time.perf_counter()
+        dense_eval = _perplexity(cfg, model, held_out, device=device, progress=accelerator.is_main_process)
+        timings["eval_dense"] = time.perf_counter() - t
+    result = prune_(model, batches, cfg.prune, accelerator=accelerator, return_masks=False,
+                    num_batches=len(batches) if batches is not None else None,
+                    checkpointer=checkpointer)  # fmt: skip
+    report = result.report
+    timings.update(report.pop("timings_s"))
+    report["model"] = cfg.model
+    report["dataset"] = {"name": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column}
+    report["seed"] = cfg.seed
+    report["calibration"].update(
+        {"token_sha256": calib_hash, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
+    )
+    report["versions"] = versions()
+    if evaluates:
+        t = time.perf_counter()
+        pruned_eval = _perplexity(cfg, model, held_out, device=device, progress=accelerator.is_main_process)
+        timings["eval_pruned"] = time.perf_counter() - t
+        report["eval"] = {
+            "dense_ppl": dense_eval["ppl"],
+            "pruned_ppl": pruned_eval["ppl"],
+            "dense_nll": dense_eval["nll"],
+            "pruned_nll": pruned_eval["nll"],
+            "tokens": pruned_eval["tokens"],
+            "windows": pruned_eval["windows"],
+            "split": cfg.eval_split,
+            "seq_len": held_out.shape[1],
+            "stride": cfg.eval_stride,
+            "token_sha256": token_hash(held_out),
+        }
+    report["timings_s"] = timings
+    state_dict = full_state_dict(model, accelerator) if sharded else None  # collective
+
+    if accelerator.is_main_process:
+        t = time.perf_counter()
+        model = accelerator.unwrap_model(model)
+        timings["before_save"] = time.perf_counter() - start
+        save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict)
+        timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
+        report["output_dir"] = str(out)
+        if checkpointer is not None:
+            checkpointer.clear()  # the checkpoint is in place: the calibration state is no longer needed
+    accelerator.wait_for_everyone()
+    return report

@@ -1,0 +1,393 @@
+"""What a pruning run does, decided once, and the one step every executor repeats.
+
+`make_plan` turns a config and a model into a `Plan`: the targets, the criterion and its parameters,
+the statistics gathered over the whole model (gradients, per-token Fisher, the dense activations an
+allocation reads) and those gathered per group (a block's or stage's activations and Hessians), the
+update rule, and which executor runs it. It checks the support table before anything is calibrated.
+
+`resolve_budgets` turns the sparsity into one budget per tensor (uniform, an allocation such as OWL, or
+the exact per-tensor counts of the global scope) and refuses a budget that would zero a whole tensor.
+`prune_group` prunes a group of tensors: score -> select -> update -> record. The executors differ only
+in the groups they hand it (all targets, one block, one stage) and the collective they give it.
+`build_report` writes the one report every path returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration.stats import STATISTICS, Statistics
+from .config import PruneConfig
+from .errors import ConfigError
+from .parallel import Collective
+from .reconstruction.obs import sparsegpt_
+from .reconstruction.rules import UPDATES, UpdateRule
+from .scoring.allocation import ALLOCATIONS, Allocation, allocate
+from .scoring.criteria import CRITERIA, Criterion, sparsegpt_prior
+from .selection.masks import empty_tensors, global_sparsities, mask_summary, select_mask
+from .support import Run, check_support
+from .targets import check_nm_fits, find_targets, weight_rows
+
+log = logging.getLogger("llm_gradprune")
+
+
+@dataclass
+class PruneResult:
+    masks: dict[str, torch.Tensor] | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    cfg: PruneConfig
+    criterion: Criterion
+    allocation: Allocation
+    update: UpdateRule
+    executor: str  # "whole_model", "layer_wise" or "sharded"
+    collective: Collective
+    targets: dict[str, nn.Module]  # module name -> module
+    shapes: dict[str, tuple[int, int]]  # weight name -> global (rows, row length)
+    whole_stats: set[str]  # mean statistics gathered over the whole (dense) model first
+    group_stats: set[str]  # mean statistics gathered per group (layer-wise: per block or stage)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{n}.weight" for n in self.targets]
+
+    @property
+    def numel(self) -> dict[str, int]:
+        return {n: r * c for n, (r, c) in self.shapes.items()}
+
+    @property
+    def scope(self) -> str:
+        """The scope as the report shows it: n:m, block (adaptive per column block) or the config's."""
+        if self.cfg.nm is not None:
+            return "n:m"
+        return "block" if self.criterion.adaptive else self.cfg.scope
+
+
+def make_plan(
+    model: nn.Module,
+    cfg: PruneConfig,
+    targets: dict[str, nn.Module] | None = None,
+    collective: Collective | None = None,
+    resume: bool = False,
+) -> Plan:
+    """Decide the run: targets, statistics, update rule and executor; refuse what is not supported."""
+    collective = collective or Collective()
+    run = Run(cfg, processes=collective.processes, sharded=collective.rows_sharded, resume=resume)
+    check_support(run)
+    crit = CRITERIA.get(cfg.criterion)
+    targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
+    params = {f"{n}.weight": m.weight for n, m in targets.items()}
+    check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
+    shapes = {n: weight_rows(p) for n, p in params.items()}
+    alloc = ALLOCATIONS.get(cfg.allocation)
+    update = UPDATES.get(cfg.reconstruct)
+    executor = "sharded" if collective.rows_sharded else ("layer_wise" if cfg.layer_wise else "whole_model")
+    reads = set(crit.needs)
+    if executor == "layer_wise":  # per-block statistics are gathered on the blocks' own inputs
+        group = {s for s in reads if STATISTICS.get(s).per_block}
+        if update.needs_hessian or crit.adaptive:
+            group.add("hessian")
+        whole = reads - group
+    else:
+        group, whole = set(), reads
+    whole |= crit.statistics(cfg.criterion_params) - set(crit.needs)  # e.g. sparsegpt's prior: dense model
+    whole |= set(alloc.needs)
+    notes = list(cfg.notes)
+    for note in notes:
+        log.info("note: %s", note)
+    warned = []
+    if cfg.scope == "global" and crit.reads_activations:
+        warned.append(
+            f"criterion {crit.name!r} scales its scores with each layer's activations, so they are not "
+            "comparable across layers: scope 'global' may prune some layers far more than others"
+        )
+    if cfg.reconstruct == "none" and crit.adaptive:
+        warned.append(f"reconstruct 'none': {crit.name!r}'s mask is kept and its weight updates are dropped")
+    for note in warned:
+        log.warning("warning: %s", note)
+    notes += warned
+    return Plan(cfg, crit, alloc, update, executor, collective, targets, shapes, whole, group, notes)
+
+
+# -- scores and budgets ------------------------------------------------------------------------------
+def make_score_fn(plan: Plan, weights: dict[str, torch.Tensor], *sources: Statistics) -> Callable:
+    """score_fn(weight name) -> the criterion's scores, reading each statistic from the first source
+    that holds it (a group's own statistics before the whole model's)."""
+    crit, kw = plan.criterion, plan.cfg.criterion_params
+
+    def score_fn(pname: str) -> torch.Tensor:
+        stats = {s: next(src for src in sources if src.has(s)).mean(s, pname) for s in crit.needs}
+        return crit.score(weights[pname], stats, **kw)
+
+    return score_fn
+
+
+def resolve_budgets(
+    plan: Plan, weights: dict[str, torch.Tensor], stats: Statistics
+) -> tuple[dict[str, float], str, dict[str, Any] | None]:
+    """(sparsity per tensor, the scope each tensor selects in, per-layer allocation summary or None).
+
+    The global scope becomes the exact per-tensor counts of the global selection over the dense scores,
+    so every tensor then selects on its own (`tensor` scope) and every path sees all counts before any
+    weight changes. A budget that would zero a whole tensor is refused unless allow_empty_tensors.
+    """
+    cfg, coll = plan.cfg, plan.collective
+    names, scope = plan.names, plan.cfg.scope
+    budgets: dict[str, float] = dict.fromkeys(names, cfg.sparsity)
+    summary = None
+    if plan.allocation.needs:
+        act = (lambda n: stats.mean("act_sq_mean", n)) if stats.has("act_sq_mean") else None
+        alloc, summary = allocate(
+            plan.allocation.name, cfg.allocation_params, weights, act, plan.shapes, cfg.sparsity, scope,
+            reduce=coll.sum_scalars if coll.rows_sharded else None,
+        )  # fmt: skip
+        budgets = dict(alloc)
+    if cfg.nm is None and scope == "global":
+        score_fn = make_score_fn(plan, weights, stats)
+        budgets = global_sparsities(names, score_fn, sparsity=cfg.sparsity, numel=plan.numel,
+                                    chunk_elems=cfg.select_chunk_elems, scores_dir=cfg.scores_dir,
+                                    collective=coll)  # fmt: skip
+        scope = "tensor"
+    empty = empty_tensors(budgets, plan.shapes, scope, cfg.nm)
+    if empty and not cfg.allow_empty_tensors:
+        listed = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise ConfigError(
+            f"this selection would zero every weight of {len(empty)} target tensor(s) ({listed}); nothing was "
+            "written: use another scope or sparsity, or pass --allow-empty-tensors to accept it"
+        )
+    if empty:
+        plan.notes.append(
+            f"{len(empty)} target tensor(s) are entirely zero (allow_empty_tensors): {', '.join(empty)}"
+        )
+        log.warning("warning: %s", plan.notes[-1])
+    return budgets, scope, summary
+
+
+# -- the one pruning step --------------------------------------------------------------------------
+@dataclass
+class Record:
+    """What prune_group writes down per tensor (local counts; the report sums them across row shards)."""
+
+    per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessian_bytes: dict[str, int] = field(default_factory=dict)
+    keep_masks: bool = True
+
+
+INFO_KEYS = ("damp", "dead_inputs", "obs_loss")
+
+
+@torch.no_grad()
+def prune_tensor(
+    plan: Plan,
+    name: str,
+    weight: torch.Tensor,
+    budget: float,
+    scope: str,
+    score_fn: Callable[[str], torch.Tensor] | None,
+    hessian: torch.Tensor | None = None,
+    whole: Statistics | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Select this tensor's mask and update its weights in place: (mask, info for the report)."""
+    cfg = plan.cfg
+    if plan.criterion.adaptive:  # the mask is chosen inside the OBS pass, on a copy where not kept
+        prior = None
+        if cfg.criterion_params["grad_exp"]:
+            means = {
+                s: whole.mean(s, name) for s in plan.criterion.statistics(cfg.criterion_params) - {"hessian"}
+            }
+            prior = sparsegpt_prior(means, cfg.criterion_params["prior"], cfg.criterion_params["grad_exp"])
+            prior = prior.to(weight.device)
+        dense = None if plan.update.name == "obs" else weight.clone()
+        mask, info = sparsegpt_(weight, hessian, sparsity=budget, nm=cfg.nm, blocksize=cfg.blocksize,
+                                percdamp=cfg.percdamp, prior=prior)  # fmt: skip
+        if dense is None:
+            return mask, info
+        weight.copy_(dense)  # the rule starts again from the dense weights, with SparseGPT's mask
+        del dense
+        return mask, {**info, **plan.update.apply(weight, hessian, mask, cfg.blocksize, cfg.percdamp)}
+    mask = select_mask(score_fn(name), scope=scope, sparsity=budget, nm=cfg.nm, chunk_elems=cfg.select_chunk_elems,
+                       numel=plan.numel[name], collective=plan.collective)  # fmt: skip
+    mask = mask.view(weight.shape).to(weight.device)
+    return mask, plan.update.apply(weight, hessian, mask, cfg.blocksize, cfg.percdamp)
+
+
+def prune_group(
+    plan: Plan,
+    names: list[str],
+    weights: dict[str, torch.Tensor],
+    budgets: dict[str, float],
+    scope: str,
+    record: Record,
+    *,
+    group: Statistics | None = None,
+    whole: Statistics | None = None,
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """score -> select -> update -> record, for each tensor of one group (all targets, a block, a stage)."""
+    sources = [s for s in (group, whole) if s is not None]
+    score_fn = None if plan.criterion.adaptive else make_score_fn(plan, weights, *sources)
+    for name in names:
+        hessian = group.mean("hessian", name) if group is not None and group.has("hessian") else None
+        mask, info = prune_tensor(plan, name, weights[name], budgets[name], scope, score_fn, hessian, whole)
+        if hessian is not None:
+            record.hessian_bytes[name] = group.by_source["hessian"].nbytes(name.removesuffix(".weight"))
+        summary = mask_summary(mask, plan.cfg.nm) if mask.numel() else {"numel": 0, "masked": 0}
+        record.per_tensor[name] = {
+            **summary,
+            "zeros": int((weights[name] == 0).sum()),
+            **{k: v for k, v in info.items() if k in INFO_KEYS},
+        }
+        if record.keep_masks:
+            record.masks[name] = mask.cpu()
+        if progress is not None:
+            progress()
+
+
+# -- the one report ------------------------------------------------------------------------------
+TIMING_KEYS = (
+    "calibration",
+    "budgets",
+    "capture_inputs",
+    "layer_statistics",
+    "prune",
+    "layer_forward",
+    "total",
+)
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> dict[str, int]:
+    out = {"cpu_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device is not None and device.type == "cuda":
+        out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def _global_counts(plan: Plan, per_tensor: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Sum row shards' counts into whole-tensor counts (one collective); as they are otherwise."""
+    if not plan.collective.rows_sharded:
+        return per_tensor
+    rows = [
+        [t["numel"], t["masked"], t["zeros"], 1 - t.get("nm_groups_valid", 1)] for t in per_tensor.values()
+    ]
+    flat = plan.collective.sum_scalars([float(v) for r in rows for v in r])
+    out = {}
+    for i, name in enumerate(per_tensor):
+        numel, masked, zeros, invalid = (int(v) for v in flat[4 * i : 4 * i + 4])
+        out[name] = {"numel": numel, "masked": masked}
+        if plan.cfg.nm is not None:
+            out[name]["nm_groups_valid"] = int(invalid == 0)
+        out[name]["zeros"] = zeros
+    return out
+
+
+def build_report(
+    plan: Plan,
+    record: Record,
+    counters: dict[str, Any],
+    stats: Statistics,
+    timings: dict[str, float],
+    *,
+    allocation: dict[str, Any] | None = None,
+    mode: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """The report of every path: the same keys whatever executor and collective ran."""
+    cfg = plan.cfg
+    per_tensor = _global_counts(plan, record.per_tensor)
+    numel = sum(t["numel"] for t in per_tensor.values())
+    zeros = sum(t["zeros"] for t in per_tensor.values())
+    grad = stats.grad
+    hb = record.hessian_bytes
+    return {
+        "criterion": cfg.criterion,
+        "criterion_params": dict(cfg.criterion_params),
+        "scope": plan.scope,
+        "pattern": cfg.pattern,
+        "target_sparsity": cfg.sparsity,
+        "allocation_method": cfg.allocation,
+        "allocation_params": dict(cfg.allocation_params),
+        "allocation": allocation,
+        "targets": len(per_tensor),
+        "target_weights": numel,
+        "masked_weights": sum(t["masked"] for t in per_tensor.values()),
+        "zero_weights": zeros,
+        "overall_sparsity": zeros / numel if numel else 0.0,
+        "empty_tensors": [n for n, t in per_tensor.items() if t["numel"] and t["zeros"] == t["numel"]],
+        "notes": list(plan.notes),
+        "calibration": {
+            "batches": counters["batches"],
+            "tokens": counters["tokens"],
+            "grad_accum": cfg.grad_accum,
+            "gradient_samples": counters.get("samples", 0) if stats.needs_backward else 0,
+            "stats_device": cfg.stats_device,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "recomputed_layers": counters.get("recomputed_layers", 0),
+            "mean_loss": counters["mean_loss"],
+            "statistics": sorted(
+                {STATISTICS.get(s).accumulator for s in plan.whole_stats | plan.group_stats}
+            ),
+            # per tensor, only those that skipped a non-finite gradient batch
+            "skipped_nonfinite": {n: c for n, c in (grad.skipped if grad else {}).items() if c},
+            "processes": plan.collective.processes,
+            "sharding": plan.collective.sharding,
+            "reduce": counters.get("reduce"),
+            "resumed_from_batch": counters.get("resumed_from_batch"),
+            "state_saves": counters.get("state_saves", 0),
+        },
+        "mode": {
+            "executor": plan.executor,
+            "layer_wise": plan.executor == "layer_wise",
+            "mask": "adaptive" if plan.criterion.adaptive else "criterion",
+            "reconstruct": cfg.reconstruct,
+            "sequential": cfg.sequential is not False and plan.executor == "layer_wise",
+            "true_sequential": cfg.true_sequential,
+            "blocksize": cfg.blocksize,
+            "percdamp": cfg.percdamp,
+            "offload_inputs": cfg.offload_inputs,
+            "stages_per_block": None,
+            "scores_on_disk": cfg.scores_dir is not None,
+            **(mode or {}),
+        },
+        "hessian_bytes": {
+            "per_tensor": hb,
+            "max_per_layer": max(hb.values(), default=0),
+            "note": "fp32 in_features^2 x 4; q/k/v and gate/up share one",
+        },
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "timings_s": {k: float(timings.get(k, 0.0)) for k in TIMING_KEYS},
+        "per_tensor": per_tensor,
+    }
+
+
+class Timer:
+    """Adds the seconds of each `with timer("key"):` block to `timings[key]`."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, key: str):
+        return _Span(self.timings, key)
+
+
+class _Span:
+    def __init__(self, timings: dict[str, float], key: str):
+        self.timings, self.key = timings, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start

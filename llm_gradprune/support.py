@@ -1,0 +1,154 @@
+"""The support table: which option works on which execution path, as data, checked when a run is planned.
+
+A run takes one of five paths: the whole-model executor or the layer-wise one, each in one process or
+over several (a replicated model, data sharded by micro-batch), or the whole-model executor over a
+model whose rows are sharded with FSDP2. `check_support` runs before any model is calibrated (the CLI
+calls it before the model is even loaded) and refuses an unsupported combination with one line; the
+tests iterate `OPTIONS` x `PATHS` and show each pair applied in the report or refused.
+
+An option is a predicate over the settings plus, per path, None (supported) or the reason it is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .calibration.stats import STATISTICS
+from .config import PruneConfig
+from .errors import ConfigError
+from .scoring.allocation import ALLOCATIONS
+from .scoring.criteria import CRITERIA
+
+# path name -> (executor, several processes, rows sharded)
+PATHS = {
+    "whole_model": ("whole_model", False, False),
+    "whole_model_multi": ("whole_model", True, False),
+    "layer_wise": ("layer_wise", False, False),
+    "layer_wise_multi": ("layer_wise", True, False),
+    "sharded": ("whole_model", True, True),
+}
+PATH_TITLES = {
+    "whole_model": "whole model",
+    "whole_model_multi": "whole model, N processes",
+    "layer_wise": "layer-wise",
+    "layer_wise_multi": "layer-wise, N processes",
+    "sharded": "FSDP2 row shards",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the support table looks at: the pruning settings and how the job around them runs."""
+
+    prune: PruneConfig
+    processes: int = 1
+    sharded: bool = False
+    resume: bool = False  # checkpoint_every / resume asked
+    fsdp_asked: bool = False  # fsdp: true (or an FSDP accelerate config)
+
+    @property
+    def path(self) -> str:
+        if self.sharded:
+            return "sharded"
+        name = "layer_wise" if self.prune.layer_wise else "whole_model"
+        return name + ("_multi" if self.processes > 1 else "")
+
+
+def _reads(run: Run, stat: str) -> bool:
+    p = run.prune
+    needs = CRITERIA.get(p.criterion).statistics(p.criterion_params) | set(
+        ALLOCATIONS.get(p.allocation).needs
+    )
+    return stat in needs
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    active: Callable[[Run], bool]
+    refused: dict[str, str] = field(default_factory=dict)  # path -> reason
+    example: dict = field(default_factory=dict)  # settings that turn it on (for the tests and the docs)
+
+
+ONE_PROCESS = "per-rank partial sums cannot be resumed: run one process"
+LAYER_WISE_ON_SHARDS = (
+    "layer-wise mode (criterion sparsegpt, reconstruct obs/lsq, sequential) needs each block's whole "
+    "weights on every process: run it without FSDP"
+)
+
+OPTIONS: list[Option] = [
+    Option("layer-wise mode", lambda r: r.prune.layer_wise, {"sharded": LAYER_WISE_ON_SHARDS},
+           {"reconstruct": "obs"}),
+    Option("per-token gradient statistics (token_fisher)", lambda r: _reads(r, "token_grad_sq_mean"),
+           {"sharded": "its per-token sums would need an unsharded [out, in] copy on every rank: use fisher, "
+                       "or a replicated model"},
+           {"criterion": "token_fisher"}),
+    Option("scores that read whole columns (ria)", lambda r: not CRITERIA.get(r.prune.criterion).row_local,
+           {"sharded": "its column sums add |w_ij| over every row, and each rank holds some rows only: "
+                       "run it on a replicated model"},
+           {"criterion": "ria"}),
+    Option("scope global with activation scores",
+           lambda r: r.prune.scope == "global" and CRITERIA.get(r.prune.criterion).reads_activations,
+           {p: "its scores read each block's pruned-input activations, which exist one block at a time: use "
+               "scope row/tensor, or a criterion without activation statistics"
+            for p in ("layer_wise", "layer_wise_multi")},
+           {"criterion": "wanda", "scope": "global", "allow_empty_tensors": True}),
+    Option("allocation owl", lambda r: r.prune.allocation == "owl", {},
+           {"allocation": "owl", "allocation_params": {"m": 2.0, "lambda": 0.2}}),
+    Option("grad_accum > 1", lambda r: r.prune.grad_accum > 1, {}, {"criterion": "fisher", "grad_accum": 2}),
+    Option("stats_device cpu", lambda r: r.prune.stats_device == "cpu", {}, {"criterion": "fisher", "stats_device": "cpu"}),
+    Option("gradient_checkpointing", lambda r: r.prune.gradient_checkpointing, {},
+           {"criterion": "fisher", "gradient_checkpointing": True}),
+    Option("scores_dir", lambda r: r.prune.scores_dir is not None, {},
+           {"criterion": "fisher", "scope": "global", "scores_dir": "{tmp}/scores"}),
+    Option("pattern N:M", lambda r: r.prune.nm is not None, {}, {"criterion": "fisher", "pattern": "2:4"}),
+    Option("checkpoint_every / resume", lambda r: r.resume,
+           {"whole_model_multi": ONE_PROCESS, "layer_wise_multi": ONE_PROCESS,
+            "layer_wise": "only the whole-model calibration is resumable, not a layer-wise pass",
+            "sharded": ONE_PROCESS},
+           {"criterion": "fisher", "checkpoint_every": 2}),
+    Option("fsdp", lambda r: r.fsdp_asked,
+           {p: "fsdp shards the weights over several processes: launch with accelerate launch --num_processes N"
+            for p in ("whole_model", "layer_wise")},
+           {"fsdp": True}),
+]  # fmt: skip
+
+
+def refusal(run: Run) -> str | None:
+    """The first reason this run is not supported, or None."""
+    for option in OPTIONS:
+        reason = option.refused.get(run.path)
+        if reason is not None and option.active(run):
+            return f"{option.name} is not supported on the {PATH_TITLES[run.path]} path: {reason}"
+    return None
+
+
+def check_support(run: Run) -> None:
+    reason = refusal(run)
+    if reason is not None:
+        raise ConfigError(reason)
+
+
+def applies(option: Option, path: str) -> bool:
+    """False where an option cannot meet a path at all (layer-wise mode on the whole-model path)."""
+    executor = PATHS[path][0]
+    return not (option.name == "layer-wise mode" and executor == "whole_model" and path != "sharded")
+
+
+def table_markdown() -> str:
+    """The table as Markdown, for docs/ARCHITECTURE.md."""
+    head = "| option | " + " | ".join(PATH_TITLES[p] for p in PATHS) + " |"
+    lines = [head, "|---" * (len(PATHS) + 1) + "|"]
+    for o in OPTIONS:
+        cells = []
+        for p in PATHS:
+            if not applies(o, p):
+                cells.append("n/a")
+            else:
+                cells.append("refused" if p in o.refused else "yes")
+        lines.append(f"| {o.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["OPTIONS", "PATHS", "Option", "Run", "check_support", "refusal", "table_markdown", "STATISTICS"]
