@@ -355,11 +355,11 @@ class JobConfig:
         "distributed",
     )
     # -- resume --------------------------------------------------------------------------------
-    checkpoint_every: int = _f(
+    save_state_every: int = _f(
         0, "save the calibration state every N batches (0 = never) for --resume", "resume"
     )
     resume: bool = _f(
-        False, "continue calibration from the last saved state (see checkpoint_every)", "resume"
+        False, "continue calibration from the last saved state (see save_state_every)", "resume"
     )
     state_dir: str | None = _f(
         None, "folder of the saved calibration state (default: <output_dir>.calib-state)", "resume"
@@ -370,9 +370,9 @@ class JobConfig:
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
         for name in ("num_samples", "seq_len", "batch_size", "seed", "eval_num_samples", "eval_batch_size",
-                     "checkpoint_every"):  # fmt: skip
+                     "save_state_every"):  # fmt: skip
             _check_int(
-                name, getattr(self, name), 0 if name in ("num_samples", "seed", "checkpoint_every") else 1
+                name, getattr(self, name), 0 if name in ("num_samples", "seed", "save_state_every") else 1
             )
         for name in ("eval_seq_len", "eval_stride"):
             if getattr(self, name) is not None:

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .evaluate import perplexity
 from .executors import prune_
 from .executors.sharded import full_state_dict, shard_model, uses_fsdp
-from .io.calib_state import check_state, checkpointer_for
+from .io.calib_state import calib_state_for, check_state
 from .io.checkpoint import check_output_dir, save_pruned
 from .models import _looks_local, load_model
 from .parallel import make_accelerator
@@ -122,7 +122,7 @@ def plan_job(cfg: JobConfig, accelerator) -> tuple[bool, Any]:
     check_device(cfg.device)
     sharded = uses_fsdp(cfg.fsdp, accelerator)
     run = Run(cfg.prune, processes=accelerator.num_processes, sharded=sharded,
-              resume=bool(cfg.checkpoint_every or cfg.resume), fsdp_asked=cfg.fsdp)  # fmt: skip
+              resume=bool(cfg.save_state_every or cfg.resume), fsdp_asked=cfg.fsdp, eval=cfg.eval)  # fmt: skip
     check_support(run)
     if accelerator.is_main_process:
         resolve_model(cfg.model)
@@ -145,7 +145,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     model, tokenizer, _ = load_model(cfg)
-    timings = {"load_model": time.perf_counter() - t}
+    timings = {"load_model": time.perf_counter() - t, "eval_dense": 0.0, "eval_pruned": 0.0}
     context = getattr(model.config, "max_position_embeddings", None)
     if cfg.needs_data and context is not None and cfg.seq_len > context:
         raise ConfigError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens")
@@ -161,7 +161,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
                                     accelerator.num_processes)  # fmt: skip
     held_out = eval_blocks(cfg, tokenizer, model) if cfg.eval else None
     timings["load_data"] = time.perf_counter() - t
-    checkpointer = checkpointer_for(cfg, model, calib_hash) if cfg.needs_data else None
+    calib_state = calib_state_for(cfg, model, calib_hash) if cfg.needs_data else None
 
     device = torch.device(cfg.device) if cfg.device else accelerator.device
     if sharded:  # FSDP2: every rank holds some rows of every weight; see executors/sharded.py
@@ -180,7 +180,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         timings["eval_dense"] = time.perf_counter() - t
     result = prune_(model, batches, cfg.prune, accelerator=accelerator, return_masks=False,
                     num_batches=len(batches) if batches is not None else None,
-                    checkpointer=checkpointer)  # fmt: skip
+                    calib_state=calib_state)  # fmt: skip
     report = result.report
     timings.update(report.pop("timings_s"))
     report["model"] = cfg.model
@@ -190,6 +190,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         {"token_sha256": calib_hash, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
     )
     report["versions"] = versions()
+    report["eval"] = None
     if evaluates:
         t = time.perf_counter()
         pruned_eval = _perplexity(cfg, model, held_out, device=device, progress=accelerator.is_main_process)
@@ -216,7 +217,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict)
         timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
         report["output_dir"] = str(out)
-        if checkpointer is not None:
-            checkpointer.clear()  # the checkpoint is in place: the calibration state is no longer needed
+        if calib_state is not None:
+            calib_state.clear()  # the checkpoint is in place: the calibration state is no longer needed
     accelerator.wait_for_everyone()
     return report

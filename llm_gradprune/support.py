@@ -44,8 +44,9 @@ class Run:
     prune: PruneConfig
     processes: int = 1
     sharded: bool = False
-    resume: bool = False  # checkpoint_every / resume asked
-    fsdp_asked: bool = False  # fsdp: true (or an FSDP accelerate config)
+    resume: bool = False  # save_state_every / resume asked
+    fsdp_asked: bool = False  # fsdp: true
+    eval: bool = False  # held-out perplexity before and after
 
     @property
     def path(self) -> str:
@@ -101,13 +102,14 @@ OPTIONS: list[Option] = [
     Option("gradient_checkpointing", lambda r: r.prune.gradient_checkpointing, {},
            {"criterion": "fisher", "gradient_checkpointing": True}),
     Option("scores_dir", lambda r: r.prune.scores_dir is not None, {},
-           {"criterion": "fisher", "scope": "global", "scores_dir": "{tmp}/scores"}),
+           {"criterion": "fisher", "scope": "global", "scores_dir": "{tmp}/scores", "allow_empty_tensors": True}),
     Option("pattern N:M", lambda r: r.prune.nm is not None, {}, {"criterion": "fisher", "pattern": "2:4"}),
-    Option("checkpoint_every / resume", lambda r: r.resume,
+    Option("save_state_every / resume", lambda r: r.resume,
            {"whole_model_multi": ONE_PROCESS, "layer_wise_multi": ONE_PROCESS,
             "layer_wise": "only the whole-model calibration is resumable, not a layer-wise pass",
             "sharded": ONE_PROCESS},
-           {"criterion": "fisher", "checkpoint_every": 2}),
+           {"criterion": "fisher", "save_state_every": 2}),
+    Option("eval (perplexity before and after)", lambda r: r.eval, {}, {"eval": True, "eval_num_samples": 2}),
     Option("fsdp", lambda r: r.fsdp_asked,
            {p: "fsdp shards the weights over several processes: launch with accelerate launch --num_processes N"
             for p in ("whole_model", "layer_wise")},

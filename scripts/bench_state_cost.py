@@ -21,7 +21,7 @@ import torch
 
 from llm_gradprune import criteria
 from llm_gradprune.assets import resolve_model
-from llm_gradprune.resume import CalibCheckpointer, model_fingerprint
+from llm_gradprune.resume import CalibState, model_fingerprint
 from llm_gradprune.stats import ActStats, GradStats
 from llm_gradprune.targets import find_targets
 
@@ -58,7 +58,7 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix="state-bench-"))
         identity = {"config": {}, "model": fp, "data": None}
         try:
-            ck = CalibCheckpointer(folder, 1, False, identity)
+            ck = CalibState(folder, 1, False, identity)
             ck.grad_stats, ck.act_stats = gs, acts
             t = time.perf_counter()
             saved = ck.save(1, 0, 0.0)
@@ -66,7 +66,7 @@ def main() -> None:
             size = sum(p.stat().st_size for p in saved.iterdir())
             gs2, acts2 = fresh()
             t = time.perf_counter()
-            CalibCheckpointer(folder, 1, True, identity).restore(gs2, acts2)
+            CalibState(folder, 1, True, identity).restore(gs2, acts2)
             t_load = time.perf_counter() - t
             equal = all(
                 torch.equal(x, gs2.sums[s][n])

@@ -74,6 +74,11 @@ CASES = _cases()
 # the two-process cases (replicated model, data sharded by micro-batch) and FSDP2 (row-sharded weights)
 DIST_CASES = ["fisher/row", "wanda/global", "gblm/tensor", "taylor/2:4", "fisher/row/grad_accum2",
               "magnitude/global", "blend/global"]  # fmt: skip
+# layer-wise over two processes (each rank its micro-batches, a group's statistics summed before it is
+# pruned): not recorded by the first run, whose ranks silently used their own half of the data; checked
+# against the one-process hashes instead
+LAYER_WISE_DIST_CASES = ["sparsegpt/2:4", "wanda/row/obs", "fisher/global/lsq", "sparsegpt/50/fisher0.5",
+                         "wanda/2:4/obs/ts"]  # fmt: skip
 FSDP_CASES = ["fisher/row", "wanda/global", "gblm/tensor", "taylor/2:4", "gradient/global", "blend/row"]
 
 
@@ -148,7 +153,7 @@ def run_dist_cases(accelerator) -> dict[str, dict]:
     from llm_gradprune.calibration.data import shard_samples
 
     out = {}
-    for name in DIST_CASES:
+    for name in DIST_CASES + LAYER_WISE_DIST_CASES:
         cfg = config(name)
         model = tiny_model()
         mine = shard_samples(

@@ -114,7 +114,7 @@ def state_without_resume(ws, a):
 
     meta = {"version": STATE_VERSION, "batches_done": 2, "files": {"stats-00000.safetensors": size}}
     (state / "state.json").write_text(json.dumps(meta))
-    return ["--checkpoint-every", "2"]
+    return ["--save-state-every", "2"]
 
 
 def _saved_state(ws, a):
@@ -124,21 +124,21 @@ def _saved_state(ws, a):
     from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
     from llm_gradprune.calibration.loop import gather_statistics
     from llm_gradprune.config import JobConfig
-    from llm_gradprune.io.calib_state import checkpointer_for
+    from llm_gradprune.io.calib_state import calib_state_for
     from llm_gradprune.plan import make_plan
 
     model_dir = _copy_model(a["model"], ws / "model")
     text = ws / "t.txt"
     text.write_bytes(a["text"].read_bytes())
     cfg = JobConfig.from_flat({"model": str(model_dir), "dataset": str(text), "num_samples": 4, "seq_len": 16,
-                               "output_dir": str(ws / "out"), "checkpoint_every": 2, "progress": False})  # fmt: skip
+                               "output_dir": str(ws / "out"), "save_state_every": 2, "progress": False})  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(model_dir))
     plan = make_plan(model, cfg.prune, resume=True)
-    ckpt = checkpointer_for(cfg, model, token_hash(blocks))
-    gather_statistics(model, micro_batches(blocks, 1)[:2], plan.whole_stats, plan.targets, checkpointer=ckpt,
+    ckpt = calib_state_for(cfg, model, token_hash(blocks))
+    gather_statistics(model, micro_batches(blocks, 1)[:2], plan.whole_stats, plan.targets, calib_state=ckpt,
                       progress=False)  # fmt: skip
-    return ["--model", str(model_dir), "--dataset", str(text), "--checkpoint-every", "2", "--resume"]
+    return ["--model", str(model_dir), "--dataset", str(text), "--save-state-every", "2", "--resume"]
 
 
 def resume_config_changed(ws, a):
@@ -191,7 +191,7 @@ ROWS = [
     ("seq-len-over-context", flags("--seq-len", "512"), r"seq_len 512 is larger than the model's context of 256 tokens"),
     ("output-inside-model", output_inside_model, r"output_dir '.*model/pruned' is inside the model's own folder"),
     ("output-not-empty", output_not_empty, r"output_dir '.*out' is not empty: pass --overwrite to replace it"),
-    ("checkpoint-every-negative", flags("--checkpoint-every", "-1"), r"checkpoint_every -1 must be an integer >= 0"),
+    ("save-state-every-negative", flags("--save-state-every", "-1"), r"save_state_every -1 must be an integer >= 0"),
     ("resume-config-changed", resume_config_changed,
      r"cannot resume '.*step-00000002': the config differs from the saved run \(batch_size 1 -> 2, seed 0 -> 1\)"),
     ("resume-model-changed", resume_model_changed, r"cannot resume '.*': the model's weights differ from the saved run"),

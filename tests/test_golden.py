@@ -14,7 +14,7 @@ import pytest
 
 from llm_gradprune.errors import ConfigError
 
-from .golden import CASES, DIST_CASES, FSDP_CASES, GOLDEN, REFUSED_NOW, ROOT, run_case
+from .golden import CASES, DIST_CASES, FSDP_CASES, GOLDEN, LAYER_WISE_DIST_CASES, REFUSED_NOW, ROOT, run_case
 
 RECORDED = json.loads(GOLDEN.read_text())
 
@@ -55,5 +55,9 @@ def test_two_processes_and_fsdp_are_unchanged_and_equal_one_process(tmp_path):
     got = json.loads(out.read_text())
     for kind in ("dist", "fsdp"):
         for name, fp in got[kind].items():
+            if name in LAYER_WISE_DIST_CASES:  # the layer-wise replicas against the one-process run
+                assert same(fp, RECORDED["single"][name]), (kind, name, fp, RECORDED["single"][name])
+                continue
             assert same(fp, RECORDED[kind][name]), (kind, name)
             assert fp["zeros"] == RECORDED["single"][name]["zeros"], (kind, name)
+    assert set(LAYER_WISE_DIST_CASES) <= set(got["dist"])

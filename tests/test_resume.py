@@ -19,7 +19,7 @@ from llm_gradprune.calibration.stats import ActStats, GradStats, Statistics
 from llm_gradprune.config import JobConfig
 from llm_gradprune.errors import ConfigError
 from llm_gradprune.io.calib_state import (
-    CalibCheckpointer,
+    CalibState,
     check_state,
     config_identity,
     latest_state,
@@ -64,7 +64,7 @@ def _run(model, batches, ckpt=None, crash_at=None):
         Statistics({"grad": gs, "act": acts}),
         loss_fn=loss_fn,
         progress=False,
-        checkpointer=ckpt,
+        calib_state=ckpt,
     )
     return gs, acts, counters
 
@@ -76,11 +76,11 @@ def test_resumed_sums_are_bit_identical(tmp_path):
     ref_g, ref_a, ref_c = _run(model, batches)
 
     torch.manual_seed(1)
-    ckpt = CalibCheckpointer(tmp_path / "s", 2, False, _identity(model))
+    ckpt = CalibState(tmp_path / "s", 2, False, _identity(model))
     with pytest.raises(Crash):
         _run(model, batches, ckpt, crash_at=5)  # states saved at batches 2 and 4
     torch.manual_seed(123)  # the resumed process starts with another RNG state: the saved one must win
-    ckpt = CalibCheckpointer(tmp_path / "s", 2, True, _identity(model))
+    ckpt = CalibState(tmp_path / "s", 2, True, _identity(model))
     g, a, c = _run(model, batches, ckpt)
     assert ckpt.resumed_from == 4 and c["batches"] == 7 and c["tokens"] == ref_c["tokens"]
     assert c["mean_loss"] == ref_c["mean_loss"]
@@ -95,7 +95,7 @@ def test_resumed_sums_are_bit_identical(tmp_path):
 def test_only_the_latest_complete_state_is_kept_and_partials_are_ignored(tmp_path):
     model = make_tiny_llama()
     batches = [make_blocks(n=1, seed=i) for i in range(4)]
-    ckpt = CalibCheckpointer(tmp_path / "s", 1, False, _identity(model))
+    ckpt = CalibState(tmp_path / "s", 1, False, _identity(model))
     _run(model, batches, ckpt)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["step-00000004"]
     # A killed save leaves a .tmp folder; a damaged newer state (short file) must not be picked either.
@@ -113,19 +113,19 @@ def test_only_the_latest_complete_state_is_kept_and_partials_are_ignored(tmp_pat
 def test_changed_config_model_or_data_is_refused_naming_the_difference(tmp_path):
     model = make_tiny_llama()
     batches = [make_blocks(n=1, seed=i) for i in range(2)]
-    _run(model, batches, CalibCheckpointer(tmp_path / "s", 1, False, _identity(model)))
+    _run(model, batches, CalibState(tmp_path / "s", 1, False, _identity(model)))
     other_cfg = _identity(model, JobConfig.from_flat({"seed": 3, "sparsity": 0.6}))
     with pytest.raises(ConfigError, match=r"config differs .*seed 0 -> 3.*sparsity 0\.5 -> 0\.6"):
-        CalibCheckpointer(tmp_path / "s", 1, True, other_cfg)
+        CalibState(tmp_path / "s", 1, True, other_cfg)
     with pytest.raises(ConfigError, match="model's weights differ"):
-        CalibCheckpointer(tmp_path / "s", 1, True, _identity(make_tiny_llama(seed=1)))
+        CalibState(tmp_path / "s", 1, True, _identity(make_tiny_llama(seed=1)))
     with pytest.raises(ConfigError, match="calibration tokens differ"):
-        CalibCheckpointer(tmp_path / "s", 1, True, {**_identity(model), "data": "other"})
+        CalibState(tmp_path / "s", 1, True, {**_identity(model), "data": "other"})
     # run-control keys (where to write, progress bars) may change between the runs
     ok = _identity(
-        model, JobConfig.from_flat({"output_dir": "elsewhere", "progress": False, "checkpoint_every": 7})
+        model, JobConfig.from_flat({"output_dir": "elsewhere", "progress": False, "save_state_every": 7})
     )
-    assert CalibCheckpointer(tmp_path / "s", 1, True, ok)._found is not None
+    assert CalibState(tmp_path / "s", 1, True, ok)._found is not None
 
 
 def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
@@ -135,7 +135,7 @@ def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
     gs, acts = _stats(model)
     flushed = []
     gs.flush = lambda: flushed.append(True)
-    ckpt = CalibCheckpointer(tmp_path / "s", 2, False, _identity(model))
+    ckpt = CalibState(tmp_path / "s", 2, False, _identity(model))
     ckpt.restore(Statistics({"grad": gs, "act": acts}))
     gs._group_started = {"partial"}  # mid-group at the due batch: no save yet
     ckpt.after_batch(2, 32, 1.0)
@@ -162,14 +162,14 @@ def test_resume_with_grad_accum_and_host_staging_is_bit_identical(tmp_path, stag
             return causal_lm_loss(m, b)
 
         c = calibrate(model, batches, Statistics({"grad": gs, "act": acts}), loss_fn=loss_fn, progress=False,
-                      grad_accum=2, checkpointer=ckpt)  # fmt: skip
+                      grad_accum=2, calib_state=ckpt)  # fmt: skip
         return gs, c
 
     ref, ref_c = run()
     with pytest.raises(Crash):  # every=3 with groups of 2: saves wait for batches 4 (and 6)
-        run(CalibCheckpointer(tmp_path / "s", 3, False, _identity(model)), crash_at=5)
+        run(CalibState(tmp_path / "s", 3, False, _identity(model)), crash_at=5)
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 4
-    got, c = run(CalibCheckpointer(tmp_path / "s", 3, True, _identity(model)))
+    got, c = run(CalibState(tmp_path / "s", 3, True, _identity(model)))
     assert c["samples"] == ref_c["samples"] == 4 and got.counts == ref.counts
     for name, t in ref.sums["grad_sq_sum"].items():
         assert torch.equal(t, got.sums["grad_sq_sum"][name]), name
@@ -184,14 +184,14 @@ def test_fingerprint_sees_a_single_changed_sampled_weight():
 
 
 def test_existing_state_without_resume_is_refused(tmp_path):
-    cfg = JobConfig(output_dir=str(tmp_path / "out"), checkpoint_every=2)
+    cfg = JobConfig(output_dir=str(tmp_path / "out"), save_state_every=2)
     check_state(cfg)  # nothing saved yet
     model = make_tiny_llama()
     state = tmp_path / "out.calib-state"
-    _run(model, [make_blocks(n=1)] * 2, CalibCheckpointer(state, 2, False, _identity(model)))
+    _run(model, [make_blocks(n=1)] * 2, CalibState(state, 2, False, _identity(model)))
     with pytest.raises(ConfigError, match="saved at batch 2: pass --resume"):
         check_state(cfg)
-    check_state(JobConfig(output_dir=str(tmp_path / "out"), checkpoint_every=2, resume=True))
+    check_state(JobConfig(output_dir=str(tmp_path / "out"), save_state_every=2, resume=True))
     with pytest.raises(ConfigError, match="inside output_dir"):
         check_state(JobConfig(output_dir=str(tmp_path), state_dir=str(tmp_path / "s"), resume=True))
 
@@ -214,7 +214,7 @@ def test_sigkill_between_and_during_state_saves_then_resume_matches(tmp_path):
         assert cli.main([*args, "--output-dir", str(ref)]) == 0
         out = tmp_path / f"out-{crit}"
         state = tmp_path / f"out-{crit}.calib-state"
-        run = [*args, "--output-dir", str(out), "--checkpoint-every", "2"]
+        run = [*args, "--output-dir", str(out), "--save-state-every", "2"]
 
         if crit == "fisher":
             # 1) killed after batch 5, between saves: the state of batch 4 survives
@@ -271,12 +271,12 @@ def test_resumed_token_fisher_masks_match_uninterrupted(tmp_path):
             seen.append(1)
             return causal_lm_loss(m, b)
 
-        return prune_(model, batches, cfg, loss_fn=loss_fn, checkpointer=ckpt).masks
+        return prune_(model, batches, cfg, loss_fn=loss_fn, calib_state=ckpt).masks
 
     ref = run()
     ident = _identity(make_tiny_llama(), job)
     with pytest.raises(Crash):
-        run(CalibCheckpointer(tmp_path / "s", 2, False, ident), crash_at=5)
+        run(CalibState(tmp_path / "s", 2, False, ident), crash_at=5)
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 4
-    got = run(CalibCheckpointer(tmp_path / "s", 2, True, ident))
+    got = run(CalibState(tmp_path / "s", 2, True, ident))
     assert all(torch.equal(ref[n], got[n]) for n in ref)

@@ -73,14 +73,14 @@ def calibrate(
     total: int | None = None,
     grad_accum: int = 1,
     checkpointing: bool = False,
-    checkpointer=None,
+    calib_state=None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Forward (+ backward when a statistic needs it) every batch once, folding statistics in. Returns counters.
 
     `grad_accum` > 1 makes one gradient sample the mean gradient of that many consecutive micro-batches
     (a last, shorter group counts as one sample too); `checkpointing` recomputes layer activations in
-    backward (see recompute.py); `checkpointer` (io.calib_state) saves and restores partial sums.
+    backward (see recompute.py); `calib_state` (io.calib_state) saves and restores partial sums.
     """
     collective = collective or Collective()
     if device is None:
@@ -104,8 +104,8 @@ def calibrate(
         acc.attach()
     n_batches = n_tokens = n_samples = in_group = 0
     loss_sum = 0.0
-    if checkpointer is not None:  # io.calib_state: continue saved sums, skip their batches
-        n_batches, n_tokens, loss_sum = checkpointer.restore(stats)
+    if calib_state is not None:  # io.calib_state: continue saved sums, skip their batches
+        n_batches, n_tokens, loss_sum = calib_state.restore(stats)
         n_samples = -(-n_batches // grad_accum)
         batches = itertools.islice(batches, n_batches, None)
         total = None if total is None else total - n_batches
@@ -145,15 +145,15 @@ def calibrate(
                 in_group = 0
                 if grad is not None and grad_accum > 1:
                     grad.end_group(grad_accum)
-            if checkpointer is not None:
-                checkpointer.after_batch(n_batches, n_tokens, loss_sum)
+            if calib_state is not None:
+                calib_state.after_batch(n_batches, n_tokens, loss_sum)
         if in_group:
             n_samples += 1
             if grad is not None and grad_accum > 1:
                 grad.end_group(in_group)
-        if checkpointer is not None:
+        if calib_state is not None:
             # the complete sums too: a crash during selection or saving then recalibrates nothing
-            checkpointer.end(n_batches, n_tokens, loss_sum)
+            calib_state.end(n_batches, n_tokens, loss_sum)
     finally:
         if undo_checkpointing is not None:
             undo_checkpointing()
@@ -194,15 +194,21 @@ def reduce_statistics_(
 
 
 def reduce_counters_(counters: dict[str, Any], collective: Collective) -> None:
-    """Sum tokens and loss across processes; batches too, unless every rank saw every micro-batch."""
+    """Sum tokens and loss across processes; batches and gradient samples too, unless every rank saw
+    every micro-batch (row shards)."""
     if collective.processes == 1:
         return
     vals = collective.sum_scalars(
-        [float(counters["tokens"]), counters["loss_sum"], float(counters["batches"])]
+        [
+            float(counters["tokens"]),
+            counters["loss_sum"],
+            float(counters["batches"]),
+            float(counters.get("samples", 0)),
+        ]
     )
     counters["tokens"], counters["loss_sum"] = int(vals[0]), vals[1]
     if not collective.splits_batches:
-        counters["batches"] = int(vals[2])
+        counters["batches"], counters["samples"] = int(vals[2]), int(vals[3])
     counters["mean_loss"] = counters["loss_sum"] / max(counters["batches"], 1)
 
 
@@ -221,7 +227,7 @@ def gather_statistics(
     accelerator=None,
     progress: bool = True,
     num_batches: int | None = None,
-    checkpointer=None,
+    calib_state=None,
 ) -> tuple[Statistics, dict[str, Any]]:
     """Allocate exactly the accumulators `needs` (mean statistic names) read, fill them in one pass of
     the loop and reduce them across processes; (statistics, counters). No pass when nothing is needed."""
@@ -240,7 +246,7 @@ def gather_statistics(
     counters = calibrate(
         model, batches, stats, collective=collective, accelerator=accelerator, loss_fn=loss_fn,
         progress=progress, total=num_batches, grad_accum=grad_accum, checkpointing=checkpointing,
-        checkpointer=checkpointer,
+        calib_state=calib_state,
     )  # fmt: skip
     counters["reduce"] = reduce_statistics_(stats, collective, chunk_elems=chunk_elems)
     reduce_counters_(counters, collective)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         f"{report['target_weights']:,} target weights are zero "
         f"(criterion {report['criterion']}, scope {report['scope']}, pattern {report['pattern']})"
     )
-    if "eval" in report:
+    if report.get("eval"):
         ev = report["eval"]
         print(
             f"held-out perplexity: dense {ev['dense_ppl']:.3f}, pruned {ev['pruned_ppl']:.3f} "

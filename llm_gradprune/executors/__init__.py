@@ -36,15 +36,15 @@ def prune_(
     accelerator=None,
     return_masks: bool = True,
     num_batches: int | None = None,
-    checkpointer=None,
+    calib_state=None,
 ) -> PruneResult:
     """Calibrate (if the criterion needs it), score, select, update and zero the target weights in place.
 
     Returned masks hold this rank's rows when the model is row-sharded; report counts are global.
     """
     cfg = cfg or PruneConfig()
-    plan = make_plan(model, cfg, targets, collective_for(model), resume=checkpointer is not None)
+    plan = make_plan(model, cfg, targets, collective_for(model), resume=calib_state is not None)
     return EXECUTORS[plan.executor](
         model, batches, plan, loss_fn=loss_fn, accelerator=accelerator, return_masks=return_masks,
-        num_batches=num_batches, checkpointer=checkpointer,
+        num_batches=num_batches, calib_state=calib_state,
     )  # fmt: skip

@@ -42,7 +42,7 @@ def run(
     accelerator=None,
     return_masks: bool = True,
     num_batches: int | None = None,
-    checkpointer=None,
+    calib_state=None,
 ) -> PruneResult:
     cfg, coll = plan.cfg, plan.collective
     if batches is None:
@@ -66,7 +66,7 @@ def run(
 
     timer = Timer()
     whole, counters = statistics_of(plan, model, batches, loss_fn=loss_fn, accelerator=accelerator,
-                                    num_batches=num_batches, checkpointer=checkpointer)  # fmt: skip
+                                    num_batches=num_batches, calib_state=calib_state)  # fmt: skip
     timer.timings["calibration"] = counters["seconds"]
     with timer("budgets"):
         budgets, scope, allocation = resolve_budgets(plan, weights, whole)

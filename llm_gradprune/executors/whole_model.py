@@ -17,7 +17,7 @@ from ..calibration.loop import LossFn, causal_lm_loss, gather_statistics
 from ..plan import Plan, PruneResult, Record, Timer, build_report, prune_group, resolve_budgets
 
 
-def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator, num_batches, checkpointer,
+def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator, num_batches, calib_state,
                   needs: set[str] | None = None):  # fmt: skip
     """The whole-model calibration pass a plan asks for: (statistics, counters); resume counters added."""
     cfg = plan.cfg
@@ -25,11 +25,11 @@ def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator
         model, batches, plan.whole_stats if needs is None else needs, plan.targets, collective=plan.collective,
         stats_device="cpu" if cfg.stats_device == "cpu" else None, grad_accum=cfg.grad_accum,
         checkpointing=cfg.gradient_checkpointing, chunk_elems=cfg.select_chunk_elems, loss_fn=loss_fn,
-        accelerator=accelerator, progress=cfg.progress, num_batches=num_batches, checkpointer=checkpointer,
+        accelerator=accelerator, progress=cfg.progress, num_batches=num_batches, calib_state=calib_state,
     )  # fmt: skip
-    if checkpointer is not None:
-        counters["resumed_from_batch"] = checkpointer.resumed_from
-        counters["state_saves"] = checkpointer.saves
+    if calib_state is not None:
+        counters["resumed_from_batch"] = calib_state.resumed_from
+        counters["state_saves"] = calib_state.saves
     return stats, counters
 
 
@@ -42,11 +42,11 @@ def run(
     accelerator=None,
     return_masks: bool = True,
     num_batches: int | None = None,
-    checkpointer=None,
+    calib_state=None,
 ) -> PruneResult:
     timer = Timer()
     stats, counters = statistics_of(plan, model, batches, loss_fn=loss_fn, accelerator=accelerator,
-                                    num_batches=num_batches, checkpointer=checkpointer)  # fmt: skip
+                                    num_batches=num_batches, calib_state=calib_state)  # fmt: skip
     timer.timings["calibration"] = counters["seconds"]
     coll = plan.collective
     weights = {f"{n}.weight": coll.local(m.weight, f"{n}.weight") for n, m in plan.targets.items()}

@@ -41,7 +41,7 @@ STATE_VERSION = 2
 SHARD_BYTES = 1 << 30
 # Keys that steer the run but cannot change the statistics or the masks: a resume may change them.
 RUN_CONTROL = frozenset(
-    {"output_dir", "overwrite", "progress", "checkpoint_every", "resume", "state_dir", "device",
+    {"output_dir", "overwrite", "progress", "save_state_every", "resume", "state_dir", "device",
      "max_shard_size", "select_chunk_elems", "eval", "eval_split", "eval_num_samples", "eval_seq_len",
      "eval_batch_size", "eval_stride", "allow_empty_tensors"}
 )  # fmt: skip
@@ -113,7 +113,7 @@ def latest_state(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def check_state(cfg) -> None:
     """Before any work: a run that would silently overwrite a saved calibration is refused."""
-    if not cfg.checkpoint_every and not cfg.resume:
+    if not cfg.save_state_every and not cfg.resume:
         return
     state_dir, out = default_state_dir(cfg), Path(cfg.output_dir).expanduser().resolve()
     if state_dir == out or out in state_dir.parents:
@@ -156,8 +156,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate((version, tuple(state), gauss))
 
 
-class CalibCheckpointer:
-    """Saves and restores one calibration's statistics; `calibrate(..., checkpointer=)` drives it."""
+class CalibState:
+    """Saves and restores one calibration's statistics; `calibrate(..., calib_state=)` drives it."""
 
     def __init__(self, state_dir: str | Path, every: int, resume: bool, identity: dict[str, Any]):
         self.dir = Path(state_dir)
@@ -301,11 +301,11 @@ class CalibCheckpointer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def checkpointer_for(cfg, model: torch.nn.Module, token_sha256: str | None):
-    """The checkpointer a job config asks for (None without --checkpoint-every / --resume); the support
+def calib_state_for(cfg, model: torch.nn.Module, token_sha256: str | None):
+    """The calib_state a job config asks for (None without --save-state-every / --resume); the support
     table (support.py) has refused it already on the paths where it does not work."""
-    every, resume = cfg.checkpoint_every, cfg.resume
+    every, resume = cfg.save_state_every, cfg.resume
     if not every and not resume:
         return None
     identity = {"config": config_identity(cfg), "model": model_fingerprint(model), "data": token_sha256}
-    return CalibCheckpointer(default_state_dir(cfg), every, resume, identity)
+    return CalibState(default_state_dir(cfg), every, resume, identity)

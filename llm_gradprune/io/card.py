@@ -26,7 +26,7 @@ def model_card(cfg, report: dict[str, Any]) -> str:
         "kernel (e.g. 2:4 on NVIDIA Ampere or newer) or a compressor uses them. `pruning_report.json` "
         "has per-tensor counts; `prune_config.yaml` repeats the run.",
     ]
-    if "eval" in report:
+    if report.get("eval"):
         ev = report["eval"]
         lines += ["", f"Held-out perplexity: dense {ev['dense_ppl']:.2f}, pruned {ev['pruned_ppl']:.2f}."]
     return "\n".join(lines) + "\n"
