@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .calibration.stats import STATISTICS
 from .config import PruneConfig
 from .errors import ConfigError
 from .scoring.allocation import ALLOCATIONS
@@ -136,21 +135,3 @@ def applies(option: Option, path: str) -> bool:
     """False where an option cannot meet a path at all (layer-wise mode on the whole-model path)."""
     executor = PATHS[path][0]
     return not (option.name == "layer-wise mode" and executor == "whole_model" and path != "sharded")
-
-
-def table_markdown() -> str:
-    """The table as Markdown, for docs/ARCHITECTURE.md."""
-    head = "| option | " + " | ".join(PATH_TITLES[p] for p in PATHS) + " |"
-    lines = [head, "|---" * (len(PATHS) + 1) + "|"]
-    for o in OPTIONS:
-        cells = []
-        for p in PATHS:
-            if not applies(o, p):
-                cells.append("n/a")
-            else:
-                cells.append("refused" if p in o.refused else "yes")
-        lines.append(f"| {o.name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-__all__ = ["OPTIONS", "PATHS", "Option", "Run", "check_support", "refusal", "table_markdown", "STATISTICS"]

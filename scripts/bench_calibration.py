@@ -55,7 +55,7 @@ def build(name: str, dtype: torch.dtype, layers: int):
     if name == "smollm2":
         from transformers import AutoModelForCausalLM
 
-        from llm_gradprune.assets import resolve_model
+        from llm_gradprune.calibration.assets import resolve_model
 
         return AutoModelForCausalLM.from_pretrained(resolve_model("builtin:smollm2-135m"), dtype=dtype)
     config = LlamaConfig(
@@ -76,20 +76,19 @@ def blocks_for(name: str, n: int, seq_len: int) -> torch.Tensor:
     if name == "smollm2":
         from transformers import AutoTokenizer
 
-        from llm_gradprune.assets import resolve_model
-        from llm_gradprune.config import PruneConfig
-        from llm_gradprune.data import load_blocks
+        from llm_gradprune.calibration.assets import resolve_model
+        from llm_gradprune.calibration.data import load_blocks
+        from llm_gradprune.config import JobConfig
 
         tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m"))
-        cfg = PruneConfig(num_samples=n, seq_len=seq_len, progress=False)
-        return load_blocks(cfg, tok)
+        return load_blocks(JobConfig(num_samples=n, seq_len=seq_len), tok)
     return torch.randint(0, 32000, (n, seq_len), generator=torch.Generator().manual_seed(0))
 
 
 def worker(args) -> dict:
-    from llm_gradprune.calibrate import calibrate, causal_lm_loss
-    from llm_gradprune.criteria import get
-    from llm_gradprune.stats import GradStats
+    from llm_gradprune.calibration.loop import calibrate, causal_lm_loss
+    from llm_gradprune.calibration.stats import make_statistics
+    from llm_gradprune.scoring.criteria import get
     from llm_gradprune.targets import find_targets
 
     if args.threads:
@@ -119,13 +118,13 @@ def worker(args) -> dict:
         sec, cpu = time.perf_counter() - t, time.process_time() - c
         held = sum(p.grad.numel() * p.grad.element_size() for p in params.values())
     else:
-        needs = get(args.criterion).accumulators
-        stats = GradStats(params, needs)
+        crit = get(args.criterion)
+        stats = make_statistics(crit.statistics(crit.resolve_params({})), targets)
         calibrate(model, warm, stats, progress=False)
         t, c = time.perf_counter(), time.process_time()
         calibrate(model, timed, stats, progress=False)
         sec, cpu = time.perf_counter() - t, time.process_time() - c
-        held = sum(t.numel() * t.element_size() for v in stats.sums.values() for t in v.values())
+        held = sum(t.numel() * t.element_size() for a in stats.accumulators() for t in a.tensors().values())
     tokens = sum(b.numel() for b in timed)
     return {
         "model": args.model, "dtype": args.dtype, "variant": args.variant, "tokens": tokens,

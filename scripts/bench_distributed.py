@@ -72,7 +72,7 @@ def zero_diff(a: Path, b: Path) -> int:
 def target_shapes() -> list[torch.Size]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llm_gradprune.assets import resolve_model
+    from llm_gradprune.calibration.assets import resolve_model
     from llm_gradprune.targets import find_targets
 
     with torch.device("meta"):
@@ -90,7 +90,7 @@ def reduce_worker(out: str) -> None:
     """Launched with 2 processes: times the ways of summing one statistic of every target tensor."""
     import torch.distributed as dist
 
-    from llm_gradprune.distributed import all_reduce_sum_, make_accelerator
+    from llm_gradprune.parallel import all_reduce_sum_, make_accelerator
 
     make_accelerator()
     rank = dist.get_rank()

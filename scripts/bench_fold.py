@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llm_gradprune.stats import _all_finite  # noqa: E402
+from llm_gradprune.calibration.stats import _all_finite  # noqa: E402
 
 SHAPES = {
     "smollm2": (30, 576, 192, 1536),

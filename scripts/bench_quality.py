@@ -4,9 +4,10 @@ Protocol (fixed): builtin:smollm2-135m in fp32; calibration = 64 blocks x 512 to
 split train (seed 0), batch size 1 (one gradient sample per block); evaluation = 64 windows x 512 tokens
 of builtin:imdb split test (seed 0); targets = every Linear in the decoder layers (210 tensors).
 
-One calibration pass collects every statistic (mean g, |g|, g^2 per weight; mean x^2 per input channel)
-and caches them in a safetensors file, so reruns skip it. A CPU copy of the original target weights is
-restored between rows; each row only scores, selects, prunes and evaluates.
+One pass of the library's calibration loop collects every whole-model statistic (sums of g, |g|, g^2 and
+the per-token Fisher per weight, x^2 per input channel) and keeps it on disk (`scripts/protocol.py`), so
+reruns skip it. The dense weights are restored between rows; each row is one
+`prune_(model, None, cfg, statistics=...)` call, the library entry point a user's sweep calls.
 
 Run (all default rows, then extras; results accumulate in the JSON, finished rows are skipped):
 
@@ -23,26 +24,20 @@ A row spec is CRITERION[:k=v,...]/SCOPE/SPARSITY_OR_N:M[/owl[:m=5,lam=0.08]], e.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from protocol import ROOT, Protocol, token_hash
 
-from llm_gradprune import allocation, criteria
-from llm_gradprune.calibrate import calibrate
-from llm_gradprune.config import SCOPES, PruneConfig, parse_pattern
-from llm_gradprune.data import load_blocks, micro_batches, token_hash
+from llm_gradprune import PruneConfig, prune_
+from llm_gradprune.config import parse_pattern
 from llm_gradprune.evaluate import perplexity
-from llm_gradprune.masks import apply_mask_, iter_masks
-from llm_gradprune.pipeline import load_model
-from llm_gradprune.stats import ActStats, GradStats, TokenGradStats
-from llm_gradprune.targets import find_targets
+from llm_gradprune.scoring.criteria import CRITERIA
+from llm_gradprune.selection.masks import SCOPES
 
-ROOT = Path(__file__).resolve().parents[1]
 ROW_SETS = {
     "main": [
         "magnitude/tensor/0.5", "wanda/row/0.5", "gradient/tensor/0.5", "gradient/row/0.5",
@@ -52,133 +47,59 @@ ROW_SETS = {
     "owl": ["wanda/row/0.5/owl", "fisher/row/0.5/owl", "gblm/row/0.5/owl", "blend/row/0.5/owl"],
     "sweep": ["wanda/row/0.3", "wanda/row/0.7", "blend/row/0.3", "blend/row/0.7",
               "magnitude/tensor/0.3", "magnitude/tensor/0.7"],
+    "ria": ["ria/row/0.5", "ria/nm/2:4", "ria/tensor/0.5"],
 }  # fmt: skip
-PARAM_NAMES = {"alpha": "alpha", "weight": "weight_exp", "act": "act_exp", "grad": "grad_exp"}
+OWL_NAMES = {"m": "m", "lam": "lambda"}
 
 
 def parse_row(spec: str) -> dict:
+    """A row spec as the config it stands for (see the module docstring)."""
     parts = spec.split("/")
     if len(parts) not in (3, 4):
         raise SystemExit(f"row spec {spec!r} must be CRITERION/SCOPE/SPARSITY[/owl]")
     crit, _, kv = parts[0].partition(":")
-    params = {}
-    for item in filter(None, kv.split(",")):
-        k, _, v = item.partition("=")
-        params[PARAM_NAMES.get(k, k)] = float(v)
-    if crit not in criteria.REGISTRY:
+    params = {k: float(v) for k, _, v in (i.partition("=") for i in filter(None, kv.split(",")))}
+    if crit not in CRITERIA:
         raise SystemExit(f"criterion {crit!r} in {spec!r} is unknown")
     nm = parse_pattern(parts[2]) if ":" in parts[2] else None
-    sparsity = 1 - nm[0] / nm[1] if nm else float(parts[2])
     alloc, owl = "uniform", {}
     if len(parts) == 4:
         alloc, _, kv = parts[3].partition(":")
-        for item in filter(None, kv.split(",")):
-            k, _, v = item.partition("=")
-            owl[k] = float(v)
-    return {"spec": spec, "criterion": crit, "params": params, "scope": parts[1], "nm": nm,
-            "sparsity": sparsity, "allocation": alloc, "owl": owl}  # fmt: skip
-
-
-STATS = ("grad_mean", "grad_abs_mean", "grad_sq_mean", "act_sq_mean", "token_grad_sq_mean")
-
-
-def collect_stats(model, targets, blocks, folder: Path) -> dict[str, torch.Tensor]:
-    """{'<stat>/<weight name>': mean statistic}; from the cache folder (one file per statistic) if there."""
-    if all((folder / f"{s}.safetensors").exists() for s in STATS):
-        return {f"{s}/{k}": v for s in STATS for k, v in load_file(str(folder / f"{s}.safetensors")).items()}
-    params = {f"{n}.weight": m.weight for n, m in targets.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gs = GradStats(params, ("grad_sum", "grad_abs_sum", "grad_sq_sum"))
-    acts = ActStats(targets)
-    tok = TokenGradStats(targets).attach()
-    try:
-        counters = calibrate(model, micro_batches(blocks, 1), gs, acts, total=len(blocks))
-    finally:
-        tok.detach()
-    out: dict[str, dict[str, torch.Tensor]] = {s: {} for s in STATS}
-    for stat in gs.needs:  # divide in place: never two model-sized copies of a statistic
-        for n in params:
-            out[stat.replace("_sum", "_mean")][n] = gs.sums[stat][n].div_(gs.counts[n])
-    for n in targets:
-        out["act_sq_mean"][f"{n}.weight"] = acts.mean_sq(n).contiguous()
-        out["token_grad_sq_mean"][f"{n}.weight"] = tok.sums[n].div_(tok.tokens[n])
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"seconds": f"{counters['seconds']:.1f}", "mean_loss": f"{counters['mean_loss']:.5f}"}
-    for stat, tensors in out.items():  # one file at a time bounds the serialisation copy
-        save_file(tensors, str(folder / f"{stat}.safetensors"), metadata=meta)
-    print(f"calibration: {counters['seconds']:.0f} s, mean loss {counters['mean_loss']:.4f}", flush=True)
-    return {f"{s}/{n}": t for s, tensors in out.items() for n, t in tensors.items()}
-
-
-def prune_row(row, params, stats, originals, chunk=1 << 24) -> dict:
-    crit = criteria.get(row["criterion"])
-
-    def score_fn(name: str) -> torch.Tensor:
-        return crit.score(originals[name], {s: stats[f"{s}/{name}"] for s in crit.needs}, **row["params"])
-
-    for n, p in params.items():
-        p.data.copy_(originals[n])
-    names = list(params)
-    sparsity: float | dict[str, float] = row["sparsity"]
-    info: dict = {}
-    if row["allocation"] == "owl":
-        sparsity, layers = allocation.owl_sparsities(
-            lambda n: criteria.wanda(originals[n], stats[f"act_sq_mean/{n}"]),
-            {n: (p.shape[0], p[0].numel()) for n, p in params.items()}, row["sparsity"], row["scope"],
-            m=row["owl"].get("m", 5.0), lam=row["owl"].get("lam", 0.08),
-        )  # fmt: skip
-        info["owl_layers"] = layers
-    scope = "tensor" if row["nm"] else row["scope"]
-    for name, mask in iter_masks(names, score_fn, scope=scope, sparsity=sparsity, nm=row["nm"],
-                                 chunk_elems=chunk, shapes={n: p.shape for n, p in params.items()}):  # fmt: skip
-        apply_mask_(params[name], mask)
-    zeros = sum(int((p == 0).sum()) for p in params.values())
-    numel = sum(p.numel() for p in params.values())
-    return {"achieved_sparsity": zeros / numel, **info}
+        owl = {OWL_NAMES[k]: float(v) for k, _, v in (i.partition("=") for i in filter(None, kv.split(",")))}
+    shape = {"pattern": parts[2]} if nm else {"scope": parts[1], "sparsity": float(parts[2])}
+    return {"criterion": crit, "criterion_params": params, **shape, "allocation": alloc, "allocation_params": owl,
+            "allow_empty_tensors": True}  # fmt: skip
 
 
 def run(args) -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)  # on a shared machine one thread beats two contended ones
-    cfg = PruneConfig(model="builtin:smollm2-135m", dataset="builtin:imdb", num_samples=64, seq_len=512)
-    model, tok, _ = load_model(cfg)
-    targets = find_targets(model)
-    params = {f"{n}.weight": m.weight for n, m in targets.items()}
-    calib = load_blocks(cfg, tok)
-    evalb = load_blocks(cfg, tok, split="test", num_blocks=64, seed=args.eval_seed)
-    key = hashlib.sha256((token_hash(calib) + cfg.model).encode()).hexdigest()[:12]
+    proto = Protocol(eval_seed=args.eval_seed)
     t = time.perf_counter()
-    stats = collect_stats(model, targets, calib, args.cache_dir / f"stats_{key}")
+    stats = proto.statistics(args.cache_dir)
     print(f"statistics ready in {time.perf_counter() - t:.0f} s", flush=True)
-    originals = {n: p.detach().clone() for n, p in params.items()}
-    for p in model.parameters():
-        p.requires_grad_(False)
 
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     screen = args.screen
-    eval_blocks = calib[-screen:] if screen else evalb
+    eval_blocks = proto.calib[-screen:] if screen else proto.eval_blocks
     # other held-out window sets (--eval-seed) measure how much the protocol's own sample moves a row
     store_key = "screen" if screen else ("rows" if not args.eval_seed else f"rows_eval_seed_{args.eval_seed}")
     store = results.setdefault(store_key, {})
-    meta = results.setdefault("protocol", {})
-    if store_key != "rows":
-        meta = results.setdefault(f"protocol_{store_key}", {})
-    meta.update({"model": cfg.model, "calibration_tokens_sha256": token_hash(calib),
-                 "eval_tokens_sha256": token_hash(evalb), "eval_batch_size": args.eval_batch_size,
-                 "targets": len(params), "target_weights": sum(p.numel() for p in params.values()),
+    meta = results.setdefault("protocol" if store_key == "rows" else f"protocol_{store_key}", {})
+    meta.update({"model": proto.job.model, "calibration_tokens_sha256": token_hash(proto.calib),
+                 "eval_tokens_sha256": token_hash(proto.eval_blocks), "eval_batch_size": args.eval_batch_size,
+                 "targets": len(proto.targets), "target_weights": sum(w.numel() for w in proto.dense.values()),
                  "torch_threads": torch.get_num_threads()})  # fmt: skip
 
     def evaluate(label: str) -> dict:
-        r = perplexity(model, eval_blocks, batch_size=args.eval_batch_size, progress=False)
+        r = perplexity(proto.model, eval_blocks, batch_size=args.eval_batch_size, progress=False)
         print(f"{label:45s} ppl {r['ppl']:10.3f}  ({r['seconds']:.0f} s eval)", flush=True)
         return r
 
     specs = [s for name in args.rows for s in ROW_SETS[name]] + list(args.only)
     if "dense" not in store or args.force:
-        for n, p in params.items():
-            p.data.copy_(originals[n])
+        proto.restore_dense_()
         r = evaluate("dense")
         store["dense"] = {"ppl": r["ppl"], "eval_s": r["seconds"], "achieved_sparsity": 0.0}
         args.json.write_text(json.dumps(results, indent=1))
@@ -186,14 +107,19 @@ def run(args) -> None:
         if spec in store and not args.force:
             print(f"{spec:45s} ppl {store[spec]['ppl']:10.3f}  (cached)", flush=True)
             continue
-        row = parse_row(spec)
+        cfg = PruneConfig(progress=False, **parse_row(spec))
+        proto.restore_dense_()
         t = time.perf_counter()
-        info = prune_row(row, params, stats, originals)
+        report = prune_(
+            proto.model, None, cfg, targets=proto.targets, statistics=stats, return_masks=False
+        ).report
         prune_s = time.perf_counter() - t
         r = evaluate(spec)
-        store[spec] = {**{k: row[k] for k in ("criterion", "params", "scope", "sparsity", "allocation")},
-                       "pattern": f"{row['nm'][0]}:{row['nm'][1]}" if row["nm"] else "unstructured",
-                       "ppl": r["ppl"], "prune_s": prune_s, "eval_s": r["seconds"], **info}  # fmt: skip
+        store[spec] = {"criterion": cfg.criterion, "params": report["criterion_params"],
+                       "scope": cfg.scope or "n:m", "sparsity": cfg.sparsity, "allocation": cfg.allocation,
+                       "pattern": cfg.pattern, "ppl": r["ppl"], "prune_s": prune_s, "eval_s": r["seconds"],
+                       "achieved_sparsity": report["overall_sparsity"],
+                       **({"owl_layers": report["allocation"]} if report["allocation"] else {})}  # fmt: skip
         args.json.write_text(json.dumps(results, indent=1))
 
 
@@ -221,10 +147,13 @@ def pivot(rows: dict) -> str:
         return f"{rows[spec]['ppl']:,.2f}" if spec in rows else "-"
 
     crits = sorted({r["criterion"] for k, r in rows.items() if k != "dense"})
+    SCOPE_NAMES = SCOPES.names()
     out = ["| criterion | per tensor 50% | per row 50% | global 50% | 2:4 |", "|---|---|---|---|---|"]
     for c in crits:
         out.append(
-            f"| {c} | " + " | ".join(cell(f"{c}/{s}/0.5") for s in SCOPES) + f" | {cell(f'{c}/nm/2:4')} |"
+            f"| {c} | "
+            + " | ".join(cell(f"{c}/{s}/0.5") for s in SCOPE_NAMES)
+            + f" | {cell(f'{c}/nm/2:4')} |"
         )
     sweep: dict[str, dict[float, float]] = {}
     for k, r in rows.items():

@@ -2,10 +2,11 @@
 
 Protocol (the quality benchmark's): builtin:smollm2-135m in fp32; calibration = 64 blocks x 512 tokens
 of builtin:imdb split train (seed 0); evaluation = 64 windows x 512 tokens of split test (seed 0) with
-`evaluate.perplexity`; targets = every Linear in the decoder layers. Each row restores the dense
-weights, prunes layer-wise (sequential: each block calibrated on the outputs of the pruned blocks
-before it) and evaluates. Gradient statistics of the dense model over the 64 calibration blocks (batch
-size 1) are read from `bench_quality.py`'s cache (`--stats-cache`).
+`evaluate.perplexity`; targets = every Linear in the decoder layers (`scripts/protocol.py`). Each row
+restores the dense weights, prunes layer-wise with `prune_` (sequential: each block calibrated on the
+outputs of the pruned blocks before it) and evaluates. The dense model's whole-model statistics over
+the 64 calibration blocks (batch size 1) are gathered once by the library and kept on disk
+(`--stats-cache`, shared with bench_quality.py).
 
     PYTHONPATH=$PWD nohup nice -n 10 python scripts/bench_reconstruction.py \
         --rows sparsegpt-2:4,sparsegpt-50 --json docs/bench_reconstruction.json > bench.log 2>&1 &
@@ -13,16 +14,15 @@ size 1) are read from `bench_quality.py`'s cache (`--stats-cache`).
 Rows are `METHOD[+MOD...]-PATTERN` with PATTERN 2:4 or 50, METHOD sparsegpt or any criterion (layer-wise,
 no reconstruction unless a MOD asks), MOD one of obs / lsq (reconstruction of the kept weights),
 fisherG / tokenfisherG (sparsegpt's saliency times a gradient factor to the power G, see
-`sequential.sparsegpt_prior`), dampP (percdamp P), tensor / global (the criterion's scope; default row), ts (true_sequential);
-plus `dense`. `--eval-seeds 1,2` also evaluates every row on other held-out window samples. Gradient statistics come from
-`bench_quality.py`'s cache (the dense model, same calibration blocks). Results are merged into the JSON file row by row, so an interrupted run keeps
-what it measured.
+`scoring.criteria.sparsegpt_prior`), dampP (percdamp P), tensor / global (the criterion's scope; default
+row), ts (true_sequential); plus `dense`. `--eval-seeds 1,2` also evaluates every row on other held-out
+window samples. Results are merged into the JSON file row by row, so an interrupted run keeps what it
+measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import resource
@@ -31,21 +31,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from protocol import Protocol, token_hash
 
-from llm_gradprune.config import PruneConfig
-from llm_gradprune.data import load_blocks, micro_batches, token_hash
+from llm_gradprune import JobConfig, prune_
 from llm_gradprune.evaluate import perplexity
-from llm_gradprune.pipeline import load_model
-from llm_gradprune.pruner import Statistics
-from llm_gradprune.sequential import prune_layer_wise_
-from llm_gradprune.stats import ActStats, GradStats, TokenGradStats
-from llm_gradprune.targets import find_targets
 
 REFERENCE = {"sparsegpt-2:4": 142.21, "sparsegpt-50": 84.07, "wanda-2:4": 298.72, "wanda-50": 100.70}
 
 
-def row_config(row: str, base: dict) -> PruneConfig:
+def row_config(row: str, base: dict):
     """`METHOD[+MOD...]-PATTERN`: METHOD sparsegpt or a criterion; MOD obs | lsq (reconstruction),
     fisherG | tokenfisherG (sparsegpt's gradient factor to the power G), dampP (percdamp P)."""
     method, _, pat = row.rpartition("-")
@@ -53,7 +47,7 @@ def row_config(row: str, base: dict) -> PruneConfig:
     if pattern is None:
         raise SystemExit(f"row {row!r}: pattern must be 2:4 or 50")
     name, *mods = method.split("+")
-    kw = {**base, **pattern, "criterion": name}
+    kw = {**base, **pattern, "criterion": name, "allow_empty_tensors": True}
     if name != "sparsegpt":
         kw["sequential"] = True
     for mod in mods:
@@ -71,42 +65,7 @@ def row_config(row: str, base: dict) -> PruneConfig:
             kw["percdamp"] = float(mod[len("damp") :])
         else:
             raise SystemExit(f"row {row!r}: unknown modifier {mod!r}")
-    return PruneConfig(**kw)
-
-
-def whole_model_sums(cfg: PruneConfig) -> set[str]:
-    """The whole-model statistics a row reads (layer-wise activations are gathered per block)."""
-    from llm_gradprune import criteria
-    from llm_gradprune.sequential import PRIOR_SUMS
-
-    if cfg.criterion == "sparsegpt":
-        return set(PRIOR_SUMS[cfg.sparsegpt_prior]) if cfg.sparsegpt_grad_exp else set()
-    return criteria.get(cfg.criterion).accumulators - {"act_sq_sum"}
-
-
-def cached_statistics(folder: Path, targets) -> Statistics:
-    """The dense model's statistics that `bench_quality.py` cached (means over the same 64 blocks).
-
-    Loaded as sums with a count of 1, so `.mean()` returns the cached mean."""
-    if not folder.is_dir():
-        raise SystemExit(f"no cached statistics in {folder}: run scripts/bench_quality.py once first")
-    params = {f"{n}.weight": m.weight for n, m in targets.items()}
-    grad = GradStats(params, ())
-    grad.needs = ("grad_sum", "grad_abs_sum", "grad_sq_sum")
-    grad.sums = {s: load_file(str(folder / f"{s.replace('_sum', '_mean')}.safetensors")) for s in grad.needs}
-    grad.counts = dict.fromkeys(params, 1)
-    tok = TokenGradStats({})
-    tok.sums = {
-        k.removesuffix(".weight"): v
-        for k, v in load_file(str(folder / "token_grad_sq_mean.safetensors")).items()
-    }
-    tok.tokens = dict.fromkeys(tok.sums, 1)
-    act = ActStats({})
-    act.sums = {
-        k.removesuffix(".weight"): v for k, v in load_file(str(folder / "act_sq_mean.safetensors")).items()
-    }
-    act.tokens = dict.fromkeys(act.sums, 1)
-    return Statistics(grad, act, tok, {"batches": 64, "tokens": 0, "mean_loss": float("nan"), "seconds": 0.0})
+    return JobConfig.from_flat(kw).prune
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="sparsegpt-2:4,sparsegpt-50")
     ap.add_argument("--json", default="docs/bench_reconstruction.json")
     ap.add_argument("--stats-cache", default="out/bench_quality", help="bench_quality.py's --cache-dir")
-    ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     ap.add_argument("--eval-seeds", default="", help="extra held-out samples to evaluate each row on")
     ap.add_argument("--report", action="store_true", help="only print the table of the JSON file")
@@ -136,45 +93,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    base = {"num_samples": args.num_samples, "seq_len": args.seq_len, "progress": False}
-    cfg0 = PruneConfig(**base)
-    model, tokenizer, _ = load_model(cfg0)
-    model.eval()
-    calib = load_blocks(cfg0, tokenizer)
-    evalb = load_blocks(cfg0, tokenizer, split=cfg0.eval_split, num_blocks=args.eval_samples, seed=0)
-    extra = {int(s): load_blocks(cfg0, tokenizer, split=cfg0.eval_split, num_blocks=args.eval_samples,
-                                 seed=int(s)) for s in args.eval_seeds.split(",") if s}  # fmt: skip
-    targets = find_targets(model)
-    dense = {n: m.weight.detach().clone() for n, m in targets.items()}
+    base = {"progress": False}
+    proto = Protocol(eval_samples=args.eval_samples)
+    calib, evalb, model = proto.calib, proto.eval_blocks, proto.model
+    extra = {int(s): proto.held_out(int(s), args.eval_samples) for s in args.eval_seeds.split(",") if s}
     stats = None
 
     out = Path(args.json)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("protocol", {
-        "model": cfg0.model, "dtype": "float32", "calibration": f"{args.num_samples} x {args.seq_len} "
-        f"builtin:imdb train seed 0", "evaluation": f"{args.eval_samples} x {args.seq_len} builtin:imdb "
-        "test seed 0", "calibration_sha256": token_hash(calib), "evaluation_sha256": token_hash(evalb),
+        "model": proto.job.model, "dtype": "float32", "calibration": "64 x 512 builtin:imdb train seed 0",
+        "evaluation": f"{args.eval_samples} x 512 builtin:imdb test seed 0", "calibration_sha256": token_hash(calib), "evaluation_sha256": token_hash(evalb),
         "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
     })  # fmt: skip
     results.setdefault("rows", {})
     for row in [r for r in args.rows.split(",") if r]:
-        with torch.no_grad():
-            for n, m in targets.items():
-                m.weight.copy_(dense[n])
+        proto.restore_dense_()
         if row == "dense":
             ev = perplexity(model, evalb, progress=False)
             results["rows"][row] = {"ppl": ev["ppl"], "eval_s": ev["seconds"]}
         else:
             cfg = row_config(row, base)
-            grad_s = None
-            if whole_model_sums(cfg) and stats is None:
-                key = hashlib.sha256((token_hash(calib) + cfg0.model).encode()).hexdigest()[:12]
-                stats = cached_statistics(Path(args.stats_cache) / f"stats_{key}", targets)
+            if stats is None:  # the dense model's gradient statistics: one library pass, cached on disk
+                stats = proto.statistics(Path(args.stats_cache))
             start, cpu0 = time.perf_counter(), time.process_time()
-            res = prune_layer_wise_(
-                model, micro_batches(calib, 1), cfg, targets=targets, return_masks=False,
-                stats=stats if whole_model_sums(cfg) else None,
-            )  # fmt: skip
+            res = prune_(
+                model, proto.batches(), cfg, targets=proto.targets, return_masks=False, statistics=stats
+            )
             prune_s, prune_cpu_s = time.perf_counter() - start, time.process_time() - cpu0
             rep = res.report
             ev = perplexity(model, evalb, progress=False)
@@ -182,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                 "ppl": ev["ppl"],
                 "prune_s": prune_s,
                 "prune_cpu_s": prune_cpu_s,  # CPU seconds: the fair measure on a shared machine
-                "gradient_pass_s": grad_s,
                 "eval_s": ev["seconds"],
                 "sparsity": rep["overall_sparsity"],
                 "nm_valid": all(t.get("nm_groups_valid", 1) for t in rep["per_tensor"].values()),
@@ -190,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "timings_s": rep["timings_s"],
                 "config": {k: v for k, v in cfg.to_dict().items() if k in (
-                    "criterion", "scope", "pattern", "sparsity", "reconstruct", "sequential", "blocksize",
-                    "percdamp", "sparsegpt_grad_exp", "sparsegpt_prior", "gblm_alpha", "blend", "true_sequential")},
+                    "criterion", "criterion_params", "scope", "pattern", "sparsity", "reconstruct", "sequential",
+                    "blocksize", "percdamp", "true_sequential")},
             }  # fmt: skip
         r = results["rows"][row]
         for seed, blocks in extra.items():  # the same pruned weights on another held-out sample

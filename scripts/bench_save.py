@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(args) -> dict:
     from bench_calibration import build, reset_peak, vm_kb
 
-    from llm_gradprune import PruneConfig, prune_
-    from llm_gradprune.checkpoint import save_pruned
+    from llm_gradprune import JobConfig, prune_
+    from llm_gradprune.io.checkpoint import save_pruned
 
     dtype = getattr(torch, args.dtype)
     model = build(args.model, dtype, args.tinyllama_layers).eval()
@@ -40,12 +40,12 @@ def worker(args) -> dict:
             p.add_(0)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        cfg = PruneConfig(criterion="magnitude", scope="row", sparsity=0.5, progress=False,
-                          max_shard_size=args.shard_size, output_dir=str(Path(tmp) / "out"))  # fmt: skip
+        cfg = JobConfig.from_flat({"criterion": "magnitude", "scope": "row", "sparsity": 0.5, "progress": False,
+                                   "max_shard_size": args.shard_size, "output_dir": str(Path(tmp) / "out")})  # fmt: skip
         before_mask = vm_kb("VmRSS")
         reset_peak()
         t = time.perf_counter()
-        report = prune_(model, None, cfg, return_masks=False).report
+        report = prune_(model, None, cfg.prune, return_masks=False).report
         mask_s = time.perf_counter() - t
         mask_peak = vm_kb("VmHWM")
         before_save = vm_kb("VmRSS")

@@ -55,7 +55,7 @@ def best_of(fn, repeats: int):
 
 # -- workers (each runs in its own process) ------------------------------------------------------
 def work_tensor(args) -> dict:
-    from llm_gradprune.select import flat_chunks, kth_threshold, num_to_prune, tensor_mask
+    from llm_gradprune.selection.select import flat_chunks, kth_threshold, num_to_prune, tensor_mask
 
     s = one_tensor(args.seed)
     base = peak_rss_mb()
@@ -71,8 +71,8 @@ def work_tensor(args) -> dict:
 
 
 def work_global(args) -> dict:
-    from llm_gradprune.scorestore import ScoreStore
-    from llm_gradprune.select import kth_threshold, num_to_prune, threshold_masks
+    from llm_gradprune.selection.scorestore import ScoreStore
+    from llm_gradprune.selection.select import kth_threshold, num_to_prune, threshold_masks
 
     tensors = args.tensors
     total = tensors * ROWS * COLS

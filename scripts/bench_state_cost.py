@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from llm_gradprune import criteria
-from llm_gradprune.assets import resolve_model
-from llm_gradprune.resume import CalibState, model_fingerprint
-from llm_gradprune.stats import ActStats, GradStats
+from llm_gradprune.calibration.assets import resolve_model
+from llm_gradprune.calibration.stats import make_statistics
+from llm_gradprune.io.calib_state import CalibState, model_fingerprint
+from llm_gradprune.scoring import criteria
 from llm_gradprune.targets import find_targets
 
 
@@ -43,39 +43,29 @@ def main() -> None:
     rows = []
     for name in args.criteria.split(","):
         crit = criteria.get(name)
-        grad_needs = crit.accumulators - {"act_sq_sum"}
-
-        def fresh(grad_needs=grad_needs, act="act_sq_sum" in crit.accumulators):
-            return (GradStats(params, grad_needs) if grad_needs else None), (
-                ActStats(targets) if act else None
-            )
-
-        gs, acts = fresh()
+        needs = crit.statistics(crit.resolve_params({}))
+        stats = make_statistics(needs, targets)
         gen = torch.Generator().manual_seed(0)
-        for per in gs.sums.values() if gs else []:
-            for x in per.values():
-                x.copy_(torch.rand(x.shape, generator=gen))
+        for x in (t for a in stats.accumulators() for t in a.tensors().values()):
+            x.copy_(torch.rand(x.shape, generator=gen))
         folder = Path(tempfile.mkdtemp(prefix="state-bench-"))
         identity = {"config": {}, "model": fp, "data": None}
         try:
             ck = CalibState(folder, 1, False, identity)
-            ck.grad_stats, ck.act_stats = gs, acts
+            ck.stats = stats
             t = time.perf_counter()
             saved = ck.save(1, 0, 0.0)
             t_save = time.perf_counter() - t
             size = sum(p.stat().st_size for p in saved.iterdir())
-            gs2, acts2 = fresh()
+            again = make_statistics(needs, targets)
             t = time.perf_counter()
-            CalibState(folder, 1, True, identity).restore(gs2, acts2)
+            CalibState(folder, 1, True, identity).restore(again)
             t_load = time.perf_counter() - t
-            equal = all(
-                torch.equal(x, gs2.sums[s][n])
-                for s, per in (gs.sums.items() if gs else [])
-                for n, x in per.items()
-            )
+            mine = {k: t for a in stats.accumulators() for k, t in a.tensors().items()}
+            equal = all(torch.equal(mine[k], t) for a in again.accumulators() for k, t in a.tensors().items())
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        rows.append({"criterion": name, "statistics": sorted(crit.accumulators), "state_mb": size / 1e6,
+        rows.append({"criterion": name, "statistics": sorted(needs), "state_mb": size / 1e6,
                      "save_s": t_save, "restore_s": t_load, "restored_bit_identical": equal})  # fmt: skip
     print(f"model {args.model}: {len(params)} target tensors, "
           f"{sum(p.numel() for p in params.values()):,} weights, fingerprint {t_fp:.2f} s")  # fmt: skip

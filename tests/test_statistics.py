@@ -316,3 +316,27 @@ def test_token_fisher_sums_are_the_same_with_gradient_checkpointing():
     for n in sums[False]:
         assert sums[False][n].abs().sum() > 0
         torch.testing.assert_close(sums[True][n], sums[False][n], rtol=1e-5, atol=1e-9)
+
+
+def test_saved_statistics_prune_exactly_like_a_fresh_pass(tmp_path):
+    """A sweep calibrates once: statistics saved and loaded give the very masks of a fresh pass."""
+    from llm_gradprune.io.stats_files import load_statistics, save_statistics
+
+    batches = list(make_blocks(4, 16).split(1))
+    model = make_tiny_llama()
+    targets = find_targets(model)
+    needs = {"grad_sq_mean", "act_sq_mean", "token_grad_sq_mean"}
+    stats, _ = gather_statistics(model, batches, needs, targets, progress=False)
+    save_statistics(tmp_path / "s", stats)
+    for cfg in (PruneConfig(criterion="gblm", progress=False), PruneConfig(criterion="token_fisher", scope="tensor",
+                progress=False), PruneConfig(criterion="fisher", reconstruct="obs", progress=False)):  # fmt: skip
+        fresh = prune_(make_tiny_llama(), batches, cfg)
+        fresh_model = make_tiny_llama()
+        loaded = prune_(
+            fresh_model, batches, cfg, statistics=load_statistics(tmp_path / "s", find_targets(fresh_model))
+        )
+        assert all(torch.equal(fresh.masks[n], loaded.masks[n]) for n in fresh.masks), cfg.criterion
+        assert loaded.report["calibration"]["batches"] == 4 and loaded.report["calibration"]["tokens"] == 64
+    with pytest.raises(ConfigError, match="the given statistics lack grad_mean"):
+        prune_(make_tiny_llama(), batches, PruneConfig(criterion="taylor", progress=False),
+               statistics=load_statistics(tmp_path / "s", targets))  # fmt: skip

@@ -252,4 +252,5 @@ def gather_statistics(
     reduce_counters_(counters, collective)
     if counters["batches"] == 0:
         raise ValueError("calibration needs data but no batch was given")
+    stats.counters = {k: v for k, v in counters.items() if k != "reduce"}
     return stats, counters

@@ -399,8 +399,10 @@ for _s in (
 class Statistics:
     """The accumulators of one calibration pass, by source; `mean(statistic, weight name)` reads them."""
 
-    def __init__(self, accumulators: dict[str, Any] | None = None):
+    def __init__(self, accumulators: dict[str, Any] | None = None, needs: set[str] | None = None):
         self.by_source: dict[str, Any] = dict(accumulators or {})
+        self.needs: set[str] = set(needs or ())  # the mean statistics it was made for
+        self.counters: dict[str, Any] = {}  # the filling pass's batches, tokens, loss, seconds
 
     @property
     def grad(self) -> GradStats | None:
@@ -414,7 +416,9 @@ class Statistics:
         return list(self.by_source.values())
 
     def has(self, stat: str) -> bool:
-        return STATISTICS.get(stat).source in self.by_source
+        s = STATISTICS.get(stat)
+        acc = self.by_source.get(s.source)
+        return acc is not None and (s.source != "grad" or s.accumulator in acc.needs)
 
     def mean(self, stat: str, pname: str) -> torch.Tensor:
         s = STATISTICS.get(stat)
@@ -461,4 +465,4 @@ def make_statistics(
         out["act"] = ActStats(modules)
     if "hessian" in by_source:
         out["hessian"] = Hessians(modules)
-    return Statistics(out)
+    return Statistics(out, needs=stats)

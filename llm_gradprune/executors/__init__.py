@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..calibration.loop import LossFn, causal_lm_loss
+from ..calibration.stats import Statistics
 from ..config import PruneConfig
 from ..parallel import collective_for
 from ..plan import PruneResult, make_plan
@@ -37,14 +38,18 @@ def prune_(
     return_masks: bool = True,
     num_batches: int | None = None,
     calib_state=None,
+    statistics: Statistics | None = None,
 ) -> PruneResult:
     """Calibrate (if the criterion needs it), score, select, update and zero the target weights in place.
 
-    Returned masks hold this rank's rows when the model is row-sharded; report counts are global.
+    `statistics`: whole-model statistics filled before (e.g. `io.stats_files.load_statistics`), so a
+    sweep calibrates once; layer-wise mode still needs `batches` for its block-by-block pass. Returned
+    masks hold this rank's rows when the model is row-sharded; report counts are global. `calib_state`
+    (io.calib_state.CalibState) saves and resumes the calibration pass.
     """
     cfg = cfg or PruneConfig()
     plan = make_plan(model, cfg, targets, collective_for(model), resume=calib_state is not None)
     return EXECUTORS[plan.executor](
         model, batches, plan, loss_fn=loss_fn, accelerator=accelerator, return_masks=return_masks,
-        num_batches=num_batches, calib_state=calib_state,
+        num_batches=num_batches, calib_state=calib_state, statistics=statistics,
     )  # fmt: skip

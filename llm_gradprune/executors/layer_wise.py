@@ -43,6 +43,7 @@ def run(
     return_masks: bool = True,
     num_batches: int | None = None,
     calib_state=None,
+    statistics=None,
 ) -> PruneResult:
     cfg, coll = plan.cfg, plan.collective
     if batches is None:
@@ -66,7 +67,7 @@ def run(
 
     timer = Timer()
     whole, counters = statistics_of(plan, model, batches, loss_fn=loss_fn, accelerator=accelerator,
-                                    num_batches=num_batches, calib_state=calib_state)  # fmt: skip
+                                    num_batches=num_batches, calib_state=calib_state, statistics=statistics)  # fmt: skip
     timer.timings["calibration"] = counters["seconds"]
     with timer("budgets"):
         budgets, scope, allocation = resolve_budgets(plan, weights, whole)
@@ -76,7 +77,7 @@ def run(
     with timer("capture_inputs"):
         store = torch.device("cpu") if cfg.offload_inputs else None
         calls = capture_block_inputs(model, layers[0], batches, loss_fn=loss_fn, device=device, store=store)
-    if not plan.whole_stats:  # no calibration pass ran: count what the blocks read
+    if not counters["batches"]:  # no calibration pass ran: count what the blocks read
         tokens = sum(int(_hidden(a, k).shape[:-1].numel()) for a, k in calls)
         counters.update({"batches": len(batches), "tokens": tokens})
         reduce_counters_(counters, coll)

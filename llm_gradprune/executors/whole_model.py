@@ -14,15 +14,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.loop import LossFn, causal_lm_loss, gather_statistics
+from ..calibration.stats import Statistics
+from ..errors import ConfigError
 from ..plan import Plan, PruneResult, Record, Timer, build_report, prune_group, resolve_budgets
 
 
 def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator, num_batches, calib_state,
-                  needs: set[str] | None = None):  # fmt: skip
-    """The whole-model calibration pass a plan asks for: (statistics, counters); resume counters added."""
+                  statistics: Statistics | None = None):  # fmt: skip
+    """The whole-model calibration pass a plan asks for: (statistics, counters); resume counters added.
+
+    `statistics` already filled (`io.stats_files.load_statistics`, or an earlier pass) are used as
+    they are, once checked to hold everything the plan reads."""
     cfg = plan.cfg
+    if statistics is not None:
+        missing = sorted(s for s in plan.whole_stats if not statistics.has(s))
+        if missing:
+            raise ConfigError(f"the given statistics lack {', '.join(missing)}, which this run reads")
+        counters = {"batches": 0, "samples": 0, "tokens": 0, "loss_sum": 0.0, "mean_loss": float("nan"),
+                    **statistics.counters, "seconds": 0.0}  # fmt: skip
+        return statistics, counters
     stats, counters = gather_statistics(
-        model, batches, plan.whole_stats if needs is None else needs, plan.targets, collective=plan.collective,
+        model, batches, plan.whole_stats, plan.targets, collective=plan.collective,
         stats_device="cpu" if cfg.stats_device == "cpu" else None, grad_accum=cfg.grad_accum,
         checkpointing=cfg.gradient_checkpointing, chunk_elems=cfg.select_chunk_elems, loss_fn=loss_fn,
         accelerator=accelerator, progress=cfg.progress, num_batches=num_batches, calib_state=calib_state,
@@ -43,10 +55,11 @@ def run(
     return_masks: bool = True,
     num_batches: int | None = None,
     calib_state=None,
+    statistics: Statistics | None = None,
 ) -> PruneResult:
     timer = Timer()
     stats, counters = statistics_of(plan, model, batches, loss_fn=loss_fn, accelerator=accelerator,
-                                    num_batches=num_batches, calib_state=calib_state)  # fmt: skip
+                                    num_batches=num_batches, calib_state=calib_state, statistics=statistics)  # fmt: skip
     timer.timings["calibration"] = counters["seconds"]
     coll = plan.collective
     weights = {f"{n}.weight": coll.local(m.weight, f"{n}.weight") for n, m in plan.targets.items()}

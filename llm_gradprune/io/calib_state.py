@@ -31,14 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import ConfigError
 from ..faults import pause_point
+from .stats_files import accumulator_counters, read_tensor_shards, write_tensor_shards
 
 STATE_VERSION = 2
-SHARD_BYTES = 1 << 30
 # Keys that steer the run but cannot change the statistics or the masks: a resume may change them.
 RUN_CONTROL = frozenset(
     {"output_dir", "overwrite", "progress", "save_state_every", "resume", "state_dir", "device",
@@ -202,21 +200,7 @@ class CalibState:
                 print(f"[llm-gradprune] no saved calibration in {self.dir}: starting at batch 0", flush=True)
             return 0, 0, 0.0
         folder, meta = self._found
-        targets = self._tensors_by_key()
-        want = set(targets)
-        rng: dict[str, torch.Tensor] = {}
-        for fname in meta["files"]:
-            with safe_open(str(folder / fname), framework="pt") as fh:
-                for key in fh.keys():
-                    if key.startswith("rng."):
-                        rng[key] = fh.get_tensor(key)
-                    elif key in targets:
-                        targets[key].copy_(fh.get_tensor(key))
-                        want.discard(key)
-                    else:
-                        raise ConfigError(f"saved state {str(folder)!r} holds an unexpected tensor {key!r}")
-        if want:
-            raise ConfigError(f"saved state {str(folder)!r} lacks {len(want)} statistics, e.g. {min(want)!r}")
+        rng = read_tensor_shards(folder, meta["files"], self._tensors_by_key())
         for acc in stats.accumulators():
             acc.load_counters({k: meta["counters"][k] for k in acc.counters()})
         _set_rng_state(rng, meta["rng"])
@@ -249,31 +233,14 @@ class CalibState:
         name = f"step-{batches:08d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.dir))
         rng_tensors, rng_meta = _rng_state()
-        files: dict[str, int] = {}
-        shard: dict[str, torch.Tensor] = dict(rng_tensors)
-        size = 0
-
-        def flush() -> None:
-            nonlocal shard, size
-            fname = f"stats-{len(files):05d}.safetensors"
-            save_file(shard, str(tmp / fname))
-            files[fname] = (tmp / fname).stat().st_size
-            shard, size = {}, 0
-
-        for key, t in self._tensors_by_key().items():
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > SHARD_BYTES:
-                flush()
-            shard[key] = t.detach().to("cpu", copy=True).contiguous()  # copy: never alias live sums
-            size += nbytes
-        flush()
+        files = write_tensor_shards(tmp, {**rng_tensors, **self._tensors_by_key()})
         pause_point("save", self.saves)
         meta = {
             "version": STATE_VERSION,
             "batches_done": batches,
             "tokens": tokens,
             "loss_sum": loss_sum,  # a float: JSON round-trips it exactly
-            "counters": {k: v for acc in self.stats.accumulators() for k, v in acc.counters().items()},
+            "counters": accumulator_counters(self.stats),
             "rng": rng_meta,
             "identity": self.identity,
             "config_sha256": hashlib.sha256(

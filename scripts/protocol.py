@@ -1,0 +1,76 @@
+"""The quality protocol every quality benchmark shares, built from the library's own entry points.
+
+builtin:smollm2-135m in fp32; calibration = 64 blocks x 512 tokens of builtin:imdb split train (seed 0),
+batch size 1 (one gradient sample per block); evaluation = 64 windows x 512 tokens of split test
+(seed 0 unless asked); targets = every Linear in the decoder layers (210 tensors). The whole-model
+statistics every criterion reads are gathered once by the library's calibration loop and kept on disk
+(`io.stats_files`), so each benchmark row is one `prune_(..., statistics=...)` call, exactly what a
+user's sweep does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_gradprune import JobConfig  # noqa: E402
+from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash  # noqa: E402
+from llm_gradprune.calibration.loop import gather_statistics  # noqa: E402
+from llm_gradprune.io.stats_files import load_statistics, save_statistics  # noqa: E402
+from llm_gradprune.models import load_model  # noqa: E402
+from llm_gradprune.targets import find_targets  # noqa: E402
+
+JOB = {
+    "model": "builtin:smollm2-135m",
+    "dataset": "builtin:imdb",
+    "num_samples": 64,
+    "seq_len": 512,
+    "batch_size": 1,
+}
+WHOLE_STATS = {"grad_mean", "grad_abs_mean", "grad_sq_mean", "act_sq_mean", "token_grad_sq_mean"}
+CACHE = ROOT / "out" / "bench_quality"
+
+
+class Protocol:
+    """The model, its targets and dense weights, calibration and held-out blocks."""
+
+    def __init__(self, eval_seed: int = 0, eval_samples: int = 64):
+        self.job = JobConfig.from_flat({**JOB, "progress": False})
+        self.model, self.tokenizer, _ = load_model(self.job)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.targets = find_targets(self.model)
+        self.dense = {n: m.weight.detach().clone() for n, m in self.targets.items()}
+        self.calib = load_blocks(self.job, self.tokenizer)
+        self.eval_blocks = self.held_out(eval_seed, eval_samples)
+
+    def held_out(self, seed: int, n: int = 64) -> torch.Tensor:
+        return load_blocks(self.job, self.tokenizer, split="test", num_blocks=n, seed=seed)
+
+    def batches(self) -> list[torch.Tensor]:
+        return micro_batches(self.calib, 1)
+
+    def restore_dense_(self) -> None:
+        with torch.no_grad():
+            for n, m in self.targets.items():
+                m.weight.copy_(self.dense[n])
+
+    def statistics(self, cache: Path = CACHE):
+        """Every whole-model statistic of the dense model over the calibration blocks, cached on disk."""
+        key = hashlib.sha256((token_hash(self.calib) + self.job.model).encode()).hexdigest()[:12]
+        folder = cache / f"statistics_{key}"
+        if (folder / "statistics.json").is_file():
+            return load_statistics(folder, self.targets)
+        self.restore_dense_()
+        stats, counters = gather_statistics(self.model, self.batches(), WHOLE_STATS, self.targets,
+                                            progress=True, num_batches=len(self.calib))  # fmt: skip
+        save_statistics(folder, stats)
+        print(f"calibration: {counters['seconds']:.0f} s, mean loss {counters['mean_loss']:.4f}", flush=True)
+        return stats
