@@ -26,6 +26,7 @@ from .io.calib_state import calib_state_for, check_state
 from .io.checkpoint import check_output_dir, save_pruned
 from .models import _looks_local, load_model
 from .parallel import make_accelerator
+from .status import set_stage
 from .support import Run, check_support
 
 log = logging.getLogger("llm_gradprune")
@@ -138,12 +139,14 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
     from accelerate.utils import DistributedType
 
     start = time.perf_counter()
+    set_stage("planning the run")
     if not cfg.prune.progress:
         quiet_hf_progress_bars()
     accelerator = make_accelerator(cpu=cfg.device == "cpu")  # CPU-only machines: see parallel.py
     sharded, out = plan_job(cfg, accelerator)
 
     t = time.perf_counter()
+    set_stage("loading the model")
     model, tokenizer, _ = load_model(cfg)
     timings = {"load_model": time.perf_counter() - t, "eval_dense": 0.0, "eval_pruned": 0.0}
     context = getattr(model.config, "max_position_embeddings", None)
@@ -152,6 +155,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     batches, calib_hash = None, None
+    set_stage("reading the text")
     if cfg.needs_data:
         blocks = load_blocks(cfg, tokenizer)
         calib_hash = token_hash(blocks)
@@ -176,6 +180,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
     evaluates = held_out is not None and (sharded or accelerator.is_main_process)
     if evaluates:
         t = time.perf_counter()
+        set_stage("evaluating the dense model")
         dense_eval = _perplexity(cfg, model, held_out, device=device, progress=accelerator.is_main_process)
         timings["eval_dense"] = time.perf_counter() - t
     result = prune_(model, batches, cfg.prune, accelerator=accelerator, return_masks=False,
@@ -193,6 +198,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
     report["eval"] = None
     if evaluates:
         t = time.perf_counter()
+        set_stage("evaluating the pruned model")
         pruned_eval = _perplexity(cfg, model, held_out, device=device, progress=accelerator.is_main_process)
         timings["eval_pruned"] = time.perf_counter() - t
         report["eval"] = {
@@ -212,6 +218,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
 
     if accelerator.is_main_process:
         t = time.perf_counter()
+        set_stage("saving the checkpoint")
         model = accelerator.unwrap_model(model)
         timings["before_save"] = time.perf_counter() - start
         save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict)

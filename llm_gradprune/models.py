@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from .calibration.assets import resolve_model
-from .errors import ConfigError
+from .errors import ConfigError, hub_unreachable, unreachable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def unreachable(err: BaseException) -> bool:
-    """Whether an error (or its cause) means the Hub could not be reached: offline mode or no network."""
-    names = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectionError",
-             "ConnectTimeout", "NameResolutionError", "MaxRetryError")  # fmt: skip
-    seen = 0
-    while err is not None and seen < 10:
-        if (
-            type(err).__name__ in names
-            or "offline" in str(err).lower()
-            or "connect" in type(err).__name__.lower()
-        ):
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
-
-
-def hub_unreachable(kind: str, name: str) -> str:
-    from huggingface_hub import constants
-
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT)
-    offline = bool(constants.HF_HUB_OFFLINE)
-    cause = "HF_HUB_OFFLINE is set" if offline else "no network connection"
-    return (
-        f"{kind} {name!r} could not be reached at {endpoint} ({cause}) and is not in the local cache: "
-        "download it first, or give a local path"
-    )
 
 
 def _looks_local(name: str) -> bool:

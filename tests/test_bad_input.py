@@ -9,7 +9,9 @@ and folder under the test's workspace (model, data, output parent) is unchanged 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,42 @@ def resume_data_changed(ws, a):
     return args
 
 
+def empty_txt(ws, a):
+    (ws / "empty.txt").write_text("")
+    return ["--dataset", str(ws / "empty.txt")]
+
+
+def one_row_txt(ws, a):
+    (ws / "one.txt").write_text("w1 w2 w3\n")
+    return ["--dataset", str(ws / "one.txt")]
+
+
+def hub_dataset_offline(ws, a):
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module in (huggingface_hub.constants, datasets.config):  # no network wait in tests
+        UNDO.append(lambda m=module, v=module.HF_HUB_OFFLINE: setattr(m, "HF_HUB_OFFLINE", v))
+        module.HF_HUB_OFFLINE = True
+    return ["--dataset", "no-such-org/no-such-data"]
+
+
+def unwritable_parent(ws, a):
+    """A parent folder nobody may create folders in (root ignores permission bits: immutable instead)."""
+    locked = ws / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+            pytest.skip("running as root and chattr +i is unavailable: cannot make a folder unwritable")
+        UNDO.append(lambda: subprocess.run(["chattr", "-i", str(locked)], check=True))
+    else:
+        locked.chmod(0o555)
+    return ["--output-dir", str(locked / "sub" / "out")]
+
+
+UNDO: list = []  # what a setup changed outside its workspace, undone after its row
+
+
 def flags(*args):
     return lambda ws, a: list(args)
 
@@ -197,6 +235,32 @@ ROWS = [
     ("resume-model-changed", resume_model_changed, r"cannot resume '.*': the model's weights differ from the saved run"),
     ("resume-data-changed", resume_data_changed, r"cannot resume '.*': the calibration tokens differ from the saved run"),
     ("state-without-resume", state_without_resume, r"holds a calibration saved at batch 2: pass --resume"),
+    ("empty-txt", empty_txt, r"dataset file '.*empty\.txt' is empty$"),
+    ("one-row-txt", one_row_txt,
+     r"one\.txt' holds 1 row\(s\), and every 10th row \(row 0, 10, \.\.\.\) is held out for evaluation, so its 'train' part is empty"),
+    ("hub-dataset-offline", hub_dataset_offline,
+     r"dataset 'no-such-org/no-such-data' could not be reached at .* \(HF_HUB_OFFLINE is set\) and is not in the local cache"),
+    ("output-parent-unwritable", unwritable_parent, r"output_dir '.*locked/sub/out' cannot be written: no write permission in '.*locked'"),
+    ("max-shard-size", flags("--max-shard-size", "abc"), r"max_shard_size 'abc' is not a size: use a number of bytes or e\.g\. 500MB"),
+    ("criterion-param-type", flags("--criterion", "blend", "--criterion-params", "weight: abc"),
+     r"criterion 'blend' parameter weight 'abc' must be a number"),
+    ("criterion-param-flag-type", flags("--criterion", "blend", "--blend-weight", "abc"),
+     r"argument --blend-weight: invalid float value: 'abc'"),
+    ("param-of-another-criterion", flags("--criterion", "fisher", "--gblm-alpha", "5"),
+     r"gblm_alpha applies to criterion 'gblm', but the criterion is 'fisher'"),
+    ("device-missing", flags("--device", "cuda"), r"device 'cuda' is not available: this machine has no CUDA device"),
+    ("device-bad-name", flags("--device", "gpu0"), r"device 'gpu0' is not a device name"),
+    ("owl-lambda-too-wide", flags("--allocation", "owl", "--owl-lambda", "0.9"),
+     r"allocation 'owl' parameter lambda 0\.9 lets a layer's sparsity leave \[0, 1\) around sparsity 0\.5"),
+    ("nm-with-other-sparsity", flags("--pattern", "2:4", "--sparsity", "0.3"),
+     r"sparsity 0\.3 conflicts with pattern 2:4, which fixes it at 0\.5: drop sparsity"),
+    ("sparsegpt-with-scope", flags("--criterion", "sparsegpt", "--scope", "global"),
+     r"scope 'global' does not apply to criterion 'sparsegpt', which prunes an exact share of every column block"),
+    ("value-type", flags("--sparsity", "abc"), r"argument --sparsity: invalid float value: 'abc'"),
+    ("flag-typo", flags("--sparsityy", "0.3"), r"unrecognized arguments: --sparsityy 0\.3 \(did you mean --sparsity\?\)"),
+    ("layer-wise-option-outside", flags("--blocksize", "64"), r"blocksize 64 applies to layer-wise mode only"),
+    ("no-gradient-to-accumulate", flags("--criterion", "wanda", "--grad-accum", "2"),
+     r"grad_accum 2 averages gradient samples, but criterion 'wanda' reads no gradient statistics"),
 ]  # fmt: skip
 
 
@@ -214,7 +278,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
             "--seq-len", "16", "--output-dir", str(ws / "out"), "--no-progress", *extra]  # fmt: skip
     before = snapshot(ws, assets["model"])
     capsys.readouterr()
-    assert cli.main(args) == 2
+    try:
+        code = cli.main(args)
+    except SystemExit as exc:  # argparse's own errors (type, unknown flag): still one line
+        code = exc.code
+    finally:
+        while UNDO:
+            UNDO.pop()()
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
     assert err.startswith("llm-gradprune: error: ")

@@ -172,3 +172,76 @@ def test_zero_count_streams_in_chunks_that_split_tensors(tmp_path, dtype):
     want = {k: int((v == 0).sum()) for k, v in tensors.items()}
     for chunk in (6, 100, 1 << 20):  # elements split across reads, and one read per tensor
         assert count_zeros(tmp_path, ["t0", "t1", "t2"], chunk_bytes=chunk) == want
+
+
+def test_a_selection_that_zeroes_whole_tensors_is_refused_unless_allowed(assets, tmp_path, capsys):
+    """wanda's activation-scaled scores are not comparable across layers: a global threshold empties whole
+    tensors (the README's 6,235 perplexity). Refused, one line naming them, nothing written; allowed on
+    request, with the warning and the tensors in the report."""
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(_args(assets, out, "--criterion", "wanda", "--scope", "global", "--sparsity", "0.7")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("llm-gradprune: warning: criterion 'wanda' scales its scores with each layer's")
+    assert len(err) == 2 and err[1].startswith(
+        "llm-gradprune: error: this selection would zero every weight of"
+    )
+    assert "pass --allow-empty-tensors to accept it" in err[1] and "model.layers." in err[1]
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main(_args(assets, out, "--criterion", "wanda", "--scope", "global", "--sparsity", "0.7",
+                          "--allow-empty-tensors")) == 0  # fmt: skip
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["empty_tensors"] and all(report["per_tensor"][n]["zeros"] == report["per_tensor"][n]["numel"]
+                                           for n in report["empty_tensors"])  # fmt: skip
+    assert any("entirely zero" in n for n in report["notes"])
+
+
+def test_output_folder_follows_the_umask(assets, tmp_path):
+    """Others on a shared machine can read the checkpoint when the umask lets them (022 -> 755/644)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert cli.main(_args(assets, tmp_path / "out")) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044, p.name  # group and others may read it
+    old = os.umask(0o077)
+    try:
+        assert cli.main(_args(assets, tmp_path / "private")) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+
+
+def test_prune_eval_prints_both_perplexities(assets, tmp_path, capsys):
+    assert cli.main(_args(assets, tmp_path / "out", "--eval", "--eval-num-samples", "2")) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    ev = report["eval"]
+    line = next(x for x in out.splitlines() if x.startswith("held-out perplexity:"))
+    assert line == (f"held-out perplexity: dense {ev['dense_ppl']:.3f}, pruned {ev['pruned_ppl']:.3f} "
+                    f"(2 windows, {ev['tokens']:,} tokens of test)")  # fmt: skip
+
+
+def test_local_data_files_leave_nothing_in_the_datasets_cache(assets, tmp_path, monkeypatch):
+    cache = tmp_path / "hf-datasets"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    for suffix in (".jsonl", ".csv"):
+        data = tmp_path / f"d{suffix}"
+        lines = assets["text"].read_text().splitlines()
+        if suffix == ".jsonl":
+            data.write_text("\n".join(json.dumps({"text": x}) for x in lines))
+        else:
+            data.write_text("text\n" + "\n".join(lines))
+        args = _args(assets, tmp_path / f"out{suffix}")
+        args[args.index("--dataset") + 1] = str(data)
+        assert cli.main(args) == 0
+    assert not cache.exists() or not any(cache.rglob("*"))

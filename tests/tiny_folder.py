@@ -51,13 +51,32 @@ def make_text_file(path: Path, lines: int = 200, words: int = 30, seed: int = 0)
     return Path(path)
 
 
+def _default_sigint() -> None:
+    # background jobs of a non-interactive shell start with SIGINT ignored, which the child would inherit
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args: list[str], pause: str | None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(PAUSE_ENV, None)
     if pause:
         env[PAUSE_ENV] = pause
     cmd = [sys.executable, "-m", "llm_gradprune", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # fmt: skip
+
+
+def signal_when_paused(proc: subprocess.Popen, sig: int, timeout: float = 120) -> tuple[int, str]:
+    """Wait for the pause marker, send `sig`, and return (exit code, everything on stderr after it)."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        if line.startswith(MARKER):
+            proc.send_signal(sig)
+            rest = proc.stderr.read()
+            return proc.wait(timeout=60), rest
+        assert time.monotonic() < deadline, "timed out waiting for the pause"
+    proc.wait()
+    raise AssertionError(f"run ended (rc {proc.returncode}) without pausing")
 
 
 def kill_when_paused(proc: subprocess.Popen, timeout: float = 120) -> str:

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
+import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, hub_unreachable, unreachable
 from .assets import builtin_dataset_file
 
-LOCAL_LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HELDOUT_EVERY = 10
 TRAIN_SPLITS = ("train", "calibration")
 HELDOUT_SPLITS = ("test", "heldout")
@@ -81,32 +82,111 @@ def iter_texts(
                 yield part[i]
         return
 
-    from datasets import load_dataset  # heavy import, only for non-built-in sources
-
     path = Path(source)
-    if path.exists() or path.suffix.lower() in LOCAL_LOADERS:
-        if not path.is_file():
-            raise ConfigError(f"dataset file {source!r} does not exist")
-        loader = LOCAL_LOADERS.get(path.suffix.lower())
-        if loader is None:
+    if path.exists() or path.suffix.lower() in LOCAL_READERS:
+        column = local_column(path, text_column, split)
+        part = [i for i in range(len(column)) if _in_split(i, split, source)]
+        if not part:
             raise ConfigError(
-                f"dataset file {source!r} has an unsupported type: use {', '.join(LOCAL_LOADERS)}"
+                f"dataset file {source!r} holds {len(column)} row(s), and every {HELDOUT_EVERY}th row (row 0, "
+                f"{HELDOUT_EVERY}, ...) is held out for evaluation, so its {split!r} part is empty: give more rows"
             )
-        _in_split(0, split, source)  # validate the split name before reading anything
-        rows = load_dataset(loader, data_files=str(path), split="train")
-        _check_column(rows.column_names, text_column, source)
-        part = [i for i in range(len(rows)) if _in_split(i, split, source)]
-        column = rows[text_column]
         for j in _permuted(len(part), seed):
             text = clean_text(column[part[j]] or "")
             if text:
                 yield text
         return
 
-    stream = load_dataset(source, dataset_config, split=split, streaming=True)
-    stream = stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+    yield from _hub_texts(source, split, text_column, seed, dataset_config)
+
+
+def _read_txt(path: Path) -> tuple[list[str], dict[str, list]]:
+    return ["text"], {"text": path.read_text(encoding="utf-8").splitlines()}
+
+
+def _read_json(path: Path) -> tuple[list[str], dict[str, list]]:
+    raw = path.read_text(encoding="utf-8")
+    try:  # a JSON array of objects, or one object per line
+        rows = (
+            json.loads(raw)
+            if raw.lstrip().startswith("[")
+            else [json.loads(x) for x in raw.splitlines() if x.strip()]
+        )
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"dataset file {str(path)!r} is not valid JSON lines: {err.msg} at line {err.lineno}"
+        ) from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"dataset file {str(path)!r} must hold one JSON object per row")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return columns, {c: [r.get(c) for r in rows] for c in columns}
+
+
+def _read_csv(path: Path) -> tuple[list[str], dict[str, list]]:
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    return columns, {c: [r.get(c) for r in rows] for c in columns}
+
+
+def _read_parquet(path: Path) -> tuple[list[str], dict[str, list]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
+        raise ConfigError(f"dataset file {str(path)!r} is not a readable parquet file: {err}") from None
+    return table.column_names, {c: table.column(c).to_pylist() for c in table.column_names}
+
+
+# suffix -> reader: local files are read directly (no copy lands in a data-set cache)
+LOCAL_READERS = {".txt": _read_txt, ".jsonl": _read_json, ".json": _read_json, ".csv": _read_csv,
+                 ".parquet": _read_parquet}  # fmt: skip
+
+
+def local_column(path: Path, text_column: str, split: str) -> list:
+    """Every row's value in the text column of a local file (one row per line of a .txt)."""
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset file {source!r} does not exist")
+    reader = LOCAL_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ConfigError(f"dataset file {source!r} has an unsupported type: use {', '.join(LOCAL_READERS)}")
+    _in_split(0, split, source)  # validate the split name before reading anything
+    if path.stat().st_size == 0:
+        raise ConfigError(f"dataset file {source!r} is empty")
+    try:
+        columns, values = reader(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"dataset file {source!r} is not UTF-8 text") from None
+    _check_column(columns, text_column, source)
+    return values[text_column]
+
+
+def _hub_texts(
+    source: str, split: str, text_column: str, seed: int, dataset_config: str | None
+) -> Iterator[str]:
+    """A Hub data set, streamed: only the rows the blocks need are downloaded."""
+    from datasets import load_dataset  # heavy import, only for Hub sources
+
+    try:
+        stream = load_dataset(source, dataset_config, split=split, streaming=True)
+        stream = iter(stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER))
+        first = next(stream, None)
+    except Exception as err:  # noqa: BLE001 - sorted below: unreachable, missing, or a real bug
+        if unreachable(err):
+            raise ConfigError(hub_unreachable("dataset", source)) from None
+        if isinstance(err, FileNotFoundError | ValueError) or type(err).__name__ in ("DatasetNotFoundError",):
+            raise ConfigError(
+                f"dataset {source!r} cannot be read: {str(err).strip().splitlines()[0]}"
+            ) from None
+        raise
+    if first is None:
+        return
     checked = False
-    for row in stream:
+    for row in itertools.chain([first], stream):
         if not checked:
             _check_column(list(row), text_column, source)
             checked = True

@@ -29,7 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..faults import pause_point
 from ..parallel import Collective
+from ..status import set_stage
 from .recompute import enable_activation_checkpointing
 from .stats import Statistics, make_statistics
 
@@ -102,6 +104,7 @@ def calibrate(
         grad.attach(hooks=not collective.rows_sharded)
     for acc in forward_hooked:
         acc.attach()
+    all_batches = total
     n_batches = n_tokens = n_samples = in_group = 0
     loss_sum = 0.0
     if calib_state is not None:  # io.calib_state: continue saved sums, skip their batches
@@ -115,6 +118,7 @@ def calibrate(
         for batch in tqdm(
             batches, total=total, desc="calibration", disable=not (progress and main), unit="batch"
         ):
+            set_stage(f"calibration, batch {n_batches + 1}" + (f" of {all_batches}" if all_batches else ""))
             piece, share = collective.piece(batch)
             piece = to_device(piece, device)
             for acc in forward_hooked:  # a rank's empty piece (row shards) records nothing
@@ -147,6 +151,7 @@ def calibrate(
                     grad.end_group(grad_accum)
             if calib_state is not None:
                 calib_state.after_batch(n_batches, n_tokens, loss_sum)
+            pause_point("batch", n_batches)
         if in_group:
             n_samples += 1
             if grad is not None and grad_accum > 1:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import shlex
+import signal
 import sys
 
 from .. import __version__
@@ -55,24 +57,80 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, commands
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (it may have been redirected since the handler was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     log = logging.getLogger("llm_gradprune")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a pre-empted cluster job) ends a run as Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """`--resume` command for an interrupted prune whose calibration state was saved, else ''."""
+    if getattr(args, "command", None) != "prune":
+        return ""
+    from ..io.calib_state import default_state_dir, latest_state
+    from .prune import config_from_args
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError:
+        return ""
+    found = latest_state(default_state_dir(cfg)) if cfg.save_state_every or cfg.resume else None
+    if found is None:
+        return ""
+    script = sys.argv[0].endswith("prune_llama.py")
+    words = (["python", sys.argv[0]] if script else [PROG, "prune"]) + argv[1:]
+    if "--resume" not in words:
+        words.append("--resume")
+    return f"; calibration state saved at batch {found[1]['batches_done']}: resume with {shlex.join(words)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
         commands[args.command].error(_unrecognized(commands[args.command], extras))
     _log_to_stderr()
+    from ..parallel import world
+    from ..status import stage
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.run(args)
     except (ConfigError, AssetError) as err:  # a bad input, or a built-in asset missing
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, no partial output, 130
+        if world()[0] == 0:
+            what = "SIGTERM" if isinstance(err, Terminated) else "SIGINT (Ctrl-C)"
+            saving = stage() == "saving the checkpoint"
+            done = "; the output is the previous one or the new complete one (saves are atomic)"
+            hint = _resume_hint(args, argv) or (done if saving else "; nothing was written")
+            print(f"{PROG}: interrupted by {what} during {stage()}{hint}", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

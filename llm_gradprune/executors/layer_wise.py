@@ -28,6 +28,7 @@ from ..calibration.loop import LossFn, causal_lm_loss, reduce_counters_, reduce_
 from ..calibration.stats import make_statistics
 from ..errors import ConfigError
 from ..plan import Plan, PruneResult, Record, Timer, build_report, prune_group, resolve_budgets
+from ..status import set_stage
 from ..targets import block_list_prefix
 from .blocks import _hidden, call_stages, capture_block_inputs, run_block, run_block_until, split_by_block
 from .whole_model import statistics_of
@@ -89,6 +90,7 @@ def run(
     try:
         for index, block in enumerate(tqdm(layers, desc="layer-wise pruning", unit="block",
                                            disable=not (cfg.progress and main))):  # fmt: skip
+            set_stage(f"layer-wise pruning, block {index + 1} of {len(layers)}")
             block_targets = per_block[index]
             if not block_targets:
                 with timer("layer_forward"):

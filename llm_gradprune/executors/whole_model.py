@@ -17,6 +17,7 @@ from ..calibration.loop import LossFn, causal_lm_loss, gather_statistics
 from ..calibration.stats import Statistics
 from ..errors import ConfigError
 from ..plan import Plan, PruneResult, Record, Timer, build_report, prune_group, resolve_budgets
+from ..status import set_stage
 
 
 def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator, num_batches, calib_state,
@@ -63,6 +64,7 @@ def run(
     timer.timings["calibration"] = counters["seconds"]
     coll = plan.collective
     weights = {f"{n}.weight": coll.local(m.weight, f"{n}.weight") for n, m in plan.targets.items()}
+    set_stage("selecting the masks")
     with timer("budgets"):
         budgets, scope, allocation = resolve_budgets(plan, weights, stats)
     record = Record(keep_masks=return_masks)

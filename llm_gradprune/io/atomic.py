@@ -25,6 +25,15 @@ def current_umask() -> int:
     return mask
 
 
+def honour_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode the umask allows (0666 / 0777 minus it):
+    some writers create files 0600 (safetensors' weights files here), which would hide a checkpoint
+    from the other users of a shared machine."""
+    mask = current_umask()
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def make_partial_dir(out: Path) -> Path:
     """A fresh hidden folder beside `out` (same file system, so it can be renamed into place)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))

@@ -209,7 +209,6 @@ class CalibState:
         return meta["batches_done"], meta["tokens"], meta["loss_sum"]
 
     def after_batch(self, batches: int, tokens: int, loss_sum: float) -> None:
-        pause_point("batch", batches)
         if self.every and batches % self.every == 0:
             self._due = True
         # With gradient accumulation a partial group lives outside the sums: save at its boundary.

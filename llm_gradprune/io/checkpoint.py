@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError
 from ..faults import pause_point
-from .atomic import fsync_tree, install, make_partial_dir, remove_stale_leftovers, write_json
+from .atomic import fsync_tree, honour_umask, install, make_partial_dir, remove_stale_leftovers, write_json
 from .card import model_card
 
 
@@ -157,6 +157,7 @@ def save_pruned(
         write_json(tmp / "pruning_report.json", report)
         (tmp / "README.md").write_text(model_card(cfg, report))
         os.rename(tmp / PENDING_CONFIG, tmp / "config.json")
+        honour_umask(tmp)
         fsync_tree(tmp)
         install(tmp, out)
     finally:
