@@ -144,6 +144,12 @@ class PruneConfig:
         "default: recompute them in memory",
         "calibration",
     )
+    threads: int | None = _f(
+        None,
+        "CPU threads for calibration and layer-wise pruning (default: every core this process may use, "
+        "shared among the processes of this machine)",
+        "calibration",
+    )
     progress: bool = _f(True, "show progress bars", "output")
     # -- layer-wise ----------------------------------------------------------------------------
     sequential: bool | None = _f(
@@ -215,6 +221,8 @@ class PruneConfig:
             )
         _check_int("grad_accum", self.grad_accum, 1)
         _check_int("select_chunk_elems", self.select_chunk_elems, 1)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
         for name in ("gradient_checkpointing", "progress", "allow_empty_tensors", "true_sequential"):
             _check_bool(name, getattr(self, name))
         _check_bool("sequential", self.sequential, optional=True)

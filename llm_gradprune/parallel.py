@@ -230,6 +230,15 @@ def _first_block(batch: Any) -> Any:
     return {k: v[:1] for k, v in batch.items()}
 
 
+def default_threads() -> int:
+    """Every core this process may use, shared among the processes launched on this machine."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(local, 1))
+
+
 class Collective:
     """One process, or a replicated model over a process group (data sharded by whole micro-batches).
 

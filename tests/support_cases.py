@@ -20,7 +20,14 @@ PATH_SETTINGS = {
     "sharded": {"fsdp": True},
 }
 # fisher: the cheapest gradient criterion that every path supports (an option's example may replace it)
-BASE = {"criterion": "fisher", "num_samples": 4, "seq_len": 16, "batch_size": 1, "progress": False}
+BASE = {
+    "criterion": "fisher",
+    "threads": 1,
+    "num_samples": 4,
+    "seq_len": 16,
+    "batch_size": 1,
+    "progress": False,
+}
 
 
 def settings(option, path: str, tmp: str) -> dict:

@@ -340,3 +340,21 @@ def test_saved_statistics_prune_exactly_like_a_fresh_pass(tmp_path):
     with pytest.raises(ConfigError, match="the given statistics lack grad_mean"):
         prune_(make_tiny_llama(), batches, PruneConfig(criterion="taylor", progress=False),
                statistics=load_statistics(tmp_path / "s", targets))  # fmt: skip
+
+
+def test_thread_setting_is_applied_and_reported(monkeypatch):
+    seen = []
+
+    def loss_fn(m, b):
+        seen.append(torch.get_num_threads())
+        return causal_lm_loss(m, b)
+
+    before = torch.get_num_threads()
+    rep = prune_(make_tiny_llama(), list(make_blocks(2, 16).split(1)), PruneConfig(criterion="fisher", threads=1,
+                 progress=False), loss_fn=loss_fn).report  # fmt: skip
+    assert seen == [1, 1] and rep["calibration"]["threads"] == 1 and torch.get_num_threads() == before
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    from llm_gradprune.parallel import default_threads
+
+    rep = prune_(make_tiny_llama(), None, PruneConfig(criterion="magnitude", progress=False)).report
+    assert rep["calibration"]["threads"] == default_threads() >= 1

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..calibration.loop import LossFn, causal_lm_loss
 from ..calibration.stats import Statistics
 from ..config import PruneConfig
-from ..parallel import collective_for
+from ..parallel import collective_for, default_threads
 from ..plan import PruneResult, make_plan
 from . import layer_wise, whole_model
 
@@ -49,7 +50,15 @@ def prune_(
     """
     cfg = cfg or PruneConfig()
     plan = make_plan(model, cfg, targets, collective_for(model), resume=calib_state is not None)
-    return EXECUTORS[plan.executor](
-        model, batches, plan, loss_fn=loss_fn, accelerator=accelerator, return_masks=return_masks,
-        num_batches=num_batches, calib_state=calib_state, statistics=statistics,
-    )  # fmt: skip
+    before = torch.get_num_threads()
+    threads = cfg.threads or default_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = EXECUTORS[plan.executor](
+            model, batches, plan, loss_fn=loss_fn, accelerator=accelerator, return_masks=return_masks,
+            num_batches=num_batches, calib_state=calib_state, statistics=statistics,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    result.report["calibration"]["threads"] = threads
+    return result
