@@ -348,6 +348,19 @@ class JobConfig:
     eval_stride: int | None = _f(
         None, "score only the last eval_stride tokens of overlapping windows (more context)", "evaluation"
     )
+    eval_tasks: list[str] = _f(
+        [], "lm-evaluation-harness tasks to score before and after pruning, e.g. boolq,arc_easy (lmeval extra)",
+        "evaluation",
+    )  # fmt: skip
+    eval_tasks_include_path: str | None = _f(
+        None, "a folder of lm-eval task YAML files (offline tasks)", "evaluation"
+    )
+    eval_tasks_limit: int | None = _f(
+        None, "score only the first N examples of each task (a quick look)", "evaluation"
+    )
+    eval_tasks_fewshot: int | None = _f(
+        None, "few-shot examples per task (default: each task's own)", "evaluation"
+    )
     # -- output --------------------------------------------------------------------------------
     output_dir: str = _f("out/pruned", "where the pruned checkpoint and report are written", "output")
     overwrite: bool = _f(False, "replace a non-empty output directory", "output")
@@ -377,12 +390,17 @@ class JobConfig:
     def __post_init__(self) -> None:
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
+        if self.eval_tasks_fewshot is not None:
+            _check_int("eval_tasks_fewshot", self.eval_tasks_fewshot, 0)
         for name in ("num_samples", "seq_len", "batch_size", "seed", "eval_num_samples", "eval_batch_size",
                      "save_state_every"):  # fmt: skip
             _check_int(
                 name, getattr(self, name), 0 if name in ("num_samples", "seed", "save_state_every") else 1
             )
-        for name in ("eval_seq_len", "eval_stride"):
+        if isinstance(self.eval_tasks, str):
+            self.eval_tasks = [self.eval_tasks]
+        self.eval_tasks = [t.strip() for item in self.eval_tasks for t in str(item).split(",") if t.strip()]
+        for name in ("eval_seq_len", "eval_stride", "eval_tasks_limit"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         for name in ("trust_remote_code", "eval", "overwrite", "fsdp", "resume"):

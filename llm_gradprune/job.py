@@ -24,10 +24,11 @@ from .executors import prune_
 from .executors.sharded import full_state_dict, shard_model, uses_fsdp
 from .io.calib_state import calib_state_for, check_state
 from .io.checkpoint import check_output_dir, save_pruned
-from .models import _looks_local, load_model
+from .models import _looks_local, describe_dataset, describe_model, load_model
 from .parallel import make_accelerator
 from .status import set_stage
 from .support import Run, check_support
+from .tasks import check_tasks, run_tasks
 
 log = logging.getLogger("llm_gradprune")
 
@@ -85,8 +86,10 @@ def _perplexity(cfg: JobConfig, model, blocks, device=None, progress: bool = Tru
 
 
 def run_eval(cfg: JobConfig) -> dict[str, Any]:
-    """Perplexity of `cfg.model` on `cfg.eval_num_samples` held-out windows of `cfg.dataset`."""
+    """Perplexity of `cfg.model` on `cfg.eval_num_samples` held-out windows of `cfg.dataset`, or, with
+    `eval_tasks`, its lm-eval task scores."""
     check_device(cfg.device)
+    check_tasks(cfg.eval_tasks, cfg.eval_tasks_include_path)
     t = time.perf_counter()
     model, tokenizer, _ = load_model(cfg)
     if cfg.device:
@@ -94,6 +97,9 @@ def run_eval(cfg: JobConfig) -> dict[str, Any]:
     elif torch.cuda.is_available():
         model.to("cuda")
     load_s = time.perf_counter() - t
+    if cfg.eval_tasks:
+        out = _tasks(cfg, model, tokenizer, "given", {})
+        return {"model": cfg.model, **out, "load_s": load_s}
     blocks = eval_blocks(cfg, tokenizer, model)
     result = _perplexity(cfg, model, blocks)
     return {
@@ -118,13 +124,27 @@ def quiet_hf_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
+def _tasks(cfg: JobConfig, model, tokenizer, which: str, timings: dict) -> dict | None:
+    """lm-eval scores of the model as it is now, or None when no task was asked for."""
+    if not cfg.eval_tasks:
+        return None
+    set_stage(f"scoring lm-eval tasks on the {which} model")
+    t = time.perf_counter()
+    out = run_tasks(model, tokenizer, cfg.eval_tasks, include_path=cfg.eval_tasks_include_path,
+                    batch_size=cfg.eval_batch_size, limit=cfg.eval_tasks_limit, num_fewshot=cfg.eval_tasks_fewshot)  # fmt: skip
+    timings[f"eval_tasks_{which}"] = time.perf_counter() - t
+    return out
+
+
 def plan_job(cfg: JobConfig, accelerator) -> tuple[bool, Any]:
     """Everything checked before any work: (rows sharded?, output folder). Raises ConfigError."""
     check_device(cfg.device)
     sharded = uses_fsdp(cfg.fsdp, accelerator)
     run = Run(cfg.prune, processes=accelerator.num_processes, sharded=sharded,
-              resume=bool(cfg.save_state_every or cfg.resume), fsdp_asked=cfg.fsdp, eval=cfg.eval)  # fmt: skip
+              resume=bool(cfg.save_state_every or cfg.resume), fsdp_asked=cfg.fsdp, eval=cfg.eval,
+              eval_tasks=bool(cfg.eval_tasks))  # fmt: skip
     check_support(run)
+    check_tasks(cfg.eval_tasks, cfg.eval_tasks_include_path)
     if accelerator.is_main_process:
         resolve_model(cfg.model)
     accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
@@ -148,7 +168,8 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
     t = time.perf_counter()
     set_stage("loading the model")
     model, tokenizer, _ = load_model(cfg)
-    timings = {"load_model": time.perf_counter() - t, "eval_dense": 0.0, "eval_pruned": 0.0}
+    timings = {"load_model": time.perf_counter() - t, "eval_dense": 0.0, "eval_pruned": 0.0,
+               "eval_tasks_dense": 0.0, "eval_tasks_pruned": 0.0}  # fmt: skip
     context = getattr(model.config, "max_position_embeddings", None)
     if cfg.needs_data and context is not None and cfg.seq_len > context:
         raise ConfigError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens")
@@ -178,6 +199,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         model.to(device)  # several processes: no DDP wrapper, see calibration/loop.py
     # held-out perplexity before and after, on the same windows; with row shards every rank takes part
     evaluates = held_out is not None and (sharded or accelerator.is_main_process)
+    dense_tasks = _tasks(cfg, model, tokenizer, "dense", timings) if accelerator.is_main_process else None
     if evaluates:
         t = time.perf_counter()
         set_stage("evaluating the dense model")
@@ -195,6 +217,13 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         {"token_sha256": calib_hash, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
     )
     report["versions"] = versions()
+    report["base_model"] = describe_model(cfg.model)
+    report["calibration_dataset"] = describe_dataset(cfg.dataset)
+    report["eval_tasks"] = None
+    if dense_tasks is not None:
+        pruned_tasks = _tasks(cfg, model, tokenizer, "pruned", timings)
+        report["eval_tasks"] = {**{k: v for k, v in pruned_tasks.items() if k != "tasks"},
+                                "dense": dense_tasks["tasks"], "pruned": pruned_tasks["tasks"]}  # fmt: skip
     report["eval"] = None
     if evaluates:
         t = time.perf_counter()

@@ -64,3 +64,57 @@ def load_model(cfg, name: str | None = None):
         if not torch.isfinite(p).all():
             raise ConfigError(f"model {name!r} has NaN/inf values in {pname}: refusing to calibrate on it")
     return model, tokenizer, path
+
+
+def _front_matter_license(readme: Path) -> str | None:
+    import yaml
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
+def describe_model(name: str) -> dict:
+    """What a model card says about the base model: {"hub_id", "name", "license"}; never raises.
+
+    A built-in is its upstream Hub model; a Hub id is itself (license from its card, cached or fetched);
+    a local folder has no Hub id, its folder name, and the license of its own README if it has one.
+    """
+    from .calibration.assets import UPSTREAM
+
+    if name in UPSTREAM:
+        up = UPSTREAM[name]
+        return {"hub_id": up["hub_id"], "name": up["hub_id"].split("/")[-1], "license": up.get("license")}
+    if _looks_local(name):
+        folder = Path(name).expanduser()
+        return {
+            "hub_id": None,
+            "name": folder.resolve().name,
+            "license": _front_matter_license(folder / "README.md"),
+        }
+    license_ = None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        license_ = _front_matter_license(Path(hf_hub_download(name, "README.md")))
+    except Exception:  # noqa: BLE001 - a missing or unreachable card only leaves the license out
+        license_ = None
+    return {"hub_id": name, "name": name.split("/")[-1], "license": license_}
+
+
+def describe_dataset(name: str) -> str | None:
+    """The Hub id of a calibration source (a built-in's upstream one), or None for a local file."""
+    from .calibration.assets import UPSTREAM
+
+    if name in UPSTREAM:
+        return UPSTREAM[name]["hub_id"]
+    return None if _looks_local(name) or Path(name).suffix else name

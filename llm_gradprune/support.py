@@ -46,6 +46,7 @@ class Run:
     resume: bool = False  # save_state_every / resume asked
     fsdp_asked: bool = False  # fsdp: true
     eval: bool = False  # held-out perplexity before and after
+    eval_tasks: bool = False  # lm-eval task scores before and after
 
     @property
     def path(self) -> str:
@@ -109,6 +110,9 @@ OPTIONS: list[Option] = [
             "sharded": ONE_PROCESS},
            {"criterion": "fisher", "save_state_every": 2}),
     Option("eval (perplexity before and after)", lambda r: r.eval, {}, {"eval": True, "eval_num_samples": 2}),
+    Option("eval tasks (lm-eval)", lambda r: r.eval_tasks,
+           {"sharded": "lm-eval scores a whole model in one process: run llm-gradprune eval --tasks on the output"},
+           {"eval_tasks": "tiny_mc", "eval_tasks_include_path": "{tasks}"}),
     Option("fsdp", lambda r: r.fsdp_asked,
            {p: "fsdp shards the weights over several processes: launch with accelerate launch --num_processes N"
             for p in ("whole_model", "layer_wise")},

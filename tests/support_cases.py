@@ -7,7 +7,9 @@ report, that the option was really applied.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from llm_gradprune.support import OPTIONS, PATHS, applies
 
@@ -30,9 +32,24 @@ BASE = {
 }
 
 
+def write_tiny_task(folder: Path) -> Path:
+    """A 4-question multiple-choice lm-eval task over the tiny word vocabulary (tests/tiny_folder.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"q": f"w{i} w{i + 1}", "c": [f"w{i + 2}", f"w{i + 9}"], "y": 0} for i in range(4)]
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\ndoc_to_choice: "{{c}}"\n'
+        "doc_to_target: y\nmetric_list:\n  - metric: acc\n    higher_is_better: true\n"
+    )
+    return folder
+
+
 def settings(option, path: str, tmp: str) -> dict:
     values = {**BASE, **PATH_SETTINGS[path]}
     for key, value in option.example.items():
+        if value == "{tasks}":
+            value = str(write_tiny_task(Path(tmp) / "tasks"))
         values[key] = value.format(tmp=tmp) if isinstance(value, str) else value
     if option.name == "layer-wise mode" and path == "sharded":
         values["reconstruct"] = "obs"
@@ -88,6 +105,10 @@ def shown(name: str, report: dict) -> bool:
         ),
         "save_state_every / resume": lambda: cal["state_saves"] >= 1,
         "fsdp": lambda: cal["sharding"] == "fsdp2" and cal["processes"] == 2,
+        "eval tasks (lm-eval)": lambda: (
+            report["eval_tasks"]["pruned"]["tiny_mc"]["samples"] == 4
+            and "acc" in report["eval_tasks"]["dense"]["tiny_mc"]
+        ),
         "eval (perplexity before and after)": lambda: (
             report["eval"]["windows"] == 2 and report["eval"]["pruned_ppl"] > report["eval"]["dense_ppl"] > 1
         ),

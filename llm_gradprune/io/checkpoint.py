@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..faults import pause_point
 from .atomic import fsync_tree, honour_umask, install, make_partial_dir, remove_stale_leftovers, write_json
 from .card import model_card
+from .plots import write_plots
 
 
 class VerificationError(RuntimeError):
@@ -133,9 +134,17 @@ PENDING_CONFIG = "config.json.unverified"
 
 
 def save_pruned(
-    model, tokenizer, cfg, report: dict[str, Any], output_dir: str | Path, state_dict: dict | None = None
+    model,
+    tokenizer,
+    cfg,
+    report: dict[str, Any],
+    output_dir: str | Path,
+    state_dict: dict | None = None,
+    model_id: str | None = None,
 ) -> Path:
     """Write, verify and atomically install the checkpoint; returns its final path.
+
+    `model_id`: what the card's loading snippet loads (the Hub repo the job pushes to; default the folder).
 
     `cfg` is the job's config (`JobConfig`), saved beside the weights as prune_config.yaml.
     `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
@@ -154,8 +163,9 @@ def save_pruned(
         cfg.save_yaml(tmp / "prune_config.yaml")
         verify_zeros(tmp, report["per_tensor"])
         report["verified"] = True
+        report["plots"] = write_plots(report, tmp)
         write_json(tmp / "pruning_report.json", report)
-        (tmp / "README.md").write_text(model_card(cfg, report))
+        (tmp / "README.md").write_text(model_card(cfg, report, model_id=model_id))
         os.rename(tmp / PENDING_CONFIG, tmp / "config.json")
         honour_umask(tmp)
         fsync_tree(tmp)
