@@ -19,11 +19,13 @@ from ..calibration.assets import AssetError
 from ..errors import ConfigError
 from ..registry import Registry
 from . import eval as eval_command
+from . import inspect as inspect_command
 from . import prune as prune_command
+from . import push as push_command
 
 PROG = "llm-gradprune"
 COMMANDS: Registry = Registry("command")
-for _module in (prune_command, eval_command):
+for _module in (prune_command, eval_command, push_command, inspect_command):
     COMMANDS.add(_module.__name__.rsplit(".", 1)[1], _module)
 
 
