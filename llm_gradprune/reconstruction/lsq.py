@@ -2,15 +2,17 @@
 
 Per row, with P pruned and K kept, the minimiser of (w' - w)^T H (w' - w) subject to w'_P = 0 is
 w'_K = w_K + H_KK^-1 H_KP w_P. The same optimum reads, through the inverse G = H^-1 and the
-constraints' Lagrange multipliers l: w' = w - G[:, P] l with G_PP l = w_P. Solved directly, either
-form costs one |K|^3 or |P|^3 factorisation per row (each row has its own sub-matrix), 10-20x an OBS
-pass on SmolLM2's layers. Here l is found by conjugate gradients on G_PP for all rows at once: an
-iteration is one [rows, in] x [in, in] matmul with the shared G (its product masked to each row's P),
-G being scaled to unit diagonal (Jacobi), which leaves ~15-45 iterations to a relative residual of
-`tol` = 1e-5 on SmolLM2's Hessians (measured: scripts/bench_lsq.py). A row leaves the batch once it
-has converged. The result equals a direct solve to fp32 rounding (a few 1e-6 relative on the weights);
-a row still short of `tol` after `max_iter` iterations (only on a near-singular Hessian) is solved
-directly, so the answer never depends on the iteration converging.
+constraints' Lagrange multipliers l: w' = w - G[:, P] l with G_PP l = w_P. Each row has its own
+sub-matrix, so a direct solve costs one min(|K|, |P|)^3 / 3 factorisation per row: 10-20x an OBS pass
+on SmolLM2's layers at 50%. Instead, l is found by conjugate gradients on G_PP for all rows at once:
+an iteration is one [rows, in] x [in, in] matmul with the shared G, its product masked to each row's
+P, with G scaled to unit diagonal (Jacobi), which leaves ~20-35 iterations to a relative residual of
+`tol` = 1e-5 on SmolLM2's Hessians (scripts/bench_lsq.py). A row leaves the batch once converged.
+Rows whose smaller side is small (min(|K|, |P|) <= in / 6, e.g. the extremes of a global mask) are
+cheaper to solve directly on that side, and so is any row still short of `tol` after `max_iter`
+iterations (only on a near-singular Hessian): the answer never depends on the iteration converging.
+The result equals a direct fp32 solve to rounding (~1e-6 relative on the weights where H is
+well conditioned; both sit ~kappa(H) x 1e-8 from an fp64 solve).
 """
 
 from __future__ import annotations
@@ -49,19 +51,10 @@ def cg_multipliers(
         n_done = int(done.sum())
         if n_done == active.numel():
             break
-        # drop converged rows once enough have left to make the copy worth it (a smaller matmul)
-        if n_done and (n_done * 8 >= active.numel()):
+        if n_done * 8 >= active.numel():  # drop converged rows once the copy buys a smaller matmul
             x[active[done]] = xa[done]
-            keep = ~done
-            active, xa, r, p, rr, thr, m = (
-                active[keep],
-                xa[keep],
-                r[keep],
-                p[keep],
-                rr[keep],
-                thr[keep],
-                m[keep],
-            )
+            k = ~done
+            active, xa, r, p, rr, thr, m = (t[k] for t in (active, xa, r, p, rr, thr, m))
             Ap = torch.empty_like(r)
         torch.mm(p, Gs, out=Ap)
         Ap.mul_(m)
@@ -71,8 +64,7 @@ def cg_multipliers(
         xa.addcmul_(p, alpha)
         r.addcmul_(Ap, alpha, value=-1)
         rr_new = torch.linalg.vecdot(r, r)
-        beta = torch.where(rr > 0, rr_new / rr, torch.zeros_like(rr))
-        p.mul_(beta.unsqueeze(1)).add_(r)
+        p.mul_(torch.where(rr > 0, rr_new / rr, torch.zeros_like(rr)).unsqueeze(1)).add_(r)
         rr = rr_new
     if xa is not x:
         x[active] = xa
@@ -81,18 +73,36 @@ def cg_multipliers(
     return x, unconverged
 
 
-def _direct_rows_(
-    W: torch.Tensor, Hd: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, damp: float
-) -> None:
-    """The fallback: w_K += H_KK^-1 H_KP w_P for each of `rows`, one Cholesky each (few rows)."""
-    for r in rows.tolist():
-        keep, drop = ~mask[r], mask[r]
-        A = Hd[keep][:, keep]
+def solve_principal(
+    M: torch.Tensor, sel: torch.Tensor, b: torch.Tensor, damp: float, chunk_bytes: int = 1 << 30
+) -> torch.Tensor:
+    """Per row r, x_S = (M_SS)^-1 b_S with S = sel[r] (x = 0 elsewhere), M symmetric positive definite.
+
+    Rows are batched in order of |S| (little padding: shorter rows are padded with identity), at most
+    64 rows and about `chunk_bytes` of systems per batch.
+    """
+    x = torch.zeros_like(b)
+    counts = sel.sum(dim=1)
+    order = torch.argsort(counts, descending=True, stable=True)
+    r0 = 0
+    while r0 < sel.shape[0]:
+        k = int(counts[order[r0]])
+        if k == 0:
+            break  # the rest select nothing
+        n = max(1, min(64, chunk_bytes // (3 * 4 * k * k)))  # A, its factor, the identity
+        rows = order[r0 : r0 + n]
+        r0 += n
+        idx = torch.argsort((~sel[rows]).to(torch.int8), dim=1, stable=True)[:, :k]  # selected first
+        valid = torch.arange(k, device=M.device) < counts[rows].unsqueeze(1)
+        A = M[idx.unsqueeze(2), idx.unsqueeze(1)]
+        eye = torch.eye(k, device=M.device, dtype=M.dtype).expand_as(A)
+        A = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), A, eye)
         L, info = torch.linalg.cholesky_ex(A)
-        if int(info) != 0:
-            L = torch.linalg.cholesky(A + damp * torch.eye(A.shape[0], device=A.device, dtype=A.dtype))
-        rhs = Hd[keep][:, drop] @ W[r, drop]
-        W[r, keep] += torch.cholesky_solve(rhs.unsqueeze(1), L).squeeze(1)
+        if bool((info != 0).any()):  # a sub-matrix of a PD matrix is PD: only rounding gets here
+            L = torch.linalg.cholesky(A + damp * eye)
+        y = torch.cholesky_solve((b[rows].gather(1, idx) * valid).unsqueeze(2), L).squeeze(2) * valid
+        x[rows] = torch.zeros_like(x[rows]).scatter_(1, idx, y)
+    return x
 
 
 @torch.no_grad()
@@ -105,12 +115,15 @@ def lsq_update_(
     max_iter: int | None = None,
     rows_per_chunk: int | None = None,
     chunk_bytes: int = 1 << 30,
+    direct_max: int | None = None,
 ) -> dict:
     """Zero `mask` and set each row's kept weights to the exact least-squares optimum (damped H).
 
-    Rows are solved together, at most `rows_per_chunk` (default: all) and about `chunk_bytes` of fp32
-    iteration buffers (four [rows, in] tensors) at a time; the chunking does not change the result
-    beyond `tol`. `max_iter` (default: in_features + 10) bounds the iterations before a direct solve.
+    Rows iterate together, at most `rows_per_chunk` (default: all) and about `chunk_bytes` of fp32
+    buffers (four [rows, in] tensors) at a time; the chunking changes the result only within `tol`.
+    `max_iter` (default: in_features + 10) bounds the iterations before a row is solved directly;
+    rows with min(|K|, |P|) <= `direct_max` (default: in_features // 6, where a direct solve costs
+    less than the iteration: measured break-even ~in / 5) are solved directly.
     """
     if weight.dim() != 2 or H.shape != (weight.shape[1], weight.shape[1]) or mask.shape != weight.shape:
         raise ValueError(
@@ -119,26 +132,33 @@ def lsq_update_(
     Hd, dead, damp = damped_hessian(H.to(weight.device), percdamp)
     W0 = weight.detach().to(torch.float32)
     mask = mask.to(device=W0.device, dtype=torch.bool)
+    cols = W0.shape[1]
     G = _inverse(Hd, damp)
     s = G.diagonal().rsqrt()
     Gs = G * s.unsqueeze(1) * s.unsqueeze(0)  # unit diagonal: Jacobi-preconditioned CG, one matmul
-    pruned = mask.sum(dim=1)
-    rows = torch.nonzero((pruned > 0) & (pruned < mask.shape[1])).squeeze(1)  # the others need no solve
+    n_p = mask.sum(dim=1)
+    n_k = cols - n_p
+    solve = (n_p > 0) & (n_k > 0)  # a row that keeps everything or nothing needs no solve
+    small = torch.minimum(n_p, n_k) <= (cols // 6 if direct_max is None else direct_max)
+    rows = torch.nonzero(solve & ~small).squeeze(1)
     lam = torch.zeros_like(W0)
-    slow = []
-    cols = W0.shape[1]
+    to_kept = solve & small & (n_k <= n_p)  # solved directly on K (H_KK) ...
+    to_pruned = solve & small & (n_k > n_p)  # ... or on P (G_PP)
     n = max(1, min(rows_per_chunk or rows.numel() or 1, chunk_bytes // (4 * 4 * cols)))
     for i in range(0, rows.numel(), n):
         chunk = rows[i : i + n]
         m = mask[chunk].to(torch.float32)
         x, unconverged = cg_multipliers(Gs, W0[chunk] * s * m, m, tol, max_iter or cols + 10)
         lam[chunk] = x * s  # back from the scaled system: l = D^-1/2 x
-        slow.append(chunk[unconverged])
-    W = W0 - lam @ G  # w' = w - G[:, P] l: the kept entries; the pruned ones are set to 0 below
-    rows_left = torch.cat(slow) if slow else rows[:0]
-    if rows_left.numel():
-        W[rows_left] = W0[rows_left]
-        _direct_rows_(W, Hd, mask, rows_left, damp)
+        to_kept[chunk[unconverged]] = True
+        lam[chunk[unconverged]] = 0
+    if bool(to_pruned.any()):
+        idx = torch.nonzero(to_pruned).squeeze(1)
+        lam[idx] = solve_principal(G, mask[idx], W0[idx] * mask[idx], damp, chunk_bytes)
+    W = W0 - lam @ G  # w' = w - G[:, P] l on the kept entries; the pruned ones are set to 0 below
+    if bool(to_kept.any()):
+        idx = torch.nonzero(to_kept).squeeze(1)
+        W[idx] += solve_principal(Hd, ~mask[idx], (W0[idx] * mask[idx]) @ Hd, damp, chunk_bytes)
     W.masked_fill_(mask, 0)
     dW = W - W0
     loss = float(((dW @ Hd) * dW).sum()) / 2

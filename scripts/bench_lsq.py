@@ -1,0 +1,232 @@
+"""Time the least-squares refit (`reconstruct: lsq`) against the OBS pass on the same masks.
+
+    PYTHONPATH=$PWD nice -n 10 python scripts/bench_lsq.py --out docs/bench_lsq.json \
+        [--repeats 3 --threads 1 --real-blocks 16 --samples 4096]
+
+Three variants on every (layer, mask), in alternating order per repeat (so drift in the machine's load
+hits all of them): `obs` (reconstruction.obs.obs_update_, blocksize 128, the greedy left-to-right
+pass), `lsq_old` (the per-row Cholesky refit the library had before, kept below verbatim as the
+reference) and `lsq` (reconstruction.lsq.lsq_update_, conjugate gradients through the shared inverse).
+Reported: the fastest of the repeats per variant, the ratios lsq/obs and lsq/lsq_old, how far the new
+refit is from the old one and from an fp64 per-row solve (relative Frobenius norm of the weights), and
+both refits' layer losses.
+
+Layers: the SmolLM2-135M shapes q/o (576x576), k/v (192x576), gate/up (1536x576), down (576x1536) with
+random correlated inputs (X = Z A diag(c), Z and A Gaussian, c log-normal channel scales, --samples
+tokens), and, unless --real-blocks 0, the real weights and Hessians of SmolLM2-135M layers 0, 12 and 27
+(from --real-blocks x 512 calibration tokens of builtin:imdb). Masks: `row50` (50% of each row by
+|w| sqrt(H_jj)), `global` (one threshold over the tensor on that score times a log-normal per-row
+factor: uneven per-row counts, some rows keep everything or nothing) and `2:4`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm_gradprune.reconstruction.lsq import lsq_update_  # noqa: E402
+from llm_gradprune.reconstruction.obs import damped_hessian, obs_update_  # noqa: E402
+
+SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+REAL_LAYERS = (0, 12, 27)
+REAL_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@torch.no_grad()
+def old_lsq_update_(weight, H, mask, percdamp=0.01, rows_per_chunk=64, chunk_bytes=1 << 30) -> dict:
+    """The refit before issue 17 (reference only): one |K| x |K| Cholesky per row, rows batched by
+    kept count and padded with identity."""
+    Hd, dead, damp = damped_hessian(H.to(weight.device), percdamp)
+    W = weight.detach().to(torch.float32).clone()
+    mask = mask.to(device=W.device, dtype=torch.bool)
+    rhs_all = (W * mask) @ Hd
+    all_counts = (~mask).sum(dim=1)
+    order = torch.argsort(all_counts, descending=True, stable=True)
+    r0 = 0
+    while r0 < W.shape[0]:
+        k = int(all_counts[order[r0]])
+        if k == 0:
+            break
+        n = max(1, min(rows_per_chunk, chunk_bytes // (3 * 4 * k * k)))
+        rows = order[r0 : r0 + n]
+        r0 += n
+        kept = ~mask[rows]
+        counts = kept.sum(dim=1)
+        idx = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :k]
+        valid = torch.arange(k, device=W.device) < counts.unsqueeze(1)
+        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+        A = Hd[idx.unsqueeze(2), idx.unsqueeze(1)]
+        eye = torch.eye(k, device=W.device, dtype=A.dtype).expand_as(A)
+        A = torch.where(pair, A, eye)
+        b = rhs_all[rows].gather(1, idx) * valid
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            L = torch.linalg.cholesky(A + damp * torch.eye(k, device=W.device, dtype=A.dtype))
+        delta = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2) * valid
+        W[rows] = W[rows].scatter_add(1, idx, delta)
+    W.masked_fill_(mask, 0)
+    dW = W - weight.detach().to(torch.float32)
+    loss = float(((dW @ Hd) * dW).sum()) / 2
+    weight.copy_(W.to(weight.dtype))
+    weight.masked_fill_(mask, 0)
+    return {"damp": damp, "dead_inputs": int(dead.sum()), "obs_loss": loss}
+
+
+def exact64(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """Per-row fp64 solve of the same damped problem: the ground truth both refits are measured against."""
+    Hd = damped_hessian(H, percdamp)[0].double()
+    out = W.double().clone()
+    for r in range(W.shape[0]):
+        keep, drop = ~mask[r], mask[r]
+        if keep.any() and drop.any():
+            out[r, keep] += torch.linalg.solve(Hd[keep][:, keep], Hd[keep][:, drop] @ out[r, drop])
+        out[r, drop] = 0
+    return out.float()
+
+
+def random_layer(rows: int, cols: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(cols, cols, generator=g) / cols**0.5
+    scale = torch.exp(torch.randn(cols, generator=g))  # a few channels much louder, as in LLM inputs
+    X = (torch.randn(samples, cols, generator=g) @ A) * scale
+    return torch.randn(rows, cols, generator=g) / cols**0.5, 2 * X.T @ X / samples
+
+
+def real_layers(blocks: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_gradprune.calibration.assets import resolve_model
+    from llm_gradprune.calibration.data import load_blocks
+    from llm_gradprune.calibration.hessians import Hessians
+    from llm_gradprune.config import JobConfig
+
+    path = resolve_model("builtin:smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    data = load_blocks(JobConfig(num_samples=blocks, seq_len=512), AutoTokenizer.from_pretrained(path))
+    names = [f"model.layers.{i}.{m}" for i in REAL_LAYERS for m in REAL_MODULES]
+    modules = {n: model.get_submodule(n) for n in names}
+    hs = Hessians(modules).attach()
+    with torch.no_grad():
+        for b in data.split(1):
+            model(b)
+    hs.detach()
+    return {
+        n.removeprefix("model."): (modules[n].weight.detach().clone(), hs.hessian(n).clone()) for n in names
+    }
+
+
+def masks_for(W: torch.Tensor, H: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    score = W.abs() * H.diagonal().clamp_min(0).sqrt()
+    row50 = score < score.median(dim=1, keepdim=True).values
+    g = torch.Generator().manual_seed(seed)
+    uneven = score * torch.exp(1.5 * torch.randn(W.shape[0], 1, generator=g))
+    glob = uneven <= uneven.flatten().kthvalue(W.numel() // 2).values
+    drop = score.reshape(-1, 4).argsort(dim=1)[:, :2]
+    nm = torch.zeros(W.numel() // 4, 4, dtype=torch.bool).scatter_(1, drop, True).view_as(W)
+    return {"row50": row50, "global": glob, "2:4": nm}
+
+
+VARIANTS = {
+    "obs": lambda W, H, M: obs_update_(W, H, M, blocksize=128),
+    "lsq_old": old_lsq_update_,
+    "lsq": lsq_update_,
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def bench(name: str, W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, repeats: int) -> dict:
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    out: dict[str, tuple[torch.Tensor, dict]] = {}
+    order = list(VARIANTS)
+    for rep in range(repeats):
+        for v in order if rep % 2 == 0 else order[::-1]:
+            w = W.clone()
+            t, c = time.perf_counter(), time.process_time()
+            info = VARIANTS[v](w, H, mask)
+            times[v].append(time.perf_counter() - t)
+            cpu[v].append(time.process_time() - c)
+            out[v] = (w, info)
+    best = {v: min(ts) for v, ts in times.items()}
+    best_cpu = {v: min(ts) for v, ts in cpu.items()}
+    truth = exact64(W, H, mask)
+    new, old = out["lsq"][0], out["lsq_old"][0]
+    counts = (~mask).sum(dim=1)
+    return {
+        "layer": name, "shape": list(W.shape), "kept_per_row": [int(counts.min()), int(counts.max())],
+        "seconds": best, "median_seconds": {v: statistics.median(ts) for v, ts in times.items()},
+        "cpu_seconds": best_cpu, "lsq_over_obs": best["lsq"] / best["obs"],
+        "lsq_over_obs_cpu": best_cpu["lsq"] / best_cpu["obs"], "lsq_over_lsq_old": best["lsq"] / best["lsq_old"],
+        "rel_lsq_vs_lsq_old": rel(new, old), "rel_lsq_vs_fp64": rel(new, truth),
+        "rel_lsq_old_vs_fp64": rel(old, truth), "mask_kept": bool(torch.equal(new == 0, mask | (W == 0))),
+        "loss": {v: out[v][1]["obs_loss"] for v in VARIANTS},
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/bench_lsq.json")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (obs always runs its loop on one)")
+    ap.add_argument("--samples", type=int, default=4096, help="tokens of the random inputs")
+    ap.add_argument(
+        "--real-blocks", type=int, default=16, help="512-token blocks for the real Hessians; 0: none"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    layers = {
+        f"random {n}": random_layer(*shape, args.samples, seed=i)
+        for i, (n, shape) in enumerate(SHAPES.items())
+    }
+    if args.real_blocks:
+        layers.update({f"smollm2 {n}": wh for n, wh in real_layers(args.real_blocks).items()})
+    rows = []
+    print(f"{'layer':26s} {'mask':6s} {'obs s':>6s} {'old s':>6s} {'lsq s':>6s} {'lsq/obs':>7s} {'(cpu)':>6s} "
+          f"{'old/lsq':>7s} {'vs old':>8s} {'vs fp64':>8s} {'old fp64':>8s}")  # fmt: skip
+    for li, (name, (W, H)) in enumerate(layers.items()):
+        for kind, mask in masks_for(W, H, seed=li).items():
+            row = bench(name, W, H, mask, args.repeats)
+            row["mask"] = kind
+            rows.append(row)
+            s = row["seconds"]
+            print(f"{name:26s} {kind:6s} {s['obs']:6.3f} {s['lsq_old']:6.3f} {s['lsq']:6.3f} "
+                  f"{row['lsq_over_obs']:7.2f} {row['lsq_over_obs_cpu']:6.2f} {1 / row['lsq_over_lsq_old']:7.1f} "
+                  f"{row['rel_lsq_vs_lsq_old']:8.1e} {row['rel_lsq_vs_fp64']:8.1e} {row['rel_lsq_old_vs_fp64']:8.1e}",
+                  flush=True)  # fmt: skip
+    total = {v: sum(r["seconds"][v] for r in rows) for v in VARIANTS}
+    total_cpu = {v: sum(r["cpu_seconds"][v] for r in rows) for v in VARIANTS}
+    summary = {
+        "total_seconds": total, "lsq_over_obs_total": total["lsq"] / total["obs"],
+        "total_cpu_seconds": total_cpu, "lsq_over_obs_total_cpu": total_cpu["lsq"] / total_cpu["obs"],
+        "lsq_old_over_lsq_total": total["lsq_old"] / total["lsq"],
+        "lsq_over_obs_max": max(r["lsq_over_obs"] for r in rows),
+        "rel_lsq_vs_lsq_old_max": max(r["rel_lsq_vs_lsq_old"] for r in rows),
+        "masks_kept": all(r["mask_kept"] for r in rows),
+    }  # fmt: skip
+    print(f"total: obs {total['obs']:.2f} s, lsq_old {total['lsq_old']:.2f} s, lsq {total['lsq']:.2f} s: "
+          f"lsq/obs x{summary['lsq_over_obs_total']:.2f} (CPU time x{summary['lsq_over_obs_total_cpu']:.2f}), {summary['lsq_old_over_lsq_total']:.1f}x faster than "
+          f"lsq_old; largest distance to lsq_old {summary['rel_lsq_vs_lsq_old_max']:.1e}")  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(
+            {"args": vars(args), "threads": torch.get_num_threads(), "summary": summary, "rows": rows},
+            fh,
+            indent=1,
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
