@@ -27,20 +27,17 @@ import yaml
 
 from .calibration.stats import STATISTICS
 from .errors import ConfigError
+from .fields import _f
 from .reconstruction.rules import UPDATES
+from .recovery.config import RecoverConfig
 from .scoring.allocation import ALLOCATIONS
 from .scoring.criteria import CRITERIA
 from .selection.masks import SCOPES
 
+NESTED = ("prune", "recover")  # JobConfig fields that hold a config of their own
 DTYPES = ("float32", "bfloat16", "float16")
+ROUND_SCHEDULES = ("cubic", "linear")
 STATS_DEVICES = ("same", "cpu")
-
-
-def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
-    meta = {"help": help, "group": group, **kw}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -108,6 +105,12 @@ class PruneConfig:
     reconstruct: str | None = _f(
         None, "update of the kept weights once the mask is fixed (default: obs for sparsegpt, else none)", "method",
         choices=UPDATES.names,
+    )  # fmt: skip
+    rounds: int = _f(1, "prune in this many rounds towards the target, recalibrating on the pruned model each time",
+                     "method")  # fmt: skip
+    round_schedule: str = _f(
+        "cubic", "sparsity after round r of K: cubic s(1-(1-r/K)^3) (Zhu & Gupta, 2017) or linear s r/K", "method",
+        choices=lambda: ROUND_SCHEDULES,
     )  # fmt: skip
     include: list[str] = _f([], "regexes over module names; a target must match one (empty = all)", "method")
     exclude: list[str] = _f([], "regexes over module names; a match is never pruned", "method")
@@ -233,6 +236,21 @@ class PruneConfig:
                 setattr(self, name, [getattr(self, name)])
         self._check_gradient_settings(crit)
         self._check_layer_wise()
+        _check_int("rounds", self.rounds, 1)
+        if self.round_schedule not in ROUND_SCHEDULES:
+            raise ConfigError(
+                f"round_schedule {self.round_schedule!r} is unknown: choose one of {', '.join(ROUND_SCHEDULES)}"
+            )
+        if self.rounds > 1 and self.allocation != "uniform":
+            raise ConfigError(
+                f"rounds {self.rounds} with allocation {self.allocation!r}: each round would allocate anew and could "
+                "give a layer fewer zeros than an earlier round left it (use allocation uniform)"
+            )
+        if self.rounds > 1 and crit.adaptive and self.nm is not None:
+            raise ConfigError(
+                f"rounds {self.rounds} towards pattern {self.pattern} need a scoring criterion: {crit.name!r} chooses "
+                "its own mask and could not keep the earlier rounds' zeros inside the pattern"
+            )
 
     def _check_scope(self, crit) -> None:
         if self.scope is not None:
@@ -365,6 +383,11 @@ class JobConfig:
     output_dir: str = _f("out/pruned", "where the pruned checkpoint and report are written", "output")
     overwrite: bool = _f(False, "replace a non-empty output directory", "output")
     max_shard_size: str = _f("5GB", "largest safetensors shard written (e.g. 500MB, 5GB)", "output")
+    push_to_hub: str | None = _f(None, "push the verified checkpoint to this Hub repo (user/name)", "output")
+    push_private: bool = _f(False, "with push_to_hub: create the repo private", "output")
+    push_revision: str | None = _f(
+        None, "with push_to_hub: the branch to push to (created if missing)", "output"
+    )
     # -- devices and processes -----------------------------------------------------------------
     device: str | None = _f(
         None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice", "distributed"
@@ -386,10 +409,15 @@ class JobConfig:
         None, "folder of the saved calibration state (default: <output_dir>.calib-state)", "resume"
     )
     prune: PruneConfig = field(default_factory=PruneConfig, metadata={"group": None})
+    recover: RecoverConfig = field(default_factory=RecoverConfig, metadata={"group": None})
 
     def __post_init__(self) -> None:
         if isinstance(self.prune, dict):
             self.prune = PruneConfig(**self.prune)
+        if isinstance(self.recover, dict):
+            self.recover = RecoverConfig(**self.recover)
+        elif self.recover is None:
+            self.recover = RecoverConfig()
         if self.eval_tasks_fewshot is not None:
             _check_int("eval_tasks_fewshot", self.eval_tasks_fewshot, 0)
         for name in ("num_samples", "seq_len", "batch_size", "seed", "eval_num_samples", "eval_batch_size",
@@ -408,6 +436,8 @@ class JobConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
         self.max_shard_bytes = parse_size(self.max_shard_size)
+        if (self.push_private or self.push_revision) and not self.push_to_hub:
+            raise ConfigError("push_private / push_revision apply only with push_to_hub")
         p = self.prune
         crit, alloc = CRITERIA.get(p.criterion), ALLOCATIONS.get(p.allocation)
         if self.num_samples == 0 and (crit.needs_calibration or p.layer_wise):
@@ -431,24 +461,40 @@ class JobConfig:
     # -- flat YAML and flags -------------------------------------------------------------------
     def to_flat(self) -> dict[str, Any]:
         """Every setting under its flat key: what prune_config.yaml holds and `from_flat` reads back."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prune"}
-        return {**out, **self.prune.to_dict()}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NESTED}
+        return {**out, **self.prune.to_dict(), "recover": self.recover.to_dict()}
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_flat(), sort_keys=False))
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> JobConfig:
-        job_keys = [f.name for f in dataclasses.fields(cls) if f.name != "prune"]
+        job_keys = [f.name for f in dataclasses.fields(cls) if f.name not in NESTED]
         prune_keys = [f.name for f in dataclasses.fields(PruneConfig)]
+        recover_keys = {f"recover_{f.name}": f.name for f in dataclasses.fields(RecoverConfig)}
         aliases = param_aliases()
-        known = job_keys + prune_keys + list(aliases)
-        job, prune = {}, {}
+        known = job_keys + prune_keys + list(aliases) + list(recover_keys) + ["recover"]
+        job, prune, recover = {}, {}, {}
         for key, value in values.items():
             if key in job_keys:
                 job[key] = value
             elif key in prune_keys:
                 prune[key] = value
+            elif key == "recover":
+                if not isinstance(value, dict):
+                    raise ConfigError(
+                        f"recover {value!r} must be a section of recovery settings (steps, lr, ...)"
+                    )
+                unknown = [k for k in value if f"recover_{k}" not in recover_keys]
+                if unknown:
+                    near = difflib.get_close_matches(
+                        unknown[0], [f.name for f in dataclasses.fields(RecoverConfig)], n=1
+                    )
+                    hint = f" (did you mean {near[0]!r}?)" if near else ""
+                    raise ConfigError(f"unknown recover key {unknown[0]!r}{hint}")
+                recover.update(value)
+            elif key in recover_keys:
+                recover[recover_keys[key]] = value
             elif key in aliases:
                 continue
             else:
@@ -463,7 +509,7 @@ class JobConfig:
                 raise ConfigError(f"{key} applies to {kind} {owner!r}, but the {kind} is {chosen!r}")
             bucket = f"{kind}_params"
             prune[bucket] = {**prune.get(bucket, {}), param: values[key]}
-        return cls(**job, prune=PruneConfig(**prune))
+        return cls(**job, prune=PruneConfig(**prune), recover=RecoverConfig(**recover))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> JobConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 from typing import Any
 
@@ -24,8 +25,11 @@ from .executors import prune_
 from .executors.sharded import full_state_dict, shard_model, uses_fsdp
 from .io.calib_state import calib_state_for, check_state
 from .io.checkpoint import check_output_dir, save_pruned
+from .io.hub import check_repo_id, check_revision, push_folder
 from .models import _looks_local, describe_dataset, describe_model, load_model
 from .parallel import make_accelerator
+from .recovery.phase import run_recovery, training_batches
+from .recovery.rounds import prune_in_rounds_
 from .status import set_stage
 from .support import Run, check_support
 from .tasks import check_tasks, run_tasks
@@ -142,9 +146,12 @@ def plan_job(cfg: JobConfig, accelerator) -> tuple[bool, Any]:
     sharded = uses_fsdp(cfg.fsdp, accelerator)
     run = Run(cfg.prune, processes=accelerator.num_processes, sharded=sharded,
               resume=bool(cfg.save_state_every or cfg.resume), fsdp_asked=cfg.fsdp, eval=cfg.eval,
-              eval_tasks=bool(cfg.eval_tasks))  # fmt: skip
+              eval_tasks=bool(cfg.eval_tasks), recover=bool(cfg.recover.steps))  # fmt: skip
     check_support(run)
     check_tasks(cfg.eval_tasks, cfg.eval_tasks_include_path)
+    if cfg.push_to_hub:
+        check_repo_id(cfg.push_to_hub)
+        check_revision(cfg.push_revision)
     if accelerator.is_main_process:
         resolve_model(cfg.model)
     accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
@@ -168,8 +175,8 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
     t = time.perf_counter()
     set_stage("loading the model")
     model, tokenizer, _ = load_model(cfg)
-    timings = {"load_model": time.perf_counter() - t, "eval_dense": 0.0, "eval_pruned": 0.0,
-               "eval_tasks_dense": 0.0, "eval_tasks_pruned": 0.0}  # fmt: skip
+    timings = {"load_model": time.perf_counter() - t, "eval_dense": 0.0, "eval_pruned": 0.0, "recovery": 0.0,
+               "eval_tasks_dense": 0.0, "eval_tasks_pruned": 0.0, "eval_tasks_recovered": 0.0}  # fmt: skip
     context = getattr(model.config, "max_position_embeddings", None)
     if cfg.needs_data and context is not None and cfg.seq_len > context:
         raise ConfigError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens")
@@ -185,6 +192,9 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
             batches = shard_samples(batches, cfg.prune.grad_accum, accelerator.process_index,
                                     accelerator.num_processes)  # fmt: skip
     held_out = eval_blocks(cfg, tokenizer, model) if cfg.eval else None
+    train = training_batches(
+        cfg, tokenizer, accelerator.process_index, 1 if sharded else accelerator.num_processes
+    )
     timings["load_data"] = time.perf_counter() - t
     calib_state = calib_state_for(cfg, model, calib_hash) if cfg.needs_data else None
 
@@ -205,9 +215,13 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         set_stage("evaluating the dense model")
         dense_eval = _perplexity(cfg, model, held_out, device=device, progress=accelerator.is_main_process)
         timings["eval_dense"] = time.perf_counter() - t
-    result = prune_(model, batches, cfg.prune, accelerator=accelerator, return_masks=False,
-                    num_batches=len(batches) if batches is not None else None,
-                    calib_state=calib_state)  # fmt: skip
+    if cfg.prune.rounds > 1:
+        result = prune_in_rounds_(model, batches, cfg.prune, recover=cfg.recover, accelerator=accelerator,
+                                  recover_batches=train[0] if train else None)  # fmt: skip
+    else:
+        result = prune_(model, batches, cfg.prune, accelerator=accelerator, return_masks=False,
+                        num_batches=len(batches) if batches is not None else None,
+                        calib_state=calib_state)  # fmt: skip
     report = result.report
     timings.update(report.pop("timings_s"))
     report["model"] = cfg.model
@@ -241,7 +255,20 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
             "seq_len": held_out.shape[1],
             "stride": cfg.eval_stride,
             "token_sha256": token_hash(held_out),
+            "recovered_ppl": None,
         }
+    report["recovery"] = None
+    if cfg.recover.steps:
+        t = time.perf_counter()
+        model = run_recovery(cfg, model, tokenizer, train, base=cfg.model, accelerator=accelerator, report=report,
+                             eval_blocks=held_out if evaluates else None)  # fmt: skip
+        timings["recovery"] = time.perf_counter() - t
+        if report["eval"] is not None:  # the same windows as dense and pruned
+            set_stage("evaluating the recovered model")
+            report["eval"]["recovered_ppl"] = _perplexity(cfg, model, held_out, device=device,
+                                                          progress=accelerator.is_main_process)["ppl"]  # fmt: skip
+        if report["eval_tasks"] is not None:
+            report["eval_tasks"]["recovered"] = _tasks(cfg, model, tokenizer, "recovered", timings)["tasks"]
     report["timings_s"] = timings
     state_dict = full_state_dict(model, accelerator) if sharded else None  # collective
 
@@ -250,10 +277,75 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         set_stage("saving the checkpoint")
         model = accelerator.unwrap_model(model)
         timings["before_save"] = time.perf_counter() - start
-        save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict)
+        save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict, model_id=cfg.push_to_hub)
         timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
         report["output_dir"] = str(out)
+        if (
+            cfg.push_to_hub
+        ):  # the checkpoint is in place: a failed push is retried with `push`, not a re-prune
+            set_stage("pushing to the Hub")
+            try:
+                report["push"] = push_folder(out, cfg.push_to_hub, private=cfg.push_private,
+                                             revision=cfg.push_revision)  # fmt: skip
+            except ConfigError as err:
+                report["push"] = {"error": str(err)}
         if calib_state is not None:
             calib_state.clear()  # the checkpoint is in place: the calibration state is no longer needed
+        if report["recovery"] and report["recovery"].get("state_folder"):
+            shutil.rmtree(report["recovery"]["state_folder"], ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def run_recover(cfg: JobConfig) -> dict[str, Any]:
+    """`llm-gradprune recover`: masked training of the pruned folder `cfg.model` into `cfg.output_dir`.
+
+    The pruned folder's own report comes along (criterion, counts, calibration), with a recovery section,
+    the zero counts after training and, with `eval`, perplexity before and after on the same windows."""
+    import dataclasses
+    from pathlib import Path
+
+    from .recovery.phase import read_report
+
+    set_stage("planning the run")
+    if cfg.recover.seq_len is not None:  # one block length here: training windows and held-out windows
+        cfg = dataclasses.replace(cfg, seq_len=cfg.recover.seq_len)
+    if not cfg.prune.progress:
+        quiet_hf_progress_bars()
+    folder = Path(resolve_model(cfg.model)).expanduser()
+    report = read_report(folder)
+    if not cfg.recover.steps:
+        raise ConfigError("recover steps 0 trains nothing: give --steps N")
+    accelerator = make_accelerator(cpu=cfg.device == "cpu")
+    check_device(cfg.device)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite, str(folder))
+    set_stage("loading the model")
+    model, tokenizer, _ = load_model(cfg)
+    set_stage("reading the text")
+    train = training_batches(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
+    held_out = eval_blocks(cfg, tokenizer, model) if cfg.eval else None
+    device = torch.device(cfg.device) if cfg.device else accelerator.device
+    model.to(device)
+    main = accelerator.is_main_process
+    before = (
+        _perplexity(cfg, model, held_out, device=device, progress=main)
+        if held_out is not None and main
+        else None
+    )
+    model = run_recovery(cfg, model, tokenizer, train, base=report.get("model"), accelerator=accelerator, report=report,
+                         eval_blocks=held_out if main else None)  # fmt: skip
+    if before is not None:
+        after = _perplexity(cfg, model, held_out, device=device, progress=main)
+        report["eval"] = {**(report.get("eval") or {}), "pruned_ppl": before["ppl"], "recovered_ppl": after["ppl"],
+                          "tokens": after["tokens"], "windows": after["windows"], "split": cfg.eval_split,
+                          "seq_len": held_out.shape[1], "token_sha256": token_hash(held_out)}  # fmt: skip
+        report["eval"].setdefault("dense_ppl", None)
+    report["recovered_from"] = folder.name
+    if main:
+        set_stage("saving the checkpoint")
+        save_pruned(accelerator.unwrap_model(model), tokenizer, cfg, report, out)
+        report["output_dir"] = str(out)
+        if report["recovery"].get("state_folder"):
+            shutil.rmtree(report["recovery"]["state_folder"], ignore_errors=True)
     accelerator.wait_for_everyone()
     return report

@@ -58,6 +58,10 @@ class Plan:
     whole_stats: set[str]  # mean statistics gathered over the whole (dense) model first
     group_stats: set[str]  # mean statistics gathered per group (layer-wise: per block or stage)
     notes: list[str] = field(default_factory=list)
+    # pruning in rounds: weights pruned by earlier rounds (always pruned again), and an N:M pattern the
+    # later rounds must stay able to reach (at most M-N pruned in any group of M)
+    already_pruned: dict[str, torch.Tensor] | None = None
+    nm_cap: tuple[int, int] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -129,9 +133,24 @@ def make_score_fn(plan: Plan, weights: dict[str, torch.Tensor], *sources: Statis
 
     def score_fn(pname: str) -> torch.Tensor:
         stats = {s: next(src for src in sources if src.has(s)).mean(s, pname) for s in crit.needs}
-        return crit.score(weights[pname], stats, **kw)
+        scores = crit.score(weights[pname], stats, **kw)
+        if plan.nm_cap is not None:
+            scores = cap_groups(scores, *plan.nm_cap)
+        if plan.already_pruned is not None:
+            scores = scores.masked_fill(plan.already_pruned[pname].to(scores.device), float("-inf"))
+        return scores
 
     return score_fn
+
+
+def cap_groups(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Scores with the N highest of every M consecutive input weights of a row made unprunable (+inf),
+    so no selection can prune more than M-N of a group and an N:M pattern stays reachable."""
+    s2 = scores.reshape(scores.shape[0], -1)
+    groups = s2.reshape(s2.shape[0], -1, m)
+    keep = torch.topk(groups, n, dim=-1).indices
+    capped = groups.scatter(-1, keep, float("inf"))
+    return capped.reshape(scores.shape)
 
 
 def resolve_budgets(
@@ -327,6 +346,7 @@ def build_report(
         "overall_sparsity": zeros / numel if numel else 0.0,
         "empty_tensors": [n for n, t in per_tensor.items() if t["numel"] and t["zeros"] == t["numel"]],
         "notes": list(plan.notes),
+        "rounds": None,  # pruning in rounds fills it (recovery.rounds)
         "calibration": {
             "batches": counters["batches"],
             "tokens": counters["tokens"],

@@ -47,6 +47,7 @@ class Run:
     fsdp_asked: bool = False  # fsdp: true
     eval: bool = False  # held-out perplexity before and after
     eval_tasks: bool = False  # lm-eval task scores before and after
+    recover: bool = False  # masked recovery training after pruning
 
     @property
     def path(self) -> str:
@@ -113,6 +114,9 @@ OPTIONS: list[Option] = [
     Option("eval tasks (lm-eval)", lambda r: r.eval_tasks,
            {"sharded": "lm-eval scores a whole model in one process: run llm-gradprune eval --tasks on the output"},
            {"eval_tasks": "tiny_mc", "eval_tasks_include_path": "{tasks}"}),
+    Option("pruning in rounds", lambda r: r.prune.rounds > 1, {}, {"rounds": 2}),
+    Option("recovery training", lambda r: r.recover, {},
+           {"recover_steps": 2, "recover_batch_size": 1, "recover_lr": 1e-3}),
     Option("fsdp", lambda r: r.fsdp_asked,
            {p: "fsdp shards the weights over several processes: launch with accelerate launch --num_processes N"
             for p in ("whole_model", "layer_wise")},

@@ -105,6 +105,13 @@ def shown(name: str, report: dict) -> bool:
         ),
         "save_state_every / resume": lambda: cal["state_saves"] >= 1,
         "fsdp": lambda: cal["sharding"] == "fsdp2" and cal["processes"] == 2,
+        "pruning in rounds": lambda: (
+            report["rounds"]["count"] == 2
+            and report["rounds"]["per_round"][0]["overall_sparsity"] < report["overall_sparsity"]
+        ),
+        "recovery training": lambda: (
+            report["recovery"]["steps"] == 2 and report["recovery"]["pruned_kept_zero"]
+        ),
         "eval tasks (lm-eval)": lambda: (
             report["eval_tasks"]["pruned"]["tiny_mc"]["samples"] == 4
             and "acc" in report["eval_tasks"]["dense"]["tiny_mc"]

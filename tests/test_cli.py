@@ -28,17 +28,22 @@ def test_help_lists_every_option_once_with_its_default_and_in_groups(capsys):
     with pytest.raises(SystemExit):
         cli.main(["prune", "--help"])
     out = capsys.readouterr().out
-    fields = [f for f in dataclasses.fields(JobConfig) if f.name != "prune"] + list(
+    from llm_gradprune.config import NESTED
+    from llm_gradprune.recovery.config import RecoverConfig
+
+    fields = [f for f in dataclasses.fields(JobConfig) if f.name not in NESTED] + list(
         dataclasses.fields(PruneConfig)
     )
     for f in fields:
         assert "--" + f.name.replace("_", "-") in out, f.name
+    for f in dataclasses.fields(RecoverConfig):
+        assert "--recover-" + f.name.replace("_", "-") in out, f.name
     for key in param_aliases():
         assert "--" + key.replace("_", "-") in out, key
     flat = " ".join(out.split())
     assert "(default: token_fisher)" in flat and flat.count("(default: default: ") == 0
     for title in ("model and data:", "method:", "method parameters:", "calibration:", "layer-wise:",
-                  "evaluation:", "output:", "distributed:", "resume:"):  # fmt: skip
+                  "evaluation:", "recovery:", "output:", "distributed:", "resume:"):  # fmt: skip
         assert title in out, title
     for line in out.splitlines():  # one "(default: ...)" per option at most
         assert line.count("(default:") <= 1, line

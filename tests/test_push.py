@@ -301,3 +301,38 @@ def test_cached_login_is_used_a_missing_token_is_refused_and_private_never_publi
         assert f"repo {REPO!r} already exists and is public" in one_line(proc.stderr)
         assert len(hub.commit_requests()) == 1 and "p" not in hub.repos[REPO]["branches"]
     assert_token_only_in_authorization(hub, proc.stdout, proc.stderr, roots=(home, pruned))
+
+
+def test_prune_with_push_to_hub_pushes_the_verified_checkpoint(tmp_path):
+    """`prune --push-to-hub`: the same push after the checkpoint is in place; the card loads the repo."""
+    model, text = make_model_folder(tmp_path / "model"), make_text_file(tmp_path / "t.txt")
+    out = tmp_path / "out"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")
+    }
+    with FakeHub() as hub:
+        env.update(PYTHONPATH=str(ROOT), HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "home"), HF_TOKEN=SECRET,
+                   HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
+        cmd = [sys.executable, "-m", "llm_gradprune", "prune", "--model", str(model), "--dataset", str(text),
+               "--num-samples", "4", "--seq-len", "16", "--output-dir", str(out), "--no-progress",
+               "--push-to-hub", REPO, "--push-private"]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        commits = [r for r in hub.requests if r["method"] == "POST" and "/commit/" in r["path"]]
+    assert len(commits) == 1 and REPO in commits[0]["path"]
+    _, added = commit_payload(commits[0])
+    assert added == folder_files(out)
+    assert f'from_pretrained("{REPO}")' in (out / "README.md").read_text()
+    assert "pushed: " in proc.stdout and SECRET not in proc.stdout + proc.stderr
+
+
+def test_a_bad_push_target_is_refused_before_any_work(tmp_path, capsys):
+    model, text = make_model_folder(tmp_path / "model"), make_text_file(tmp_path / "t.txt")
+    argv = ["prune", "--model", str(model), "--dataset", str(text), "--output-dir", str(tmp_path / "o"),
+            "--push-to-hub", "not a repo", "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a repo" in err and not (tmp_path / "o").exists()

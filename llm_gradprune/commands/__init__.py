@@ -22,10 +22,11 @@ from . import eval as eval_command
 from . import inspect as inspect_command
 from . import prune as prune_command
 from . import push as push_command
+from . import recover as recover_command
 
 PROG = "llm-gradprune"
 COMMANDS: Registry = Registry("command")
-for _module in (prune_command, eval_command, push_command, inspect_command):
+for _module in (prune_command, eval_command, recover_command, push_command, inspect_command):
     COMMANDS.add(_module.__name__.rsplit(".", 1)[1], _module)
 
 
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AssetError) as err:  # a bad input, or a built-in asset missing
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `llm-gradprune ... | head`: the reader is gone, nothing to report
+        return 0
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, no partial output, 130
         if world()[0] == 0:
             what = "SIGTERM" if isinstance(err, Terminated) else "SIGINT (Ctrl-C)"

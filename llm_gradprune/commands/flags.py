@@ -16,13 +16,14 @@ from typing import Any
 
 import yaml
 
-from ..config import JobConfig, PruneConfig, param_aliases
+from ..config import NESTED, JobConfig, PruneConfig, param_aliases
+from ..recovery.config import RecoverConfig
 from ..registry import Param
 from ..scoring.allocation import ALLOCATIONS
 from ..scoring.criteria import CRITERIA
 
 GROUP_ORDER = ("model and data", "method", "method parameters", "calibration", "layer-wise", "evaluation",
-               "output", "distributed", "resume")  # fmt: skip
+               "recovery", "output", "distributed", "resume")  # fmt: skip
 
 
 def _kind(cls, f: dataclasses.Field) -> Any:
@@ -48,10 +49,12 @@ def _help(f: dataclasses.Field) -> str:
     return text
 
 
-def fields_of(names: list[str] | None = None) -> list[tuple[type, dataclasses.Field]]:
-    out = [(JobConfig, f) for f in dataclasses.fields(JobConfig) if f.name != "prune"]
-    out += [(PruneConfig, f) for f in dataclasses.fields(PruneConfig)]
-    return [(c, f) for c, f in out if names is None or f.name in names]
+def fields_of(names: list[str] | None = None) -> list[tuple[type, dataclasses.Field, str]]:
+    """(dataclass, field, flat key) of every setting; recovery settings under `recover_<name>`."""
+    out = [(JobConfig, f, f.name) for f in dataclasses.fields(JobConfig) if f.name not in NESTED]
+    out += [(PruneConfig, f, f.name) for f in dataclasses.fields(PruneConfig)]
+    out += [(RecoverConfig, f, f"recover_{f.name}") for f in dataclasses.fields(RecoverConfig)]
+    return [(c, f, k) for c, f, k in out if names is None or k in names]
 
 
 def add_field_flags(
@@ -70,14 +73,14 @@ def add_field_flags(
         return groups[title]
 
     chosen = fields_of(names)
-    by_group = {g: [(c, f) for c, f in chosen if f.metadata.get("group") == g] for g in GROUP_ORDER}
+    by_group = {g: [(c, f, k) for c, f, k in chosen if f.metadata.get("group") == g] for g in GROUP_ORDER}
     for title in GROUP_ORDER:
         if title == "method parameters" and params:
             _add_param_flags(group(title))
-        for cls, f in by_group[title]:
-            flag = (rename or {}).get(f.name) or "--" + f.name.replace("_", "-")
+        for cls, f, key in by_group[title]:
+            flag = (rename or {}).get(key) or "--" + key.replace("_", "-")
             kind = _kind(cls, f)
-            kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": _help(f)}
+            kw: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS, "help": _help(f)}
             target = group(title)
             if kind is bool:
                 target.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -105,5 +108,5 @@ def _add_param_flags(group) -> None:
 
 def given(args: argparse.Namespace, names: list[str] | None = None) -> dict[str, Any]:
     """The flags actually given, by flat key (fields and parameter aliases)."""
-    keys = [f.name for _, f in fields_of(names)] + list(param_aliases())
+    keys = [k for _, _, k in fields_of(names)] + list(param_aliases())
     return {k: getattr(args, k) for k in keys if hasattr(args, k)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 from ..config import JobConfig, read_yaml
 from .flags import add_field_flags, given
@@ -41,6 +43,21 @@ def run(args: argparse.Namespace) -> int:
         )
     for note in report.get("notes", []):
         print(f"note: {note}")
-    print(f"checkpoint: {report['output_dir']} (verified; loads with AutoModelForCausalLM.from_pretrained)")
+    out = report["output_dir"]
+    print(f"checkpoint: {out} (verified; loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"model card: {out}/README.md")
     print(f"wall time: {report['timings_s']['before_save'] + report['timings_s']['save_and_verify']:.1f} s")
+    push = report.get("push")
+    if push is None:
+        print(
+            f"push it with: llm-gradprune push {shlex.quote(out)} --repo-id <you>/<name> --dry-run (then without --dry-run)"
+        )
+        return 0
+    if "error" in push:
+        print(
+            f"llm-gradprune: error: the checkpoint is saved, but the push failed: {push['error']}",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"pushed: {push['url']} ({len(push['files'])} files, {push['total_bytes']:,} bytes)")
     return 0

@@ -40,16 +40,21 @@ def prune_(
     num_batches: int | None = None,
     calib_state=None,
     statistics: Statistics | None = None,
+    already_pruned: dict[str, torch.Tensor] | None = None,
+    nm_cap: tuple[int, int] | None = None,
 ) -> PruneResult:
     """Calibrate (if the criterion needs it), score, select, update and zero the target weights in place.
 
     `statistics`: whole-model statistics filled before (e.g. `io.stats_files.load_statistics`), so a
     sweep calibrates once; layer-wise mode still needs `batches` for its block-by-block pass. Returned
     masks hold this rank's rows when the model is row-sharded; report counts are global. `calib_state`
-    (io.calib_state.CalibState) saves and resumes the calibration pass.
+    (io.calib_state.CalibState) saves and resumes the calibration pass. `already_pruned` (True = pruned,
+    by weight name) are pruned again whatever their scores and `nm_cap` keeps an N:M pattern reachable:
+    what pruning in rounds (`recovery.rounds`) needs.
     """
     cfg = cfg or PruneConfig()
     plan = make_plan(model, cfg, targets, collective_for(model), resume=calib_state is not None)
+    plan.already_pruned, plan.nm_cap = already_pruned, nm_cap
     before = torch.get_num_threads()
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)

@@ -42,7 +42,8 @@ RUN_CONTROL = frozenset(
     {"output_dir", "overwrite", "progress", "save_state_every", "resume", "state_dir", "device",
      "max_shard_size", "select_chunk_elems", "eval", "eval_split", "eval_num_samples", "eval_seq_len",
      "eval_batch_size", "eval_stride", "allow_empty_tensors", "eval_tasks", "eval_tasks_include_path",
-     "eval_tasks_limit", "eval_tasks_fewshot", "threads"}
+     "eval_tasks_limit", "eval_tasks_fewshot", "threads", "push_to_hub", "push_private", "push_revision",
+     "recover"}
 )  # fmt: skip
 
 

@@ -117,10 +117,25 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
     plots = (report.get("plots") or {}).get("files", [])
     if "sparsity.png" in plots:
         lines += ["", "![sparsity per layer and projection](sparsity.png)"]
+    rec = report.get("recovery")
+    if rec:
+        kind = f"LoRA rank {rec['lora_r']} merged through the mask" if rec["lora_r"] else "the target weights"
+        loss = f"{rec['distill_alpha']:g} x KL(teacher || student) + {1 - rec['distill_alpha']:g} x next-token loss" \
+            if rec["distill_alpha"] else "next-token loss"  # fmt: skip
+        lines += ["", "## Recovery training", "",
+                  f"After pruning, {rec['steps']} AdamW steps ({rec['tokens']:,} tokens, lr {rec['lr']:g}, "
+                  f"{rec['schedule']}) trained {kind} on {loss}"
+                  + (f" from `{_readable(rec['teacher'])}`" if rec.get("teacher") else "")
+                  + f", text `{_readable(rec['data']['name'])}` split `{rec['data']['split']}`. Every pruned weight "
+                  "stayed exactly zero (gradients masked, masks re-applied after each step)."]  # fmt: skip
+        if "recovery_loss.png" in plots:
+            lines += ["", "![recovery loss](recovery_loss.png)"]
     ev = report.get("eval")
     if ev:
-        lines += ["", "## Held-out perplexity", "", "| model | perplexity |", "|---|---|",
-                  f"| dense | {ev['dense_ppl']:.2f} |", f"| pruned | {ev['pruned_ppl']:.2f} |"]  # fmt: skip
+        lines += ["", "## Held-out perplexity", "", "| model | perplexity |", "|---|---|"]
+        if ev.get("dense_ppl") is not None:
+            lines.append(f"| dense | {ev['dense_ppl']:.2f} |")
+        lines.append(f"| pruned | {ev['pruned_ppl']:.2f} |")
         if ev.get("recovered_ppl") is not None:
             lines.append(f"| pruned + recovery | {ev['recovered_ppl']:.2f} |")
         lines += ["", f"{ev['windows']} windows of {ev['seq_len']} tokens ({ev['tokens']:,} scored tokens) of "

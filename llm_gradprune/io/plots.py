@@ -55,11 +55,10 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
     ev = report.get("eval")
     if ev:
         fig, ax = plt.subplots(figsize=(4.2, 3.2))
-        labels, values = ["dense", "pruned"], [ev["dense_ppl"], ev["pruned_ppl"]]
-        if ev.get("recovered_ppl") is not None:
-            labels.append("recovered")
-            values.append(ev["recovered_ppl"])
-        bars = ax.bar(labels, values, color=["#777777", "#c0504d", "#4f81bd"][: len(values)])
+        named = [("dense", ev.get("dense_ppl"), "#777777"), ("pruned", ev.get("pruned_ppl"), "#c0504d"),
+                 ("recovered", ev.get("recovered_ppl"), "#4f81bd")]  # fmt: skip
+        named = [x for x in named if x[1] is not None]
+        bars = ax.bar([x[0] for x in named], [x[1] for x in named], color=[x[2] for x in named])
         ax.bar_label(bars, fmt="%.2f")
         ax.set_ylabel("held-out perplexity")
         ax.set_title(f"{ev['windows']} windows, {ev['tokens']:,} tokens")
@@ -67,4 +66,23 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
         fig.savefig(folder / "perplexity.png", dpi=110)
         plt.close(fig)
         files.append("perplexity.png")
+    log = (report.get("recovery") or {}).get("log") or []
+    if any("loss" in e for e in log):
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        steps = [e["step"] for e in log if "loss" in e]
+        ax.plot(steps, [e["loss"] for e in log if "loss" in e], label="training loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        evals = [(e["step"], e["ppl"]) for e in log if "ppl" in e]
+        if evals:
+            twin = ax.twinx()
+            twin.plot(
+                [s for s, _ in evals], [p for _, p in evals], "o--", color="#c0504d", label="held-out ppl"
+            )
+            twin.set_ylabel("held-out perplexity")
+        ax.set_title("masked recovery training")
+        fig.tight_layout()
+        fig.savefig(folder / "recovery_loss.png", dpi=110)
+        plt.close(fig)
+        files.append("recovery_loss.png")
     return {"files": files}
