@@ -1,0 +1,77 @@
+"""Saving a shrunk model as a plain folder that stock `AutoModelForCausalLM.from_pretrained` loads.
+
+`shrink_` leaves `model.config` consistent with the weights, so `save_pretrained` writes the right
+config; this adds what the project's outputs promise: the folder is written beside its target and
+installed atomically (`io.atomic`), and before that its config is re-read by the config class and every
+tensor's shape in the safetensors files is checked against the model, so a folder that would fail
+`from_pretrained` with size mismatches is never installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from ..io.atomic import (
+    fsync_tree,
+    honour_umask,
+    install,
+    make_partial_dir,
+    remove_stale_leftovers,
+    write_json,
+)
+from ..io.checkpoint import safetensors_files
+
+SHAPE_KEYS = ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "mlp_bias", "attention_bias")  # fmt: skip
+
+
+class SaveCheckError(RuntimeError):
+    """The written folder does not hold the shrunk model."""
+
+
+def check_folder(folder: str | Path, model) -> dict[str, Any]:
+    """Re-read config and tensor shapes of a saved folder; raises SaveCheckError on any difference."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)  # the config class's own validation runs here
+    want = {k: getattr(model.config, k, None) for k in SHAPE_KEYS}
+    got = {k: getattr(config, k, None) for k in SHAPE_KEYS}
+    if got != want:
+        raise SaveCheckError(f"saved config {got} differs from the model's {want}")
+    shapes = {}
+    for f in safetensors_files(folder):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                shapes[key] = tuple(fh.get_slice(key).get_shape())
+    for name, t in model.state_dict().items():
+        if name in shapes and shapes[name] != tuple(t.shape):
+            raise SaveCheckError(f"saved {name} has shape {shapes[name]}, the model's is {tuple(t.shape)}")
+    return {"tensors": len(shapes), "bytes": sum(f.stat().st_size for f in safetensors_files(folder))}
+
+
+def save_structured(model, tokenizer, out_dir: str | Path, report: dict | None = None,
+                    max_shard_size: int | str = "5GB") -> dict[str, Any]:  # fmt: skip
+    """Write model (+ tokenizer, + `structure_report.json`) to `out_dir` atomically; returns what was
+    checked (tensors, safetensors bytes). An existing folder is replaced only by a checked one."""
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(out)
+    tmp = make_partial_dir(out)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        checked = check_folder(tmp, model)
+        if report is not None:
+            write_json(tmp / "structure_report.json", {**report, "file_bytes": checked["bytes"]})
+        honour_umask(tmp)
+        fsync_tree(tmp)
+        install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return checked
