@@ -1,8 +1,7 @@
-"""Shared fixtures: a tiny random Llama built in code (no download) and its tokenizer-free blocks."""
+"""Shared builders: a tiny random Llama made in code (no download) and tokenizer-free blocks of token ids."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -29,12 +28,3 @@ def make_blocks(n: int = 8, seq_len: int = 16, vocab: int = 128, seed: int = 0) 
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq_len), generator=g)
 
-
-@pytest.fixture
-def tiny_llama():
-    return make_tiny_llama()
-
-
-@pytest.fixture
-def blocks():
-    return make_blocks()

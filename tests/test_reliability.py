@@ -100,10 +100,26 @@ def test_hub_token_never_reaches_report_config_card_or_logs(assets, tmp_path, mo
         assert secret.encode() not in p.read_bytes(), p.name
 
 
-def test_safe_defaults():
-    cfg = JobConfig()
-    assert cfg.trust_remote_code is False  # remote code only when the user passes --trust-remote-code
-    # use_safetensors: tests/test_bad_input.py::...[model-only-pickled-bin] shows a .bin-only model refused
+@pytest.mark.parametrize("flag,expected", [([], False), (["--trust-remote-code"], True)])
+def test_remote_code_and_pickles_only_when_asked(assets, tmp_path, monkeypatch, flag, expected):
+    """Model code from the Hub runs only with --trust-remote-code, and weights load from safetensors only
+    (a .bin-only folder is refused: tests/test_bad_input.py row model-only-pickled-bin): what the loader
+    is really called with, not just the config's default."""
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _real=real, **kw):
+            seen.append((klass.__name__, kw.get("trust_remote_code"), kw.get("use_safetensors")))
+            return _real(klass, *a, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    assert cli.main(_args(assets, tmp_path / "out", *flag)) == 0
+    assert {name for name, _, _ in seen} >= {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
+    assert all(trc is expected for _, trc, _ in seen)
+    assert [s for n, _, s in seen if n == "AutoModelForCausalLM"] == [True]
 
 
 def test_same_seed_gives_byte_identical_checkpoints(assets, tmp_path):
