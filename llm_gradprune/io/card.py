@@ -88,7 +88,9 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
     )
     params = ", ".join(f"{k}={v}" for k, v in report["criterion_params"].items())
     cal = report["calibration"]
-    data = _readable(report["dataset"]["name"])
+    # a library call's report lacks the job's keys: they come from the job config then
+    dataset = report.get("dataset") or {"name": cfg.dataset, "split": cfg.split}
+    data = _readable(dataset["name"])
     lines = [
         "---",
         yaml.safe_dump(front_matter(cfg, report), sort_keys=False).strip(),
@@ -108,7 +110,7 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
         f"allocation `{report['allocation_method']}`",
         f"- weight update `{report['mode']['reconstruct']}` ({report['mode']['executor'].replace('_', '-')} executor)",
         f"- calibration: {cal['batches']} micro-batches of {cal.get('batch_size', '?')} x {cal.get('seq_len', '?')} "
-        f"tokens ({cal['tokens']:,} tokens) of `{data}` (split `{report['dataset']['split']}`), seed {report['seed']}",
+        f"tokens ({cal['tokens']:,} tokens) of `{data}` (split `{dataset['split']}`), seed {report.get('seed', cfg.seed)}",
         "",
         "## Sparsity per layer and projection",
         "",
