@@ -305,6 +305,8 @@ def test_a_model_outside_the_family_is_refused_in_one_line():
         ({"refit_damp": 0}, "refit_damp 0 must be in"),
         ({"channel_multiple": 0}, "channel_multiple 0 must be"),
         ({"importance": "grad"}, "importance 'grad' is unknown"),
+        ({"structure": "layers", "importance_form": "element"}, "importance_form 'element' ranks no layers"),
+        ({"structure": "mixed", "keep_layers": 0.5, "importance_form": "element"}, "ranks no layers"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(kw, match):

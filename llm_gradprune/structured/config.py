@@ -41,7 +41,8 @@ class StructureConfig:
     structure: str = _f(
         "channels",
         "what is removed: channels (MLP intermediate channels), heads (attention heads, GQA-aware), layers "
-        "(whole decoder layers) or mixed (all three, split by one ranking of estimated loss increase)",
+        "(whole decoder layers) or mixed (all three, split by one ranking of estimated loss increase; "
+        "channels and heads only with importance_form element)",
         "structure",
         choices=lambda: STRUCTURES,
     )
@@ -151,6 +152,15 @@ class StructureConfig:
                 f"importance {self.importance!r} does not give: use taylor, fisher or token_fisher, or keep_* ratios"
             )
         for kind in KINDS[self.structure] if not keeps else keeps:
+            if (
+                kind == "layers"
+                and self.importance_form == "element"
+                and (keeps or self.structure == "layers")
+            ):
+                raise ConfigError(
+                    "importance_form 'element' ranks no layers: removing a layer is not the sum of its weights' "
+                    "per-weight terms (on SmolLM2 at 25% it chose layers worth ppl > 1e5): use the vector form"
+                )
             if not imp.supports(kind):
                 raise ConfigError(
                     f"importance {self.importance!r} has no {kind} form: use one of "
@@ -177,7 +187,11 @@ class StructureConfig:
     def kinds(self) -> tuple[str, ...]:
         """The kinds of unit this run may remove."""
         keeps = self.explicit_keeps
-        return tuple(keeps) if keeps else KINDS[self.structure]
+        if keeps:
+            return tuple(keeps)
+        if self.structure == "mixed" and self.importance_form == "element":
+            return ("channels", "heads")  # element forms rank no layers (see __post_init__)
+        return KINDS[self.structure]
 
     @property
     def explicit_keeps(self) -> dict[str, float]:
