@@ -314,7 +314,13 @@ class TokenGradStats:
     the per-token terms instead gives the diagonal of the per-token empirical Fisher (Gauss-Newton)
     matrix, the curvature Optimal Brain Damage asks for. It costs one extra [out, T] x [T, in] matmul
     per layer and batch (as much as the weight gradient itself) and one fp32 tensor per weight.
-    Filled by a forward hook that hooks the layer's output gradient, so it needs a backward pass.
+    Filled by a forward hook that hooks the layer's output gradient, so it needs a backward pass; when
+    no weight before a layer needs a gradient, its output is made to require one, so the backward
+    reaches every hooked layer without any weight gradient being computed.
+
+    The squares go into two reused fp32 buffers (a fresh tensor per hook costs more in page faults
+    than the arithmetic), and x^2 is computed once for layers that read the very same input tensor
+    (q/k/v, gate/up): the sums are exactly those of `addmm_(d.square().T, x.square())` per layer.
     """
 
     def __init__(self, modules: dict[str, nn.Module], device=None):
@@ -326,6 +332,10 @@ class TokenGradStats:
         self.tokens = {n: 0 for n in self.sums}
         self._handles: list = []
         self.paused = False
+        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+        # (input tensor, its x^2 view): held only until the next forward hook, so the object cannot be
+        # freed and its address reused by another input while the entry is looked up
+        self._x_sq: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attach(self) -> TokenGradStats:
         for name, module in self.modules.items():
@@ -336,21 +346,42 @@ class TokenGradStats:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._buffers.clear()
+        self._x_sq = None
+
+    def _square(self, t: torch.Tensor, slot: str, device: torch.device) -> torch.Tensor:
+        """t^2 in fp32 on `device`, into the reused buffer `slot` (the cast comes before the square)."""
+        t = t.reshape(-1, t.shape[-1])
+        buf = self._buffers.get((slot, device))
+        if buf is None or buf.numel() < t.numel():
+            buf = self._buffers[(slot, device)] = torch.empty(t.numel(), dtype=torch.float32, device=device)
+        out = buf[: t.numel()].view(t.shape)
+        if t.dtype == torch.float32 and t.device == device:
+            return torch.mul(t, t, out=out)
+        return out.copy_(t).square_()
+
+    def _fold(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        acc = self.sums[name]
+        cached = self._x_sq
+        if cached is not None and cached[0] is x and cached[1].device == acc.device:
+            xx = cached[1]
+        else:
+            xx = self._square(x, "x", acc.device)
+            self._x_sq = (x, xx)
+        acc.addmm_(self._square(grad, "d", acc.device).T, xx)
+        self.tokens[name] += xx.shape[0]
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output) -> None:
-            if self.paused or not output.requires_grad:
+            self._x_sq = None  # a new forward: the previous backward's inputs are done with
+            if self.paused:
                 return
+            if not output.requires_grad:
+                if not torch.is_grad_enabled() or output.grad_fn is not None:
+                    return  # a no-grad pass (e.g. a checkpointed layer's first forward): counted on recompute
+                output.requires_grad_(True)  # no weight before it needs a gradient: start the backward here
             x = inputs[0].detach()
-
-            def on_grad(grad: torch.Tensor) -> None:
-                acc = self.sums[name]
-                d = grad.reshape(-1, grad.shape[-1]).to(device=acc.device, dtype=torch.float32)
-                xx = x.reshape(-1, x.shape[-1]).to(device=acc.device, dtype=torch.float32)
-                acc.addmm_(d.square().T, xx.square())
-                self.tokens[name] += xx.shape[0]
-
-            output.register_hook(on_grad)
+            output.register_hook(lambda grad: self._fold(name, x, grad))
 
         return hook
 
