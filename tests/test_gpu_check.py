@@ -1,0 +1,31 @@
+"""The GPU check's CPU dry mode runs every code path on a tiny random model and writes its one JSON."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_the_json(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "dry-run" and result["errors"] == []
+    calib = result["calibration_bf16_stats_cpu"]
+    assert calib["plain"]["tokens_per_s"] > 0 and calib["ours"]["tokens_per_s"] > 0
+    assert calib["memory_ratio"].startswith("skipped")  # peak device memory needs a GPU
+    prune = result["prune_bf16"]
+    for run in ("sparsegpt-50", "sparsegpt-2:4", "recipe_50", "recipe_2of4"):
+        assert prune[f"ours/{run}"]["seconds"] > 0
+    assert prune.get("theirs", "").startswith("skipped") or "theirs/sparsegpt-2:4" in prune
+    semi = result["semi_structured_2of4"]
+    assert semi["all_2of4"] is True and semi["targets"] == 14  # 2 layers x 7 projections, read back
+    assert semi["matmul"].startswith("skipped")
