@@ -74,7 +74,7 @@ class StructureConfig:
         choices=lambda: HEAD_UNITS,
     )
     importance: str = _f(
-        "fisher", "importance of a unit (see structured.importance.IMPORTANCES)", "structure",
+        "token_fisher", "importance of a unit (see structured.importance.IMPORTANCES)", "structure",
         choices=IMPORTANCES.names,
     )  # fmt: skip
     importance_form: str | None = _f(

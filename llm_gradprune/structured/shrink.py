@@ -31,6 +31,7 @@ from .choose import Choice, choose
 from .compensate import refit_columns
 from .config import StructureConfig
 from .importance import IMPORTANCES, ROLES, LayerScores
+from .report import build_report
 from .units import LayerUnits, ModelUnits, Shape, config_accepts, find_units, head_options, new_config_values
 from .unitstats import UnitStats, consumers, gather_unit_statistics
 
@@ -295,54 +296,3 @@ def shrink_(
     after = _param_counts(model, units.prefix)
     return build_report(cfg, old_shape, shape, before, after, choice, refits, passes,
                         {"statistics": t1 - t0, "choose": t2 - t1, "shrink": t3 - t2, "total": t3 - t0})  # fmt: skip
-
-
-def build_report(cfg, old: Shape, new: Shape, before, after, choice: Choice, refits, passes, timings) -> dict:
-    import transformers
-
-    def mean_of(key: str) -> dict:
-        vals = [r[p][key] for r in refits.values() for p in r]
-        return {"mean": sum(vals) / len(vals), "max": max(vals)} if vals else {}
-
-    return {
-        "structure": cfg.structure,
-        "config": cfg.to_dict(),
-        "importance": {
-            "name": cfg.importance,
-            "form": cfg.importance_form,
-            "loss_scale": IMPORTANCES.get(cfg.importance).loss_scale,
-        },  # fmt: skip
-        "shape_before": old.to_dict(),
-        "shape_after": new.to_dict(),
-        "params_before": before,
-        "params_after": after,
-        "decoder_kept": after["decoder"] / before["decoder"],
-        "removed": {
-            "layers": choice.removed_layers,
-            "channels_per_layer": old.intermediate - new.intermediate,
-            "query_heads_per_layer": old.heads - new.heads,
-            "kv_heads_per_layer": old.kv_heads - new.kv_heads,
-            "channels": {i: _removed(k, old.intermediate) for i, k in choice.channels.items()},
-            "kv_heads_kept": {i: k.tolist() for i, k in choice.groups.items()},
-            "query_heads_kept": {i: k.tolist() for i, k in choice.queries.items()},
-        },
-        "estimated_cost": choice.cost,
-        "candidates": choice.candidates,
-        "compensation": {
-            "compensate": cfg.compensate,
-            "refit_inputs": cfg.refit_inputs,
-            "mean_bias": cfg.mean_bias,
-            "removed_error": mean_of("removed_error"),
-            "error": mean_of("error"),
-            "layers": refits,
-        },  # fmt: skip
-        "calibration": passes,
-        "timings": timings,
-        "transformers": transformers.__version__,
-    }
-
-
-def _removed(kept: torch.Tensor, n: int) -> list[int]:
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[kept.cpu()] = False
-    return torch.nonzero(mask).squeeze(1).tolist()
