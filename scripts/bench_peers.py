@@ -256,10 +256,10 @@ def main() -> None:
             row["eval"] = evaluate(str(out), env)
             row["perplexity"] = perplexity(row["eval"])
             row["target_sparsity"] = target_sparsity(out)
-            report = out / "report.json"
+            report = out / "pruning_report.json"
             if side == "ours" and report.is_file():
                 rep = json.loads(report.read_text())
-                row["report_timings"] = rep.get("timings")
+                row["report_timings"] = rep.get("timings_s")
                 row["same_blocks"] = tokens in json.dumps(rep)
             print(f"{side:6s} {name:14s} {row['seconds']:7.1f} s  peak RSS {row['peak_rss_mb']:6.0f} MB  "
                   f"perplexity {row['perplexity']}  sparsity {row['target_sparsity']:.4f}", flush=True)  # fmt: skip
