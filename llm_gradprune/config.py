@@ -33,8 +33,12 @@ from .recovery.config import RecoverConfig
 from .scoring.allocation import ALLOCATIONS
 from .scoring.criteria import CRITERIA
 from .selection.masks import SCOPES
+from .structured.config import STRUCTURES, StructureConfig
+from .structured.importance import IMPORTANCES
 
-NESTED = ("prune", "recover")  # JobConfig fields that hold a config of their own
+NESTED = ("prune", "recover", "structured")  # JobConfig fields that hold a config of their own
+# PruneConfig settings a structured run uses too; every other one is refused alongside `structure`
+STRUCTURED_PRUNE_KEYS = ("threads", "progress")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUND_SCHEDULES = ("cubic", "linear")
 STATS_DEVICES = ("same", "cpu")
@@ -410,6 +414,7 @@ class JobConfig:
     )
     prune: PruneConfig = field(default_factory=PruneConfig, metadata={"group": None})
     recover: RecoverConfig = field(default_factory=RecoverConfig, metadata={"group": None})
+    structured: StructureConfig | None = field(default=None, metadata={"group": None})
 
     def __post_init__(self) -> None:
         if isinstance(self.prune, dict):
@@ -418,6 +423,10 @@ class JobConfig:
             self.recover = RecoverConfig(**self.recover)
         elif self.recover is None:
             self.recover = RecoverConfig()
+        if isinstance(self.structured, dict):
+            self.structured = StructureConfig(**self.structured)
+        if self.structured is not None:
+            self._check_structured()
         if self.eval_tasks_fewshot is not None:
             _check_int("eval_tasks_fewshot", self.eval_tasks_fewshot, 0)
         for name in ("num_samples", "seq_len", "batch_size", "seed", "eval_num_samples", "eval_batch_size",
@@ -451,8 +460,40 @@ class JobConfig:
                 f"eval_stride {self.eval_stride} is larger than eval_seq_len {self.eval_seq_len or self.seq_len}"
             )
 
+    def _check_structured(self) -> None:
+        """A structured run removes units instead of zeroing weights: unstructured settings are refused."""
+        s, default = self.structured, PruneConfig(threads=self.prune.threads, progress=self.prune.progress)
+        for name, value in self.prune.to_dict().items():
+            if name not in STRUCTURED_PRUNE_KEYS and value != getattr(default, name):
+                raise ConfigError(
+                    f"{name} {value!r} applies to unstructured pruning, but structure {s.structure!r} removes whole "
+                    "units (importance, target_params and keep_* choose them): drop one or the other"
+                )
+        if self.fsdp:
+            raise ConfigError("structure with fsdp is not supported: structured pruning runs in one process")
+        if self.save_state_every or self.resume:
+            raise ConfigError(
+                "save_state_every / resume apply to the unstructured calibration only, not to structure"
+            )
+        if self.num_samples == 0 and self.structure_needs_data:
+            raise ConfigError(
+                f"structure with importance {s.importance!r} (compensate {s.compensate!r}) needs calibration "
+                "data but num_samples is 0"
+            )
+
+    @property
+    def structure_needs_data(self) -> bool:
+        s = self.structured
+        imp = IMPORTANCES.get(s.importance)
+        return bool(
+            imp.weight_needs(s.importance_form) or imp.unit_needs(s.importance_form)
+            or s.mean_bias or (s.compensate != "none" and set(s.kinds) & {"channels", "heads"})
+        )  # fmt: skip
+
     @property
     def needs_data(self) -> bool:
+        if self.structured is not None:
+            return self.structure_needs_data
         p = self.prune
         return bool(
             CRITERIA.get(p.criterion).needs_calibration or p.layer_wise or ALLOCATIONS.get(p.allocation).needs
@@ -462,7 +503,11 @@ class JobConfig:
     def to_flat(self) -> dict[str, Any]:
         """Every setting under its flat key: what prune_config.yaml holds and `from_flat` reads back."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NESTED}
-        return {**out, **self.prune.to_dict(), "recover": self.recover.to_dict()}
+        prune = self.prune.to_dict()
+        if self.structured is not None:  # the unstructured method does not apply: its keys would mislead
+            prune = {k: v for k, v in prune.items() if k in STRUCTURED_PRUNE_KEYS}
+            prune = {**self.structured.to_dict(), **prune}
+        return {**out, **prune, "recover": self.recover.to_dict()}
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_flat(), sort_keys=False))
@@ -472,12 +517,15 @@ class JobConfig:
         job_keys = [f.name for f in dataclasses.fields(cls) if f.name not in NESTED]
         prune_keys = [f.name for f in dataclasses.fields(PruneConfig)]
         recover_keys = {f"recover_{f.name}": f.name for f in dataclasses.fields(RecoverConfig)}
+        structure_keys = [f.name for f in dataclasses.fields(StructureConfig)]
         aliases = param_aliases()
-        known = job_keys + prune_keys + list(aliases) + list(recover_keys) + ["recover"]
-        job, prune, recover = {}, {}, {}
+        known = job_keys + prune_keys + structure_keys + list(aliases) + list(recover_keys) + ["recover"]
+        job, prune, recover, structure = {}, {}, {}, {}
         for key, value in values.items():
             if key in job_keys:
                 job[key] = value
+            elif key in structure_keys:
+                structure[key] = value
             elif key in prune_keys:
                 prune[key] = value
             elif key == "recover":
@@ -509,7 +557,13 @@ class JobConfig:
                 raise ConfigError(f"{key} applies to {kind} {owner!r}, but the {kind} is {chosen!r}")
             bucket = f"{kind}_params"
             prune[bucket] = {**prune.get(bucket, {}), param: values[key]}
-        return cls(**job, prune=PruneConfig(**prune), recover=RecoverConfig(**recover))
+        if structure and structure.get("structure") is None:
+            key = next(iter(structure))
+            raise ConfigError(
+                f"{key} applies to structured pruning only: give structure ({', '.join(STRUCTURES)}) with it"
+            )
+        return cls(**job, prune=PruneConfig(**prune), recover=RecoverConfig(**recover),
+                   structured=StructureConfig(**structure) if structure else None)  # fmt: skip
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> JobConfig:

@@ -161,10 +161,157 @@ def plan_job(cfg: JobConfig, accelerator) -> tuple[bool, Any]:
     return sharded, out
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's distinct parameters and buffers that a checkpoint stores (tied ones once)."""
+    seen = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _push(cfg: JobConfig, out, report: dict[str, Any]) -> None:
+    """The checkpoint is in place: a failed push is reported (and retried with `push`), not a re-prune."""
+    set_stage("pushing to the Hub")
+    try:
+        report["push"] = push_folder(
+            out, cfg.push_to_hub, private=cfg.push_private, revision=cfg.push_revision
+        )
+    except ConfigError as err:
+        report["push"] = {"error": str(err)}
+
+
+def _describe_job(cfg: JobConfig, report: dict[str, Any]) -> None:
+    """The job's keys of every report: model, data, seed, versions and readable names."""
+    report["model"] = cfg.model
+    report["dataset"] = {"name": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column}
+    report["seed"] = cfg.seed
+    report["versions"] = versions()
+    report["base_model"] = describe_model(cfg.model)
+    report["calibration_dataset"] = describe_dataset(cfg.dataset)
+
+
+def _eval_section(cfg: JobConfig, dense: dict, pruned: dict, held_out) -> dict[str, Any]:
+    return {
+        "dense_ppl": dense["ppl"],
+        "pruned_ppl": pruned["ppl"],
+        "dense_nll": dense["nll"],
+        "pruned_nll": pruned["nll"],
+        "tokens": pruned["tokens"],
+        "windows": pruned["windows"],
+        "split": cfg.eval_split,
+        "seq_len": held_out.shape[1],
+        "stride": cfg.eval_stride,
+        "token_sha256": token_hash(held_out),
+        "recovered_ppl": None,
+    }
+
+
+def run_structure(cfg: JobConfig) -> dict[str, Any]:
+    """Structured pruning as a job: remove whole units of `cfg.model`, then (as asked) evaluate, recover,
+    save a smaller dense checkpoint with its report and card, and push. One process."""
+    from .structured import find_units, shrink_
+
+    start = time.perf_counter()
+    set_stage("planning the run")
+    if not cfg.prune.progress:
+        quiet_hf_progress_bars()
+    accelerator = make_accelerator(cpu=cfg.device == "cpu")
+    if accelerator.num_processes > 1:
+        raise ConfigError(
+            f"structure runs in one process, but this launch has {accelerator.num_processes}: launch without "
+            "--num_processes (or with 1)"
+        )
+    check_device(cfg.device)
+    check_tasks(cfg.eval_tasks, cfg.eval_tasks_include_path)
+    if cfg.push_to_hub:
+        check_repo_id(cfg.push_to_hub)
+        check_revision(cfg.push_revision)
+    resolved = resolve_model(cfg.model)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite, resolved if _looks_local(resolved) else None)
+    if cfg.prune.threads is not None:
+        torch.set_num_threads(cfg.prune.threads)
+
+    t = time.perf_counter()
+    set_stage("loading the model")
+    model, tokenizer, _ = load_model(cfg)
+    find_units(model)  # a model outside the Llama family is refused here, before any text is read
+    timings = {"load_model": time.perf_counter() - t, "eval_dense": 0.0, "eval_pruned": 0.0, "recovery": 0.0}
+    context = getattr(model.config, "max_position_embeddings", None)
+    if cfg.needs_data and context is not None and cfg.seq_len > context:
+        raise ConfigError(f"seq_len {cfg.seq_len} is larger than the model's context of {context} tokens")
+    t = time.perf_counter()
+    set_stage("reading the text")
+    blocks = load_blocks(cfg, tokenizer) if cfg.needs_data else None
+    held_out = eval_blocks(cfg, tokenizer, model) if cfg.eval else None
+    train = training_batches(cfg, tokenizer)
+    timings["load_data"] = time.perf_counter() - t
+    device = torch.device(cfg.device) if cfg.device else accelerator.device
+    model.to(device)
+    dense_tasks = _tasks(cfg, model, tokenizer, "dense", timings)
+    if held_out is not None:
+        t = time.perf_counter()
+        set_stage("evaluating the dense model")
+        dense_eval = _perplexity(cfg, model, held_out, device=device)
+        timings["eval_dense"] = time.perf_counter() - t
+    bytes_before = weight_bytes(model)
+    set_stage("removing units")
+    batches = micro_batches(blocks, cfg.batch_size) if blocks is not None else None
+    report = shrink_(model, batches, cfg.structured, progress=cfg.prune.progress)
+    timings.update({f"structure_{k}": v for k, v in report.pop("timings").items()})
+    _describe_job(cfg, report)
+    report["calibration"] = {
+        "passes": report.pop("calibration"),
+        "blocks": 0 if blocks is None else blocks.shape[0],
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size,
+        "tokens": 0 if blocks is None else blocks.numel(),
+        "token_sha256": None if blocks is None else token_hash(blocks),
+    }
+    report["file_bytes_before"] = bytes_before
+    report["eval_tasks"] = None
+    if dense_tasks is not None:
+        pruned_tasks = _tasks(cfg, model, tokenizer, "pruned", timings)
+        report["eval_tasks"] = {**{k: v for k, v in pruned_tasks.items() if k != "tasks"},
+                                "dense": dense_tasks["tasks"], "pruned": pruned_tasks["tasks"]}  # fmt: skip
+    report["eval"] = None
+    if held_out is not None:
+        t = time.perf_counter()
+        set_stage("evaluating the smaller model")
+        report["eval"] = _eval_section(
+            cfg, dense_eval, _perplexity(cfg, model, held_out, device=device), held_out
+        )
+        timings["eval_pruned"] = time.perf_counter() - t
+    report["recovery"] = None
+    if cfg.recover.steps:
+        t = time.perf_counter()
+        model = run_recovery(
+            cfg, model, tokenizer, train, base=cfg.model, report=report, eval_blocks=held_out
+        )
+        timings["recovery"] = time.perf_counter() - t
+        if report["eval"] is not None:
+            set_stage("evaluating the recovered model")
+            report["eval"]["recovered_ppl"] = _perplexity(cfg, model, held_out, device=device)["ppl"]
+        if report["eval_tasks"] is not None:
+            report["eval_tasks"]["recovered"] = _tasks(cfg, model, tokenizer, "recovered", timings)["tasks"]
+    report["tensor_shapes"] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    report["timings_s"] = timings
+    t = time.perf_counter()
+    set_stage("saving the checkpoint")
+    timings["before_save"] = time.perf_counter() - start
+    save_pruned(model, tokenizer, cfg, report, out, model_id=cfg.push_to_hub)
+    timings["save_and_verify"] = time.perf_counter() - t
+    report["output_dir"] = str(out)
+    if cfg.push_to_hub:
+        _push(cfg, out, report)
+    if report["recovery"] and report["recovery"].get("state_folder"):
+        shutil.rmtree(report["recovery"]["state_folder"], ignore_errors=True)
+    return report
+
+
 def run_prune(cfg: JobConfig) -> dict[str, Any]:
     """Prune `cfg.model` on `cfg.dataset` and write the checkpoint to `cfg.output_dir`; returns the report."""
     from accelerate.utils import DistributedType
 
+    if cfg.structured is not None:
+        return run_structure(cfg)
     start = time.perf_counter()
     set_stage("planning the run")
     if not cfg.prune.progress:
@@ -224,15 +371,10 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
                         calib_state=calib_state)  # fmt: skip
     report = result.report
     timings.update(report.pop("timings_s"))
-    report["model"] = cfg.model
-    report["dataset"] = {"name": cfg.dataset, "split": cfg.split, "text_column": cfg.text_column}
-    report["seed"] = cfg.seed
+    _describe_job(cfg, report)
     report["calibration"].update(
         {"token_sha256": calib_hash, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
     )
-    report["versions"] = versions()
-    report["base_model"] = describe_model(cfg.model)
-    report["calibration_dataset"] = describe_dataset(cfg.dataset)
     report["eval_tasks"] = None
     if dense_tasks is not None:
         pruned_tasks = _tasks(cfg, model, tokenizer, "pruned", timings)
@@ -244,19 +386,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         set_stage("evaluating the pruned model")
         pruned_eval = _perplexity(cfg, model, held_out, device=device, progress=accelerator.is_main_process)
         timings["eval_pruned"] = time.perf_counter() - t
-        report["eval"] = {
-            "dense_ppl": dense_eval["ppl"],
-            "pruned_ppl": pruned_eval["ppl"],
-            "dense_nll": dense_eval["nll"],
-            "pruned_nll": pruned_eval["nll"],
-            "tokens": pruned_eval["tokens"],
-            "windows": pruned_eval["windows"],
-            "split": cfg.eval_split,
-            "seq_len": held_out.shape[1],
-            "stride": cfg.eval_stride,
-            "token_sha256": token_hash(held_out),
-            "recovered_ppl": None,
-        }
+        report["eval"] = _eval_section(cfg, dense_eval, pruned_eval, held_out)
     report["recovery"] = None
     if cfg.recover.steps:
         t = time.perf_counter()
@@ -280,15 +410,8 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
         save_pruned(model, tokenizer, cfg, report, out, state_dict=state_dict, model_id=cfg.push_to_hub)
         timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
         report["output_dir"] = str(out)
-        if (
-            cfg.push_to_hub
-        ):  # the checkpoint is in place: a failed push is retried with `push`, not a re-prune
-            set_stage("pushing to the Hub")
-            try:
-                report["push"] = push_folder(out, cfg.push_to_hub, private=cfg.push_private,
-                                             revision=cfg.push_revision)  # fmt: skip
-            except ConfigError as err:
-                report["push"] = {"error": str(err)}
+        if cfg.push_to_hub:
+            _push(cfg, out, report)
         if calib_state is not None:
             calib_state.clear()  # the checkpoint is in place: the calibration state is no longer needed
         if report["recovery"] and report["recovery"].get("state_folder"):

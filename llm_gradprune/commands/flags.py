@@ -21,9 +21,10 @@ from ..recovery.config import RecoverConfig
 from ..registry import Param
 from ..scoring.allocation import ALLOCATIONS
 from ..scoring.criteria import CRITERIA
+from ..structured.config import StructureConfig
 
-GROUP_ORDER = ("model and data", "method", "method parameters", "calibration", "layer-wise", "evaluation",
-               "recovery", "output", "distributed", "resume")  # fmt: skip
+GROUP_ORDER = ("model and data", "method", "method parameters", "calibration", "layer-wise", "structure",
+               "evaluation", "recovery", "output", "distributed", "resume")  # fmt: skip
 
 
 def _kind(cls, f: dataclasses.Field) -> Any:
@@ -53,6 +54,7 @@ def fields_of(names: list[str] | None = None) -> list[tuple[type, dataclasses.Fi
     """(dataclass, field, flat key) of every setting; recovery settings under `recover_<name>`."""
     out = [(JobConfig, f, f.name) for f in dataclasses.fields(JobConfig) if f.name not in NESTED]
     out += [(PruneConfig, f, f.name) for f in dataclasses.fields(PruneConfig)]
+    out += [(StructureConfig, f, f.name) for f in dataclasses.fields(StructureConfig)]
     out += [(RecoverConfig, f, f"recover_{f.name}") for f in dataclasses.fields(RecoverConfig)]
     return [(c, f, k) for c, f, k in out if names is None or k in names]
 

@@ -30,15 +30,27 @@ def run(args: argparse.Namespace) -> int:
     report = run_prune(config_from_args(args))
     if "output_dir" not in report:
         return 0  # not the main process
-    print(
-        f"pruned {report['targets']} tensors: {report['overall_sparsity']:.4%} of "
-        f"{report['target_weights']:,} target weights are zero "
-        f"(criterion {report['criterion']}, scope {report['scope']}, pattern {report['pattern']})"
-    )
+    if report.get("structure"):
+        before, after, shape = report["params_before"], report["params_after"], report["shape_after"]
+        print(
+            f"removed {report['structure']} by {report['importance']['name']}: {after['decoder']:,} of "
+            f"{before['decoder']:,} decoder parameters kept ({report['decoder_kept']:.2%}), {after['total']:,} in all; "
+            f"shape {shape['num_hidden_layers']} layers, intermediate {shape['intermediate_size']}, "
+            f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads; "
+            f"{report['file_bytes_before']:,} -> {report['file_bytes']:,} bytes"
+        )
+    else:
+        print(
+            f"pruned {report['targets']} tensors: {report['overall_sparsity']:.4%} of "
+            f"{report['target_weights']:,} target weights are zero "
+            f"(criterion {report['criterion']}, scope {report['scope']}, pattern {report['pattern']})"
+        )
     if report.get("eval"):
         ev = report["eval"]
         print(
-            f"held-out perplexity: dense {ev['dense_ppl']:.3f}, pruned {ev['pruned_ppl']:.3f} "
+            f"held-out perplexity: dense {ev['dense_ppl']:.3f}, pruned {ev['pruned_ppl']:.3f}"
+            + (f", recovered {ev['recovered_ppl']:.3f}" if ev.get("recovered_ppl") is not None else "")
+            + " "
             f"({ev['windows']} windows, {ev['tokens']:,} tokens of {ev['split']})"
         )
     for note in report.get("notes", []):

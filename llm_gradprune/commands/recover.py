@@ -33,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
     if "output_dir" not in report:
         return 0
     rec = report["recovery"]
-    print(f"recovered {report['targets']} tensors in {rec['steps']} steps ({rec['tokens']:,} tokens, "
+    what = (
+        f"{report['targets']} tensors" if "targets" in report else f"the {report['structure']}-pruned model"
+    )
+    print(f"recovered {what} in {rec['steps']} steps ({rec['tokens']:,} tokens, "
           f"{rec['seconds']:.0f} s): final loss {rec['final_loss']:.4f}; pruned weights kept at zero: "
           f"{rec['pruned_kept_zero']}")  # fmt: skip
     if report.get("eval"):

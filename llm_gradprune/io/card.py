@@ -36,7 +36,8 @@ def readable_config(cfg, report: dict[str, Any]) -> dict[str, Any]:
     """The run's settings with names a user can read (base model id, file and folder names)."""
     flat = cfg.to_flat()
     for key in ("model", "dataset", *LOCAL_KEYS):  # built-ins and Hub ids stay as they are
-        flat[key] = _readable(flat.get(key))
+        if key in flat:
+            flat[key] = _readable(flat[key])
     return flat
 
 
@@ -51,7 +52,16 @@ def front_matter(cfg, report: dict[str, Any]) -> dict[str, Any]:
         meta["datasets"] = [report["calibration_dataset"]]
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "text-generation"
-    tags = ["pruned", "sparse", "llm-gradprune", report["pattern"], report["criterion"]]
+    if report.get("structure"):
+        tags = [
+            "pruned",
+            "structured-pruning",
+            "llm-gradprune",
+            report["structure"],
+            report["importance"]["name"],
+        ]
+    else:
+        tags = ["pruned", "sparse", "llm-gradprune", report["pattern"], report["criterion"]]
     meta["tags"] = list(dict.fromkeys(tags))
     return meta
 
@@ -78,6 +88,8 @@ def loading_snippet(model_id: str) -> list[str]:
 def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
     """README.md for the output folder. `model_id`: what the loading snippet loads (the Hub repo when
     pushed; by default the output folder's own name, loadable from the folder above it)."""
+    if report.get("structure"):
+        return structured_card(cfg, report, model_id)
     crit = CRITERIA.get(report["criterion"])
     base = report.get("base_model") or {"name": _readable(cfg.model)}
     model_id = model_id or Path(cfg.output_dir).name
@@ -119,6 +131,22 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
     plots = (report.get("plots") or {}).get("files", [])
     if "sparsity.png" in plots:
         lines += ["", "![sparsity per layer and projection](sparsity.png)"]
+    lines += outcome_lines(cfg, report, data)
+    lines += usage_lines(cfg, report, model_id)
+    lines += [
+        "## What the zeros buy",
+        "",
+        ZEROS_PARAGRAPH,
+        "",
+        "`pruning_report.json` has the per-tensor counts, the calibration's token hash, versions and timings.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def outcome_lines(cfg, report: dict[str, Any], data: str) -> list[str]:
+    """Recovery, held-out perplexity, task scores and skipped plots: the same in every card."""
+    lines: list[str] = []
+    plots = (report.get("plots") or {}).get("files", [])
     rec = report.get("recovery")
     if rec:
         kind = f"LoRA rank {rec['lora_r']} merged through the mask" if rec["lora_r"] else "the target weights"
@@ -128,8 +156,10 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
                   f"After pruning, {rec['steps']} AdamW steps ({rec['tokens']:,} tokens, lr {rec['lr']:g}, "
                   f"{rec['schedule']}) trained {kind} on {loss}"
                   + (f" from `{_readable(rec['teacher'])}`" if rec.get("teacher") else "")
-                  + f", text `{_readable(rec['data']['name'])}` split `{rec['data']['split']}`. Every pruned weight "
-                  "stayed exactly zero (gradients masked, masks re-applied after each step)."]  # fmt: skip
+                  + f", text `{_readable(rec['data']['name'])}` split `{rec['data']['split']}`. "
+                  + ("The removed units are gone from the shapes; the weights that were exactly zero stayed zero."
+                     if report.get("structure") else
+                     "Every pruned weight stayed exactly zero (gradients masked, masks re-applied after each step).")]  # fmt: skip
         if "recovery_loss.png" in plots:
             lines += ["", "![recovery loss](recovery_loss.png)"]
     ev = report.get("eval")
@@ -163,8 +193,14 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
         lines += ["", f"lm-eval {tasks['lm_eval_version']}, {tasks['num_fewshot']} shots; `acc` is the accuracy of the "
                   "highest log-likelihood choice, `acc_norm` the same with the log-likelihood divided by the "
                   "choice's length in bytes."]  # fmt: skip
-    if report.get("plots", {}).get("skipped"):
+    if (report.get("plots") or {}).get("skipped"):
         lines += ["", f"(Plots skipped: {report['plots']['skipped']}.)"]
+    return lines
+
+
+def usage_lines(cfg, report: dict[str, Any], model_id: str) -> list[str]:
+    """How to load the folder and how to repeat the run."""
+    lines: list[str] = []
     lines += [
         "",
         "## Use",
@@ -187,10 +223,77 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
         "",
         "</details>",
         "",
-        "## What the zeros buy",
-        "",
-        ZEROS_PARAGRAPH,
-        "",
-        "`pruning_report.json` has the per-tensor counts, the calibration's token hash, versions and timings.",
     ]
+    return lines
+
+
+STRUCTURED_PARAGRAPH = (
+    "Whole units are gone, so this is a smaller dense model: fewer parameters, a smaller file, and faster in "
+    "plain PyTorch/transformers with no sparse kernel. Its config is a stock one with smaller widths, head "
+    "counts or layer count, so `AutoModelForCausalLM.from_pretrained` loads it without remote code."
+)
+SHAPE_NAMES = (("num_hidden_layers", "decoder layers"), ("intermediate_size", "MLP channels per layer"),
+               ("num_attention_heads", "query heads per layer"), ("num_key_value_heads", "key/value heads per layer"))  # fmt: skip
+
+
+def structured_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
+    """README.md of a structured run's output: the new shape, parameters and file size before and after."""
+    base = report.get("base_model") or {"name": _readable(cfg.model)}
+    model_id = model_id or Path(cfg.output_dir).name
+    imp, comp = report["importance"], report["compensation"]
+    before, after = report["params_before"], report["params_after"]
+    dataset = report.get("dataset") or {"name": cfg.dataset, "split": cfg.split}
+    data = _readable(dataset["name"])
+    cal = report.get("calibration") or {}
+    meta = front_matter(cfg, report)
+    form = f" ({imp['form']} form)" if imp.get("form") else ""
+    refit = ("none (sliced only)" if comp["compensate"] == "none" else
+             f"least-squares refit of down_proj / o_proj on {comp['refit_inputs']} calibration inputs")  # fmt: skip
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        f"# {base['name']}, {report['decoder_kept']:.0%} of the decoder ({report['structure']}, {imp['name']})",
+        "",
+        f"`{base.get('hub_id') or base['name']}` made smaller by [llm-gradprune](https://pypi.org/project/llm-gradprune/) "
+        f"structured pruning: whole {report['structure'] if report['structure'] != 'mixed' else 'channels, heads and layers'} "
+        f"removed, keeping {after['decoder']:,} of {before['decoder']:,} decoder parameters "
+        f"({report['decoder_kept']:.1%}); {after['total']:,} parameters in all (was {before['total']:,}).",
+        "",
+        "## Shape",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+    ]
+    for key, label in SHAPE_NAMES:
+        lines.append(f"| {label} | {report['shape_before'][key]} | {report['shape_after'][key]} |")
+    lines.append(f"| parameters | {before['total']:,} | {after['total']:,} |")
+    if report.get("file_bytes_before") and report.get("file_bytes"):
+        lines.append(f"| safetensors bytes | {report['file_bytes_before']:,} | {report['file_bytes']:,} |")
+    elif report.get("file_bytes"):
+        lines.append(f"| safetensors bytes | - | {report['file_bytes']:,} |")
+    plots = (report.get("plots") or {}).get("files", [])
+    if "shape.png" in plots:
+        lines += ["", "![kept share of each kind of unit](shape.png)"]
+    removed = report["removed"]
+    lines += [
+        "",
+        "## Method",
+        "",
+        f"- importance `{imp['name']}`{form}, ranked over the whole model under one width per layer (the "
+        "shape a stock config describes)",
+        f"- removed: {'layers ' + str(removed['layers']) if removed['layers'] else 'no layers'}, "
+        f"{removed['channels_per_layer']} MLP "
+        f"channels and {removed['query_heads_per_layer']} query heads ({removed['kv_heads_per_layer']} key/value "
+        "heads) per layer",
+        f"- compensation: {refit}"
+        + ("; the removed units' mean output added as a bias" if comp["mean_bias"] else ""),
+    ]
+    if cal.get("tokens"):
+        lines.append(f"- calibration: {cal['blocks']} blocks of {cal['seq_len']} tokens ({cal['tokens']:,} tokens) "
+                     f"of `{data}` (split `{dataset['split']}`), seed {report.get('seed', cfg.seed)}")  # fmt: skip
+    lines += outcome_lines(cfg, report, data)
+    lines += usage_lines(cfg, report, model_id)
+    lines += ["## What removing units buys", "", STRUCTURED_PARAGRAPH, "",
+              "`pruning_report.json` has the units removed per layer, the refit errors, versions and timings."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -130,6 +130,34 @@ def verify_zeros(folder: str | Path, per_tensor: dict[str, dict[str, int]]) -> N
             )
 
 
+def tensor_shapes(folder: str | Path) -> dict[str, list[int]]:
+    """Every tensor's shape in the folder's safetensors files, from the headers only."""
+    shapes: dict[str, list[int]] = {}
+    for path in safetensors_files(folder):
+        with open(path, "rb", buffering=0) as fh:
+            header, _ = _read_header(fh)
+        shapes.update({k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def verify_shapes(folder: str | Path, expected: dict[str, list[int]]) -> None:
+    """A structured run's checkpoint: every tensor written has the shape the report records (tied
+    weights that save_pretrained leaves out are not required)."""
+    for name, shape in tensor_shapes(folder).items():
+        if name not in expected:
+            raise VerificationError(f"{name} is in the checkpoint but not in the report")
+        if list(expected[name]) != shape:
+            raise VerificationError(f"{name} has shape {shape} written but the report says {expected[name]}")
+
+
+def verify_report(folder: str | Path, report: dict[str, Any]) -> None:
+    """Zero counts (unstructured runs) or tensor shapes (structured runs) re-read from the files."""
+    if report.get("structure"):
+        verify_shapes(folder, report["tensor_shapes"])
+    else:
+        verify_zeros(folder, report["per_tensor"])
+
+
 PENDING_CONFIG = "config.json.unverified"
 
 
@@ -161,8 +189,9 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         pause_point("output-write")
         cfg.save_yaml(tmp / "prune_config.yaml")
-        verify_zeros(tmp, report["per_tensor"])
+        verify_report(tmp, report)
         report["verified"] = True
+        report["file_bytes"] = sum(f.stat().st_size for f in safetensors_files(tmp))
         report["plots"] = write_plots(report, tmp)
         write_json(tmp / "pruning_report.json", report)
         (tmp / "README.md").write_text(model_card(cfg, report, model_id=model_id))

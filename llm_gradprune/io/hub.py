@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, unreachable
-from .checkpoint import VerificationError, verify_zeros
+from .checkpoint import VerificationError, verify_report
 
 REPORT = "pruning_report.json"
 BAD_REF = re.compile(r"(^[-/.])|(/$)|(\.lock$)|(\.\.)|(//)|([\s~^:?*\[\\@{])")
@@ -78,7 +78,11 @@ def check_pushable(folder: str | Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{label!r}: a JSON file does not parse ({err})") from None
     per_tensor = report.get("per_tensor") if isinstance(report, dict) else None
-    if (
+    shapes = report.get("tensor_shapes") if isinstance(report, dict) and report.get("structure") else None
+    if shapes is not None:
+        if not isinstance(shapes, dict) or not shapes:
+            raise ConfigError(f"{label!r}: {REPORT} holds no tensor shapes: it cannot be verified")
+    elif (
         not isinstance(per_tensor, dict)
         or not per_tensor
         or not all(isinstance(v, dict) and isinstance(v.get("zeros"), int) for v in per_tensor.values())
@@ -87,7 +91,7 @@ def check_pushable(folder: str | Path) -> dict[str, Any]:
     if report.get("verified") is not True:
         raise ConfigError(f"{label!r}: {REPORT} does not say the checkpoint was verified when saved")
     try:
-        verify_zeros(path, per_tensor)
+        verify_report(path, report)
     except (VerificationError, ValueError, struct.error, OSError) as err:
         raise ConfigError(
             f"{label!r} fails verification, refusing to push it: {err} (were the weights changed after "
@@ -108,6 +112,9 @@ def upload_files(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def default_commit_message(report: dict[str, Any]) -> str:
+    if report.get("structure"):
+        return (f"Upload structured-pruned checkpoint ({report['structure']}, {report['importance']['name']}, "
+                f"{100 * float(report['decoder_kept']):.1f}% of the decoder kept) with llm-gradprune")  # fmt: skip
     pattern = report.get("pattern")
     how = (
         f"pattern {pattern}" if pattern else f"{100 * float(report.get('overall_sparsity', 0)):.1f}% sparsity"

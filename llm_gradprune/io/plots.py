@@ -38,6 +38,15 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
     except ImportError:
         return {"skipped": "matplotlib is not installed (pip install 'llm-gradprune[plot]')"}
     files = []
+    if report.get("structure"):
+        files.append(_shape_plot(plt, report, folder))
+    else:
+        files.append(_sparsity_plot(plt, report, folder))
+    files += _eval_and_recovery_plots(plt, report, folder)
+    return {"files": files}
+
+
+def _sparsity_plot(plt, report: dict[str, Any], folder: Path) -> str:
     layers, projections, cells = layer_projection_table(report["per_tensor"])
     grid = [[cells.get((layer, p), float("nan")) for p in projections] for layer in layers]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(projections), 1.2 + 0.28 * len(layers)))
@@ -51,7 +60,32 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
     fig.tight_layout()
     fig.savefig(folder / "sparsity.png", dpi=110)
     plt.close(fig)
-    files.append("sparsity.png")
+    return "sparsity.png"
+
+
+def _shape_plot(plt, report: dict[str, Any], folder: Path) -> str:
+    """Kept share of each kind of unit and of the parameters, after a structured run."""
+    old, new = report["shape_before"], report["shape_after"]
+    kinds = [("layers", "num_hidden_layers"), ("MLP channels", "intermediate_size"),
+             ("query heads", "num_attention_heads"), ("kv heads", "num_key_value_heads")]  # fmt: skip
+    names = [k for k, _ in kinds] + ["decoder params", "all params"]
+    kept = [new[key] / old[key] for _, key in kinds] + [
+        report["decoder_kept"], report["params_after"]["total"] / report["params_before"]["total"]]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    bars = ax.bar(names, kept, color=["#4f81bd"] * len(kinds) + ["#9bbb59", "#9bbb59"])
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("kept / before")
+    ax.set_title(f"structure {report['structure']}: kept share")
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(folder / "shape.png", dpi=110)
+    plt.close(fig)
+    return "shape.png"
+
+
+def _eval_and_recovery_plots(plt, report: dict[str, Any], folder: Path) -> list[str]:
+    files = []
     ev = report.get("eval")
     if ev:
         fig, ax = plt.subplots(figsize=(4.2, 3.2))
@@ -85,4 +119,4 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
         fig.savefig(folder / "recovery_loss.png", dpi=110)
         plt.close(fig)
         files.append("recovery_loss.png")
-    return {"files": files}
+    return files

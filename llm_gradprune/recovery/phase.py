@@ -87,7 +87,8 @@ def run_recovery(cfg, model, tokenizer, data, *, base: str | None, eval_blocks=N
                    "seq_len": cfg.recover.seq_len or cfg.seq_len}  # fmt: skip
     rec["teacher"] = (cfg.recover.teacher or base) if teacher is not None else None
     report["recovery"] = rec
-    recount_zeros_(report, model)
+    if "per_tensor" in report:  # a structured run records shapes instead, which training does not change
+        recount_zeros_(report, model)
     if state is not None:
         report["recovery"]["state_folder"] = str(state.dir)
     return model
