@@ -16,6 +16,9 @@ Rows (each in its own process, so its peak memory is its own; results merged int
   r24, r24+lm, r24+kd, r24+lora the 2:4 recipe the same, and LoRA (r 16) instead of full recovery
   p70, p70x4, p70x4+rec         70% (fisher, global): one-shot, 4 cubic rounds, 4 rounds with
                                 --round-steps of recovery between them
+  s75, s75+lm                   structured: 25% fewer decoder parameters (MLP channels, token_fisher
+                                vector importance, lsq refit on the dense inputs: the best row of
+                                scripts/bench_structured.py), then + recovery (LM loss)
 The recipe rows start from the recipes' checkpoints (`--pruned-50`, `--pruned-24`: run the recipe
 configs first, e.g. `llm-gradprune prune --config configs/recipe_50.yaml`).
 """
@@ -39,9 +42,10 @@ from llm_gradprune.evaluate import perplexity
 from llm_gradprune.recovery.config import RecoverConfig
 from llm_gradprune.recovery.rounds import prune_in_rounds_
 from llm_gradprune.recovery.trainer import recover_
+from llm_gradprune.targets import find_targets
 
 ROWS = ["dense", "dense-ft", "r50", "r50+lm", "r50+kd", "r24", "r24+lm", "r24+kd", "r24+lora", "p70", "p70x4",
-        "p70x4+rec"]  # fmt: skip
+        "p70x4+rec", "s75", "s75+lm"]  # fmt: skip
 LICENSES = Path("/usr/share/common-licenses")
 
 
@@ -100,6 +104,19 @@ def one_row(row: str, args) -> dict:
         result = prune_in_rounds_(model, proto.batches(), cfg, targets=proto.targets, recover=rec,
                                   recover_batches=train if row.endswith("+rec") else None)  # fmt: skip
         out["rounds"] = result.report["rounds"]
+    elif row.startswith("s75"):
+        from bench_structured import unit_statistics
+
+        from llm_gradprune.structured import StructureConfig, shrink_
+
+        stats = proto.statistics()
+        stats.by_source.update(unit_statistics(proto)[0])
+        params = sum(p.numel() for p in model.parameters())
+        report = shrink_(model, proto.batches(), StructureConfig(structure="channels", target_params=0.75,
+                         importance="token_fisher", refit_inputs="dense"), statistics=stats, progress=False)  # fmt: skip
+        out.update(decoder_kept=report["decoder_kept"], shape=report["shape_after"],
+                   params_kept=sum(p.numel() for p in model.parameters()) / params)  # fmt: skip
+        proto.targets = find_targets(model)  # the shrunk layers are new modules
     out["prune_s"] = time.perf_counter() - t0
     zeros = sum(int((m.weight == 0).sum()) for m in proto.targets.values())
     out["sparsity"] = zeros / sum(m.weight.numel() for m in proto.targets.values())
