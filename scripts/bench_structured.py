@@ -258,10 +258,12 @@ def speed_specs(model_name: str) -> list[dict]:
         return [row("channels", "fisher", t, "vector") for t in (0.9, 0.75, 0.6)] + [
             row("heads", "token_fisher", 0.9, "vector"), row("layers", "token_fisher", 0.75, "vector"),
             row("mixed", "token_fisher", 0.75, "vector")]  # fmt: skip
-    return [row("channels", "magnitude", t) for t in (0.9, 0.75, 0.6)] + [
-        row("heads", "magnitude", 0.9),
+    return [  # the 25% rows (the target) first
+        row("channels", "magnitude", 0.75),
         row("layers", "block_influence", 0.75),
         row("mixed", "fisher", 0.75, "vector"),
+        row("heads", "magnitude", 0.9),
+        *(row("channels", "magnitude", t) for t in (0.9, 0.6)),
     ]
 
 

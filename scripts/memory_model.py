@@ -97,6 +97,31 @@ def predict(
     return out
 
 
+def predict_recovery(
+    s: Shape, *, b: int, tokens: int, seq: int, lora_r: int = 0, checkpointing: bool = False,
+    teacher_on_device: bool = False,
+) -> dict[str, float]:  # fmt: skip
+    """Bytes on one device for masked recovery training (recovery/trainer.py).
+
+    Full: the target weights train, so their gradients (b T) and AdamW's two moments (2 b T, in the
+    parameter dtype) join the model; LoRA rank r: only the adapters train (r (in + out) per target:
+    r (9h + 2kv + 3i) per layer), the frozen base weights form no gradient. Both keep the pruned masks
+    (one bool byte per target weight) and the same activations as calibration; distillation adds the
+    teacher (b P) unless it sits on the host (`teacher_device: cpu`)."""
+    acts = predict(s, b=b, tokens=tokens, seq=seq, checkpointing=checkpointing)["activations"]
+    out = {"model": b * s.params, "masks": 1.0 * s.targets, "activations": acts}
+    if lora_r:
+        adapters = lora_r * s.layers * (9 * s.hidden + 2 * s.kv + 3 * s.inter)
+        out["adapters+grads+adamw"] = 4 * b * adapters
+    else:
+        out["gradients"] = b * s.targets
+        out["adamw"] = 2 * b * s.targets
+    if teacher_on_device:
+        out["teacher"] = b * s.params
+    out["device_total"] = sum(out.values())
+    return out
+
+
 def fmt(d: dict[str, float]) -> str:
     return ", ".join(f"{k} {v / GB:.2f}" for k, v in d.items())
 
@@ -125,6 +150,18 @@ def main() -> None:
         p = predict(SHAPES[key], **kw)
         fits = "fits" if p["device_total"] < 80 * GB * 0.95 else "DOES NOT FIT"
         print(f"- {label}: {fmt(p)} -> {fits} in 80 GB")
+    print("\nRecovery training, GB on one device (Llama-2-7B, 1x2048 tokens per micro-batch):")
+    rec_cases = [
+        ("full, bf16", dict(b=2)), ("full, bf16, checkpointing", dict(b=2, checkpointing=True)),
+        ("full, bf16, checkpointing, distillation (teacher on the GPU)", dict(b=2, checkpointing=True, teacher_on_device=True)),
+        ("full, fp32, checkpointing", dict(b=4, checkpointing=True)),
+        ("LoRA r 16, bf16", dict(b=2, lora_r=16)), ("LoRA r 16, bf16, checkpointing", dict(b=2, lora_r=16, checkpointing=True)),
+        ("LoRA r 16, fp32, checkpointing", dict(b=4, lora_r=16, checkpointing=True)),
+    ]  # fmt: skip
+    for label, kw in rec_cases:
+        p = predict_recovery(SHAPES["llama2-7b"], tokens=2048, seq=2048, **kw)
+        fits = [g for g in (24, 40, 80) if p["device_total"] < g * GB * 0.95]
+        print(f"- {label}: {fmt(p)} -> fits in {fits[0]} GB" if fits else f"- {label}: {fmt(p)} -> over 80 GB")
     if args.measured:
         rows = json.load(open(args.measured))["rows"]
         print("\nMeasured on this CPU (calibration-phase peak RSS, MB) vs predicted (MB):")
