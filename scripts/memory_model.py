@@ -161,7 +161,9 @@ def main() -> None:
     for label, kw in rec_cases:
         p = predict_recovery(SHAPES["llama2-7b"], tokens=2048, seq=2048, **kw)
         fits = [g for g in (24, 40, 80) if p["device_total"] < g * GB * 0.95]
-        print(f"- {label}: {fmt(p)} -> fits in {fits[0]} GB" if fits else f"- {label}: {fmt(p)} -> over 80 GB")
+        print(
+            f"- {label}: {fmt(p)} -> fits in {fits[0]} GB" if fits else f"- {label}: {fmt(p)} -> over 80 GB"
+        )
     if args.measured:
         rows = json.load(open(args.measured))["rows"]
         print("\nMeasured on this CPU (calibration-phase peak RSS, MB) vs predicted (MB):")
