@@ -188,6 +188,18 @@ def _describe_job(cfg: JobConfig, report: dict[str, Any]) -> None:
     report["calibration_dataset"] = describe_dataset(cfg.dataset)
 
 
+def _task_section(cfg: JobConfig, model, tokenizer, dense_tasks: dict | None, timings: dict) -> dict | None:
+    """lm-eval scores of the pruned model beside the dense ones, or None when no task was asked for."""
+    if dense_tasks is None:
+        return None
+    pruned = _tasks(cfg, model, tokenizer, "pruned", timings)
+    return {
+        **{k: v for k, v in pruned.items() if k != "tasks"},
+        "dense": dense_tasks["tasks"],
+        "pruned": pruned["tasks"],
+    }
+
+
 def _eval_section(cfg: JobConfig, dense: dict, pruned: dict, held_out) -> dict[str, Any]:
     return {
         "dense_ppl": dense["ppl"],
@@ -266,11 +278,7 @@ def run_structure(cfg: JobConfig) -> dict[str, Any]:
         "token_sha256": None if blocks is None else token_hash(blocks),
     }
     report["file_bytes_before"] = bytes_before
-    report["eval_tasks"] = None
-    if dense_tasks is not None:
-        pruned_tasks = _tasks(cfg, model, tokenizer, "pruned", timings)
-        report["eval_tasks"] = {**{k: v for k, v in pruned_tasks.items() if k != "tasks"},
-                                "dense": dense_tasks["tasks"], "pruned": pruned_tasks["tasks"]}  # fmt: skip
+    report["eval_tasks"] = _task_section(cfg, model, tokenizer, dense_tasks, timings)
     report["eval"] = None
     if held_out is not None:
         t = time.perf_counter()
@@ -375,11 +383,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
     report["calibration"].update(
         {"token_sha256": calib_hash, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size}
     )
-    report["eval_tasks"] = None
-    if dense_tasks is not None:
-        pruned_tasks = _tasks(cfg, model, tokenizer, "pruned", timings)
-        report["eval_tasks"] = {**{k: v for k, v in pruned_tasks.items() if k != "tasks"},
-                                "dense": dense_tasks["tasks"], "pruned": pruned_tasks["tasks"]}  # fmt: skip
+    report["eval_tasks"] = _task_section(cfg, model, tokenizer, dense_tasks, timings)
     report["eval"] = None
     if evaluates:
         t = time.perf_counter()
