@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,25 @@ def install(tmp: Path, out: Path) -> None:
     _fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(out_dir: str | Path, fill: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """The one way an output folder is made: `fill(tmp)` writes (and checks) everything into a fresh
+    folder beside `out_dir`; only if it returns is that folder given the umask's modes, synced and
+    installed at `out_dir`. Whatever it raises leaves `out_dir` as it was. Returns (the final path,
+    what `fill` returned)."""
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(out)
+    tmp = make_partial_dir(out)
+    try:
+        result = fill(tmp)
+        honour_umask(tmp)
+        fsync_tree(tmp)
+        install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, result
 
 
 def _pid_alive(pid: int) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..faults import pause_point
-from .atomic import fsync_tree, honour_umask, install, make_partial_dir, remove_stale_leftovers, write_json
+from .atomic import write_folder, write_json
 from .card import model_card
 from .plots import write_plots
 
@@ -177,11 +176,8 @@ def save_pruned(
     `cfg` is the job's config (`JobConfig`), saved beside the weights as prune_config.yaml.
     `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
     """
-    out = Path(output_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_leftovers(out)
-    tmp = make_partial_dir(out)
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_bytes, state_dict=state_dict)
         # Until it is verified the folder must not load: its config.json waits under another name.
         os.rename(tmp / "config.json", tmp / PENDING_CONFIG)
@@ -196,9 +192,5 @@ def save_pruned(
         write_json(tmp / "pruning_report.json", report)
         (tmp / "README.md").write_text(model_card(cfg, report, model_id=model_id))
         os.rename(tmp / PENDING_CONFIG, tmp / "config.json")
-        honour_umask(tmp)
-        fsync_tree(tmp)
-        install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder(output_dir, fill)[0]

@@ -9,20 +9,12 @@ tensor's shape in the safetensors files is checked against the model, so a folde
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
-from ..io.atomic import (
-    fsync_tree,
-    honour_umask,
-    install,
-    make_partial_dir,
-    remove_stale_leftovers,
-    write_json,
-)
+from ..io.atomic import write_folder, write_json
 from ..io.checkpoint import safetensors_files
 
 SHAPE_KEYS = ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -58,20 +50,14 @@ def save_structured(model, tokenizer, out_dir: str | Path, report: dict | None =
                     max_shard_size: int | str = "5GB") -> dict[str, Any]:  # fmt: skip
     """Write model (+ tokenizer, + `structure_report.json`) to `out_dir` atomically; returns what was
     checked (tensors, safetensors bytes). An existing folder is replaced only by a checked one."""
-    out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_leftovers(out)
-    tmp = make_partial_dir(out)
-    try:
+
+    def fill(tmp: Path) -> dict[str, Any]:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         checked = check_folder(tmp, model)
         if report is not None:
             write_json(tmp / "structure_report.json", {**report, "file_bytes": checked["bytes"]})
-        honour_umask(tmp)
-        fsync_tree(tmp)
-        install(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return checked
+        return checked
+
+    return write_folder(out_dir, fill)[1]
