@@ -103,8 +103,9 @@ def predict_recovery(
 ) -> dict[str, float]:  # fmt: skip
     """Bytes on one device for masked recovery training (recovery/trainer.py).
 
-    Full: the target weights train, so their gradients (b T) and AdamW's two moments (2 b T, in the
-    parameter dtype) join the model; LoRA rank r: only the adapters train (r (in + out) per target:
+    Full: the target weights train, so their gradients (b T) and AdamW's two moments join the model;
+    below fp32 (b < 4) the optimizer steps fp32 master copies (4 T) with fp32 moments (8 T) and fp32
+    gradients (4 T; each b-byte gradient is freed as it is copied), else the moments are 2 b T; LoRA rank r: only the adapters train (r (in + out) per target:
     r (9h + 2kv + 3i) per layer), the frozen base weights form no gradient. Both keep the pruned masks
     (one bool byte per target weight) and the same activations as calibration; distillation adds the
     teacher (b P) unless it sits on the host (`teacher_device: cpu`)."""
@@ -114,8 +115,12 @@ def predict_recovery(
         adapters = lora_r * s.layers * (9 * s.hidden + 2 * s.kv + 3 * s.inter)
         out["adapters+grads+adamw"] = 4 * b * adapters
     else:
-        out["gradients"] = b * s.targets
-        out["adamw"] = 2 * b * s.targets
+        out["gradients"] = max(b, 4) * s.targets
+        if b < 4:
+            out["fp32 masters"] = 4.0 * s.targets
+            out["adamw"] = 8.0 * s.targets
+        else:
+            out["adamw"] = 2 * b * s.targets
     if teacher_on_device:
         out["teacher"] = b * s.params
     out["device_total"] = sum(out.values())

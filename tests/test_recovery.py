@@ -99,8 +99,13 @@ class Crash(Exception):
     pass
 
 
-def test_kill_and_resume_gives_bit_identical_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kill_and_resume_gives_bit_identical_weights(tmp_path, monkeypatch, dtype):
     cfg = RecoverConfig(steps=7, lr=3e-3, save_state_every=2, batch_size=4)
+
+    def pruned():  # bf16: the state holds the fp32 master weights, which the model is rounded from
+        return globals()["pruned"]().to(dtype)
+
     ref, _ = recover_(pruned(), train_batches(), cfg, progress=False)
     ident = {"run": "t"}
     import llm_gradprune.recovery.trainer as trainer
@@ -129,6 +134,38 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, monkeypatch):
     assert rep["resumed_from_step"] == 4
     for name, w in weights(ref).items():
         assert torch.equal(w, weights(got)[name]), name
+        assert w.dtype == dtype
+
+
+def test_bf16_weights_train_through_fp32_masters(monkeypatch):
+    """At lr 2e-5 every AdamW update (about lr) is below half a bf16 step of the tiny model's weights
+    (~6e-5 at |w| = 0.02): stepping the bf16 weights themselves rounds nearly all of it away, the fp32
+    masters add it up and the rounded model moves."""
+    import llm_gradprune.recovery.trainer as trainer
+
+    cfg = RecoverConfig(steps=16, lr=2e-5, warmup=0.0, batch_size=4, max_grad_norm=0.0)
+
+    def moved_share(model) -> tuple[float, dict]:
+        before = weights(model)
+        model, rep = recover_(model, train_batches(2), cfg, progress=False)
+        moved = kept = 0
+        for name, w in weights(model).items():
+            assert w.dtype == torch.bfloat16
+            zero = before[name] == 0
+            assert torch.equal(w[zero], torch.zeros_like(w[zero])), name
+            big = ~zero & (before[name].abs() > 0.01)  # where a step of 2e-5 is under half a bf16 step
+            moved += int((w[big] != before[name][big]).sum())
+            kept += int(big.sum())
+        return moved / kept, rep
+
+    share, rep = moved_share(pruned().to(torch.bfloat16))
+    assert rep["master_weights"] == "fp32" and rep["pruned_kept_zero"]
+    monkeypatch.setattr(trainer, "fp32_masters", lambda *a: None)  # what training without masters did
+    share_without, rep_without = moved_share(pruned().to(torch.bfloat16))
+    assert rep_without["master_weights"] is None
+    assert share > 0.5 and share_without < 0.1, (share, share_without)
+    _, rep32 = recover_(pruned(), train_batches(2), cfg, progress=False)
+    assert rep32["master_weights"] is None  # fp32 weights are stepped directly
 
 
 @pytest.mark.slow

@@ -6,7 +6,10 @@ gradient at pruned positions is zeroed before every step, so AdamW's moments the
 its update (the classic recipe pruned inside its AdamW loop, whose momentum regrew the zeros), and the
 masks are re-applied after every step; N:M patterns therefore stay valid. The loss is the next-token
 loss, optionally mixed with KL(teacher || student) from the dense model (`distill_alpha`). With
-`lora_r` only rank-r adapters train, and they are merged back through the mask at the end.
+`lora_r` only rank-r adapters train, and they are merged back through the mask at the end. Weights
+held in bf16/fp16 train through fp32 master copies (AdamW's moments and updates in fp32, the model's
+copy rounded from them after each step): at recovery learning rates most single updates are smaller
+than half a bf16 step and would otherwise be rounded away.
 """
 
 from __future__ import annotations
@@ -46,6 +49,31 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 def _autocast(device: torch.device, cfg: RecoverConfig):
     use = cfg.bf16 if cfg.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(use)), bool(use)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def fp32_masters(trained: dict[str, torch.Tensor], local=None) -> dict[str, torch.Tensor] | None:
+    """fp32 copies of the trained tensors (this rank's rows when sharded), or None when they already
+    are fp32 (or wider): the optimizer then steps the model's own tensors."""
+    if not any(p.dtype in LOW_PRECISION for p in trained.values()):
+        return None
+    return {n: (local(p) if local else p.data).detach().to(torch.float32).clone() for n, p in trained.items()}
+
+
+@torch.no_grad()
+def _grads_to_masters(trained: dict[str, torch.Tensor], masters: dict[str, torch.Tensor], local=None) -> None:
+    for n, m in masters.items():
+        g = trained[n].grad
+        m.grad = None if g is None else (local(g) if local else g).to(torch.float32)
+        trained[n].grad = None
+
+
+@torch.no_grad()
+def _masters_to_model(trained: dict[str, torch.Tensor], masters: dict[str, torch.Tensor], local=None) -> None:
+    for n, m in masters.items():
+        (local(trained[n]) if local else trained[n].data).copy_(m)
 
 
 def _lora(model: nn.Module, targets: dict[str, nn.Module], cfg: RecoverConfig):
@@ -107,16 +135,20 @@ def recover_(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    masters = fp32_masters(trained, local)
+    stepped = masters if masters is not None else trained  # what the optimizer updates
     optimizer = torch.optim.AdamW(
-        list(trained.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+        list(stepped.values()), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     warmup = max(1, round(cfg.warmup * steps)) if cfg.warmup else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     wrapped = model
     if accelerator is not None and accelerator.num_processes > 1 and not coll.rows_sharded:
         wrapped = accelerator.prepare_model(model)  # DDP: gradients averaged across ranks
-    start_step, log = (state.restore({n: t.data for n, t in trained.items()}, optimizer, scheduler)
+    start_step, log = (state.restore({n: t.data for n, t in stepped.items()}, optimizer, scheduler)
                        if state is not None else (0, []))  # fmt: skip
+    if masters is not None and start_step:
+        _masters_to_model(trained, masters, local)
     autocast, bf16 = _autocast(device, cfg)
     main = (accelerator is None or accelerator.is_main_process) and coll.rank == 0
     evaluates = eval_blocks is not None and (coll.rows_sharded or main)
@@ -163,11 +195,15 @@ def recover_(
                 mask_grads_(trained, masks, local)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(list(trained.values()), cfg.max_grad_norm)
+            if masters is not None:
+                _grads_to_masters(trained, masters, local)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if not cfg.lora_r:
-                apply_masks_(trained, masks, local)
+                apply_masks_(stepped, masks, None if masters is not None else local)
+            if masters is not None:
+                _masters_to_model(trained, masters, local)
             entry = {"step": step + 1, "loss": parts["lm"] if "kl" not in parts else
                      (1 - cfg.distill_alpha) * parts["lm"] + cfg.distill_alpha * parts["kl"], **parts,
                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
@@ -177,7 +213,7 @@ def recover_(
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             if state is not None and state.due(step + 1) and step + 1 < steps:
-                state.save(step + 1, {n: t.data for n, t in trained.items()}, optimizer, scheduler, log)
+                state.save(step + 1, {n: t.data for n, t in stepped.items()}, optimizer, scheduler, log)
     finally:
         bar.close()
         if cfg.gradient_checkpointing:
@@ -198,6 +234,7 @@ def recover_(
         "resumed_from_step": state.resumed_from if state is not None else 0,
         "seconds": time.perf_counter() - t0, "lr": cfg.lr, "warmup_steps": warmup, "schedule": "linear warm-up + cosine",
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "bf16": bf16,
+        "master_weights": "fp32" if masters is not None else None,
         "gradient_checkpointing": cfg.gradient_checkpointing, "distill_alpha": cfg.distill_alpha,
         "temperature": cfg.temperature, "lora_r": cfg.lora_r, "trained_tensors": len(trained),
         "trained_weights": sum(p.numel() for p in trained.values()),
