@@ -27,4 +27,3 @@ def make_tiny_llama(
 def make_blocks(n: int = 8, seq_len: int = 16, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq_len), generator=g)
-
