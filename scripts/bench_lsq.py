@@ -9,7 +9,10 @@ pass), `lsq_old` (the per-row Cholesky refit the library had before, kept below 
 reference) and `lsq` (reconstruction.lsq.lsq_update_, conjugate gradients through the shared inverse).
 Reported: the fastest of the repeats per variant, the ratios lsq/obs and lsq/lsq_old, how far the new
 refit is from the old one and from an fp64 per-row solve (relative Frobenius norm of the weights), and
-both refits' layer losses.
+both refits' layer losses. Each time is also given in units of one [out, in] x [in, in] fp32 matmul
+(timed in the same alternation): the refit's conjugate-gradient iteration is one such matmul, so
+`lsq_in_matmuls` is about its iteration count, and `obs_in_matmuls` what an OBS pass costs in them.
+`--skip-old` leaves out lsq_old (the slow reference; its columns are then empty).
 
 Layers: the SmolLM2-135M shapes q/o (576x576), k/v (192x576), gate/up (1536x576), down (576x1536) with
 random correlated inputs (X = Z A diag(c), Z and A Gaussian, c log-normal channel scales, --samples
@@ -146,32 +149,44 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def bench(name: str, W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, repeats: int) -> dict:
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+def _matmul(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor) -> dict:
+    torch.mm(W, H)  # the unit: one CG iteration's matmul, same shapes and threads
+    return {"obs_loss": float("nan")}
+
+
+def bench(
+    name: str, W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, repeats: int, variants: list[str]
+) -> dict:
+    run = {**{v: VARIANTS[v] for v in variants}, "matmul": _matmul}
+    times: dict[str, list[float]] = {v: [] for v in run}
+    cpu: dict[str, list[float]] = {v: [] for v in run}
     out: dict[str, tuple[torch.Tensor, dict]] = {}
-    order = list(VARIANTS)
+    order = list(run)
     for rep in range(repeats):
         for v in order if rep % 2 == 0 else order[::-1]:
             w = W.clone()
             t, c = time.perf_counter(), time.process_time()
-            info = VARIANTS[v](w, H, mask)
+            info = run[v](w, H, mask)
             times[v].append(time.perf_counter() - t)
             cpu[v].append(time.process_time() - c)
             out[v] = (w, info)
     best = {v: min(ts) for v, ts in times.items()}
     best_cpu = {v: min(ts) for v, ts in cpu.items()}
     truth = exact64(W, H, mask)
-    new, old = out["lsq"][0], out["lsq_old"][0]
+    new = out["lsq"][0]
+    old = out["lsq_old"][0] if "lsq_old" in out else None
     counts = (~mask).sum(dim=1)
     return {
         "layer": name, "shape": list(W.shape), "kept_per_row": [int(counts.min()), int(counts.max())],
         "seconds": best, "median_seconds": {v: statistics.median(ts) for v, ts in times.items()},
         "cpu_seconds": best_cpu, "lsq_over_obs": best["lsq"] / best["obs"],
-        "lsq_over_obs_cpu": best_cpu["lsq"] / best_cpu["obs"], "lsq_over_lsq_old": best["lsq"] / best["lsq_old"],
-        "rel_lsq_vs_lsq_old": rel(new, old), "rel_lsq_vs_fp64": rel(new, truth),
-        "rel_lsq_old_vs_fp64": rel(old, truth), "pruned_exactly_zero": bool((new[mask] == 0).all()),
-        "loss": {v: out[v][1]["obs_loss"] for v in VARIANTS},
+        "lsq_over_obs_cpu": best_cpu["lsq"] / best_cpu["obs"],
+        "lsq_over_lsq_old": best["lsq"] / best["lsq_old"] if old is not None else None,
+        "obs_in_matmuls": best["obs"] / best["matmul"], "lsq_in_matmuls": best["lsq"] / best["matmul"],
+        "rel_lsq_vs_lsq_old": rel(new, old) if old is not None else None, "rel_lsq_vs_fp64": rel(new, truth),
+        "rel_lsq_old_vs_fp64": rel(old, truth) if old is not None else None,
+        "pruned_exactly_zero": bool((new[mask] == 0).all()),
+        "loss": {v: out[v][1]["obs_loss"] for v in variants},
     }  # fmt: skip
 
 
@@ -184,8 +199,10 @@ def main() -> None:
     ap.add_argument(
         "--real-blocks", type=int, default=16, help="512-token blocks for the real Hessians; 0: none"
     )
+    ap.add_argument("--skip-old", action="store_true", help="leave out lsq_old (the slow reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    variants = [v for v in VARIANTS if not (args.skip_old and v == "lsq_old")]
     layers = {
         f"random {n}": random_layer(*shape, args.samples, seed=i)
         for i, (n, shape) in enumerate(SHAPES.items())
@@ -194,30 +211,37 @@ def main() -> None:
         layers.update({f"smollm2 {n}": wh for n, wh in real_layers(args.real_blocks).items()})
     rows = []
     print(f"{'layer':26s} {'mask':6s} {'obs s':>6s} {'old s':>6s} {'lsq s':>6s} {'lsq/obs':>7s} {'(cpu)':>6s} "
-          f"{'old/lsq':>7s} {'vs old':>8s} {'vs fp64':>8s} {'old fp64':>8s}")  # fmt: skip
+          f"{'old/lsq':>7s} {'vs old':>8s} {'vs fp64':>8s} {'old fp64':>8s} {'obs mm':>6s} {'lsq mm':>6s}")  # fmt: skip
     for li, (name, (W, H)) in enumerate(layers.items()):
         for kind, mask in masks_for(W, H, seed=li).items():
-            row = bench(name, W, H, mask, args.repeats)
+            row = bench(name, W, H, mask, args.repeats, variants)
             row["mask"] = kind
             rows.append(row)
             s = row["seconds"]
-            print(f"{name:26s} {kind:6s} {s['obs']:6.3f} {s['lsq_old']:6.3f} {s['lsq']:6.3f} "
-                  f"{row['lsq_over_obs']:7.2f} {row['lsq_over_obs_cpu']:6.2f} {1 / row['lsq_over_lsq_old']:7.1f} "
-                  f"{row['rel_lsq_vs_lsq_old']:8.1e} {row['rel_lsq_vs_fp64']:8.1e} {row['rel_lsq_old_vs_fp64']:8.1e}",
-                  flush=True)  # fmt: skip
-    total = {v: sum(r["seconds"][v] for r in rows) for v in VARIANTS}
-    total_cpu = {v: sum(r["cpu_seconds"][v] for r in rows) for v in VARIANTS}
+            f = lambda x, spec: format(x, spec) if x is not None else format("-", spec[:-2].rstrip(".") + "s")  # noqa: E731
+            print(f"{name:26s} {kind:6s} {s['obs']:6.3f} {f(s.get('lsq_old'), '6.3f')} {s['lsq']:6.3f} "
+                  f"{row['lsq_over_obs']:7.2f} {row['lsq_over_obs_cpu']:6.2f} "
+                  f"{f(1 / row['lsq_over_lsq_old'] if row['lsq_over_lsq_old'] else None, '7.1f')} "
+                  f"{f(row['rel_lsq_vs_lsq_old'], '8.1e')} {row['rel_lsq_vs_fp64']:8.1e} {f(row['rel_lsq_old_vs_fp64'], '8.1e')} "
+                  f"{row['obs_in_matmuls']:6.1f} {row['lsq_in_matmuls']:6.1f}", flush=True)  # fmt: skip
+    total = {v: sum(r["seconds"][v] for r in rows) for v in [*variants, "matmul"]}
+    total_cpu = {v: sum(r["cpu_seconds"][v] for r in rows) for v in [*variants, "matmul"]}
+    old = "lsq_old" in variants
     summary = {
         "total_seconds": total, "lsq_over_obs_total": total["lsq"] / total["obs"],
         "total_cpu_seconds": total_cpu, "lsq_over_obs_total_cpu": total_cpu["lsq"] / total_cpu["obs"],
-        "lsq_old_over_lsq_total": total["lsq_old"] / total["lsq"],
+        "lsq_old_over_lsq_total": total["lsq_old"] / total["lsq"] if old else None,
         "lsq_over_obs_max": max(r["lsq_over_obs"] for r in rows),
-        "rel_lsq_vs_lsq_old_max": max(r["rel_lsq_vs_lsq_old"] for r in rows),
+        "obs_in_matmuls_total": total["obs"] / total["matmul"], "lsq_in_matmuls_total": total["lsq"] / total["matmul"],
+        "rel_lsq_vs_lsq_old_max": max(r["rel_lsq_vs_lsq_old"] for r in rows) if old else None,
+        "rel_lsq_vs_fp64_max": max(r["rel_lsq_vs_fp64"] for r in rows),
         "pruned_exactly_zero": all(r["pruned_exactly_zero"] for r in rows),
     }  # fmt: skip
-    print(f"total: obs {total['obs']:.2f} s, lsq_old {total['lsq_old']:.2f} s, lsq {total['lsq']:.2f} s: "
-          f"lsq/obs x{summary['lsq_over_obs_total']:.2f} (CPU time x{summary['lsq_over_obs_total_cpu']:.2f}), {summary['lsq_old_over_lsq_total']:.1f}x faster than "
-          f"lsq_old; largest distance to lsq_old {summary['rel_lsq_vs_lsq_old_max']:.1e}")  # fmt: skip
+    print(f"total: obs {total['obs']:.2f} s, lsq {total['lsq']:.2f} s: lsq/obs x{summary['lsq_over_obs_total']:.2f} "
+          f"(CPU time x{summary['lsq_over_obs_total_cpu']:.2f}); in one-matmul units obs "
+          f"{summary['obs_in_matmuls_total']:.1f}, lsq {summary['lsq_in_matmuls_total']:.1f}"
+          + (f"; {summary['lsq_old_over_lsq_total']:.1f}x faster than lsq_old, largest distance to it "
+             f"{summary['rel_lsq_vs_lsq_old_max']:.1e}" if old else ""))  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(
