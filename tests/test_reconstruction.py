@@ -93,14 +93,16 @@ def test_lsq_matches_a_direct_least_squares_solve_per_row():
 
 def test_lsq_batches_rows_by_kept_count_within_a_memory_budget():
     """One row per batch (a tiny byte budget), rows that keep nothing and rows that keep everything give
-    the same refit as the default batching."""
+    the same refit as the default batching. Each batching is within the iteration's `tol` of the optimum,
+    so they are compared at a tolerance far below the 1e-5 asserted (at the default 1e-5 two refits can
+    differ by ~3e-5 on this ill-conditioned layer, depending on the CPU's BLAS kernels)."""
     W0, X, H = layer(out=10, inp=24)
     mask = torch.rand(W0.shape, generator=torch.Generator().manual_seed(5)) < 0.5
     mask[2] = True  # keeps nothing
     mask[7] = False  # keeps everything: no change at all
     ref, tiny = W0.clone(), W0.clone()
-    lsq_update_(ref, H, mask)
-    lsq_update_(tiny, H, mask, chunk_bytes=1)
+    lsq_update_(ref, H, mask, tol=1e-8)
+    lsq_update_(tiny, H, mask, chunk_bytes=1, tol=1e-8)
     torch.testing.assert_close(tiny, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(ref == 0, mask | (W0 == 0)) and (ref[2] == 0).all() and torch.equal(ref[7], W0[7])
 
