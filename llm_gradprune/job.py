@@ -22,14 +22,14 @@ from .config import JobConfig
 from .errors import ConfigError
 from .evaluate import perplexity
 from .executors import prune_
-from .executors.sharded import full_state_dict, shard_model, uses_fsdp
+from .parallel.fsdp import full_state_dict, shard_model, uses_fsdp
 from .io.calib_state import calib_state_for, check_state
 from .io.checkpoint import check_output_dir, save_pruned
 from .io.hub import check_repo_id, check_revision, push_folder
 from .models import _looks_local, describe_dataset, describe_model, load_model
 from .parallel import make_accelerator
 from .recovery.phase import run_recovery, training_batches
-from .recovery.rounds import prune_in_rounds_
+from .rounds import prune_in_rounds_
 from .status import set_stage
 from .support import Run, check_support
 from .tasks import check_tasks, run_tasks
@@ -354,7 +354,7 @@ def run_prune(cfg: JobConfig) -> dict[str, Any]:
     calib_state = calib_state_for(cfg, model, calib_hash) if cfg.needs_data else None
 
     device = torch.device(cfg.device) if cfg.device else accelerator.device
-    if sharded:  # FSDP2: every rank holds some rows of every weight; see executors/sharded.py
+    if sharded:  # FSDP2: every rank holds some rows of every weight; see parallel/fsdp.py
         model = shard_model(model, accelerator, device)
     elif accelerator.distributed_type == DistributedType.NO and cfg.device is None:
         # prepare() wraps in DDP for any multi-device type, even for one process launched by torchrun

@@ -346,7 +346,7 @@ def build_report(
         "overall_sparsity": zeros / numel if numel else 0.0,
         "empty_tensors": [n for n, t in per_tensor.items() if t["numel"] and t["zeros"] == t["numel"]],
         "notes": list(plan.notes),
-        "rounds": None,  # pruning in rounds fills it (recovery.rounds)
+        "rounds": None,  # pruning in rounds fills it (rounds)
         "calibration": {
             "batches": counters["batches"],
             "tokens": counters["tokens"],

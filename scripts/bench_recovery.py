@@ -40,7 +40,7 @@ from llm_gradprune import JobConfig, PruneConfig, prune_
 from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
 from llm_gradprune.evaluate import perplexity
 from llm_gradprune.recovery.config import RecoverConfig
-from llm_gradprune.recovery.rounds import prune_in_rounds_
+from llm_gradprune.rounds import prune_in_rounds_
 from llm_gradprune.recovery.trainer import recover_
 from llm_gradprune.targets import find_targets
 

@@ -28,7 +28,7 @@ from llm_gradprune.calibration.loop import (  # noqa: E402
     reduce_statistics_,
 )
 from llm_gradprune.calibration.stats import ActStats, GradStats, Statistics  # noqa: E402
-from llm_gradprune.executors.sharded import fully_shard_model  # noqa: E402
+from llm_gradprune.parallel.fsdp import fully_shard_model  # noqa: E402
 from llm_gradprune.parallel import Collective, RowShards, make_accelerator, world  # noqa: E402
 from llm_gradprune.targets import find_targets  # noqa: E402
 from tests.conftest import make_blocks, make_tiny_llama  # noqa: E402
@@ -191,7 +191,7 @@ def accelerate_fsdp2(accelerator, mbs) -> dict:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    from llm_gradprune.executors.sharded import full_state_dict, prepare_fsdp2
+    from llm_gradprune.parallel.fsdp import full_state_dict, prepare_fsdp2
 
     state = AcceleratorState()
     state.distributed_type = DistributedType.FSDP

@@ -167,7 +167,7 @@ def run_dist_cases(accelerator) -> dict[str, dict]:
 def run_fsdp_cases(accelerator) -> dict[str, dict]:
     """FSDP2 row-sharded model: every rank passes all micro-batches; weights gathered for the hash."""
     from llm_gradprune import prune_
-    from llm_gradprune.executors.sharded import full_state_dict, fully_shard_model
+    from llm_gradprune.parallel.fsdp import full_state_dict, fully_shard_model
 
     out = {}
     for name in FSDP_CASES:

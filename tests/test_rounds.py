@@ -10,7 +10,7 @@ from llm_gradprune import PruneConfig, prune_
 from llm_gradprune.calibration.loop import causal_lm_loss
 from llm_gradprune.errors import ConfigError
 from llm_gradprune.recovery.config import RecoverConfig
-from llm_gradprune.recovery.rounds import prune_in_rounds_, schedule
+from llm_gradprune.rounds import prune_in_rounds_, schedule
 from llm_gradprune.targets import find_targets
 
 from .conftest import make_blocks, make_tiny_llama

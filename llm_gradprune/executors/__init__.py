@@ -50,7 +50,7 @@ def prune_(
     masks hold this rank's rows when the model is row-sharded; report counts are global. `calib_state`
     (io.calib_state.CalibState) saves and resumes the calibration pass. `already_pruned` (True = pruned,
     by weight name) are pruned again whatever their scores and `nm_cap` keeps an N:M pattern reachable:
-    what pruning in rounds (`recovery.rounds`) needs.
+    what pruning in rounds (`rounds`) needs.
     """
     cfg = cfg or PruneConfig()
     plan = make_plan(model, cfg, targets, collective_for(model), resume=calib_state is not None)

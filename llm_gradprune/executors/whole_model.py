@@ -1,7 +1,7 @@
 """The whole-model executor: one calibration pass over every target, then one group of all targets.
 
 With the replicated collective each rank folds its own micro-batches and the sums are added once; with
-row shards (FSDP2, `executors/sharded.py`) every rank folds its rows of every micro-batch gradient and
+row shards (FSDP2, `parallel/fsdp.py`) every rank folds its rows of every micro-batch gradient and
 selects over its rows with thresholds shared through histograms. Nothing else differs.
 """
 

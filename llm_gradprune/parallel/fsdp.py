@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..parallel import world
 from ..targets import block_list_prefix
+from . import world
 
 
 def fully_shard_model(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:

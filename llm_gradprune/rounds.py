@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PruneConfig
-from ..executors import prune_
-from ..parallel import collective_for
-from ..plan import PruneResult
-from ..status import set_stage
-from ..targets import find_targets
-from .config import RecoverConfig
-from .trainer import recover_
+from .config import PruneConfig
+from .executors import prune_
+from .parallel import collective_for
+from .plan import PruneResult
+from .recovery.config import RecoverConfig
+from .recovery.trainer import recover_
+from .status import set_stage
+from .targets import find_targets
 
 
 def schedule(target: float, rounds: int, kind: str = "cubic") -> list[float]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def world() -> tuple[int, int]:
