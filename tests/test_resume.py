@@ -20,10 +20,12 @@ from llm_gradprune.config import JobConfig
 from llm_gradprune.errors import ConfigError
 from llm_gradprune.io.calib_state import (
     CalibState,
-    check_state,
+    check_state_dir,
     config_identity,
     latest_state,
     model_fingerprint,
+    resolve_state_dir,
+    run_identity,
 )
 from llm_gradprune.targets import find_targets
 
@@ -44,7 +46,7 @@ def _stats(model):
 
 
 def _identity(model, cfg=None):
-    return {"config": config_identity(cfg or JobConfig()), "model": model_fingerprint(model), "data": "d"}
+    return run_identity(config_identity(cfg or JobConfig()), model, "d")
 
 
 def _run(model, batches, ckpt=None, crash_at=None):
@@ -125,7 +127,10 @@ def test_changed_config_model_or_data_is_refused_naming_the_difference(tmp_path)
     ok = _identity(
         model, JobConfig.from_flat({"output_dir": "elsewhere", "progress": False, "save_state_every": 7})
     )
-    assert CalibState(tmp_path / "s", 1, True, ok)._found is not None
+    resumed = CalibState(tmp_path / "s", 1, True, ok)
+    gs, acts = _stats(model)
+    resumed.restore(Statistics({"grad": gs, "act": acts}))
+    assert resumed.resumed_from == 2
 
 
 def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
@@ -184,16 +189,18 @@ def test_fingerprint_sees_a_single_changed_sampled_weight():
 
 
 def test_existing_state_without_resume_is_refused(tmp_path):
-    cfg = JobConfig(output_dir=str(tmp_path / "out"), save_state_every=2)
-    check_state(cfg)  # nothing saved yet
+    out = str(tmp_path / "out")
+    state = resolve_state_dir(None, out)
+    assert state == tmp_path / "out.calib-state"
+    check_state_dir(state, out, every=2, resume=False)  # nothing saved yet
     model = make_tiny_llama()
-    state = tmp_path / "out.calib-state"
     _run(model, [make_blocks(n=1)] * 2, CalibState(state, 2, False, _identity(model)))
     with pytest.raises(ConfigError, match="saved at batch 2: pass --resume"):
-        check_state(cfg)
-    check_state(JobConfig(output_dir=str(tmp_path / "out"), save_state_every=2, resume=True))
+        check_state_dir(state, out, every=2, resume=False)
+    check_state_dir(state, out, every=2, resume=True)
+    check_state_dir(state, out, every=0, resume=False)  # no state asked for: nothing to protect
     with pytest.raises(ConfigError, match="inside output_dir"):
-        check_state(JobConfig(output_dir=str(tmp_path), state_dir=str(tmp_path / "s"), resume=True))
+        check_state_dir(resolve_state_dir(str(tmp_path / "s"), str(tmp_path)), tmp_path, every=0, resume=True)
 
 
 # -- SIGKILL end to end ---------------------------------------------------------------------------

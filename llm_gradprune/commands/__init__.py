@@ -94,14 +94,16 @@ def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
     """`--resume` command for an interrupted prune whose calibration state was saved, else ''."""
     if getattr(args, "command", None) != "prune":
         return ""
-    from ..io.calib_state import default_state_dir, latest_state
+    from ..io.calib_state import latest_state, resolve_state_dir
     from .prune import config_from_args
 
     try:
         cfg = config_from_args(args)
     except ConfigError:
         return ""
-    found = latest_state(default_state_dir(cfg)) if cfg.save_state_every or cfg.resume else None
+    if not cfg.save_state_every and not cfg.resume:
+        return ""
+    found = latest_state(resolve_state_dir(cfg.state_dir, cfg.output_dir))
     if found is None:
         return ""
     script = sys.argv[0].endswith("prune_llama.py")

@@ -47,14 +47,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def fsync_tree(folder: Path) -> None:
+    """Flush every file directly in `folder`, then the folder's entries, to disk (before a rename
+    makes them visible: otherwise a crash can leave the new name over empty files)."""
     for path in folder.iterdir():
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -76,7 +78,7 @@ def install(tmp: Path, out: Path) -> None:
     """Put `tmp` at `out`. An old `out` is swapped out atomically where the OS can (so `out` is always
     the old or the new checkpoint), else moved aside first; either way it is removed only after."""
     if out.exists() and swap_dirs(tmp, out):
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         pause_point("output-install")
         return  # `tmp` now holds the old output; the caller removes it
     old = None
@@ -85,7 +87,7 @@ def install(tmp: Path, out: Path) -> None:
         os.rename(out, old)
         pause_point("output-install")
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -9,9 +9,9 @@ A state is a folder `step-<batches done>` inside the state folder (default `<out
                                   of the run (config, model fingerprint, calibration token hash), and
                                   the size of every stats file; written last
 
-It is written under a temporary name, every file and the folder are fsynced, and only then is it
-renamed to `step-N`; older states are removed after that. A kill at any moment therefore leaves the
-previous complete state (a half-written `.tmp-*` folder is ignored and cleaned up). Resuming restores
+The step folders are io/steps.py's: written under a temporary name, every file and the folder fsynced,
+only then renamed to `step-N`, older states removed after that. A kill at any moment therefore leaves
+the previous complete state (a half-written `.tmp-*` folder is ignored and cleaned up). Resuming restores
 the saved partial sums and adds the remaining batches to them in the original order: fp32 addition
 in the same order gives bit-identical sums, hence bit-identical masks.
 
@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from ..faults import pause_point
 from .stats_files import accumulator_counters, read_tensor_shards, write_tensor_shards
+from .steps import StepFolders, refuse_other_run
 
 STATE_VERSION = 2
 # Keys that steer the run but cannot change the statistics or the masks: a resume may change them.
@@ -70,55 +67,34 @@ def model_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     return h.hexdigest()
 
 
-def describe_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
-    diffs = []
-    for key in sorted(set(saved) | set(now)):
-        if saved.get(key, "<absent>") != now.get(key, "<absent>"):
-            diffs.append(f"{key} {saved.get(key, '<absent>')!r} -> {now.get(key, '<absent>')!r}")
-    return ", ".join(diffs)
+def run_identity(config: dict[str, Any], model: torch.nn.Module, data_sha256: str | None) -> dict[str, Any]:
+    """What a saved state belongs to: the settings it depends on, the model's fingerprint and the
+    hash of the token stream it was computed from."""
+    return {"config": config, "model": model_fingerprint(model), "data": data_sha256}
 
 
 # -- the state folder --------------------------------------------------------------------------------
-def default_state_dir(cfg) -> Path:
-    if cfg.state_dir:
-        return Path(cfg.state_dir).expanduser().resolve()
-    out = Path(cfg.output_dir).expanduser().resolve()
+def resolve_state_dir(state_dir: str | None, output_dir: str) -> Path:
+    """`state_dir`, else `<output_dir>.calib-state`."""
+    if state_dir:
+        return Path(state_dir).expanduser().resolve()
+    out = Path(output_dir).expanduser().resolve()
     return out.with_name(out.name + ".calib-state")
-
-
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if name.startswith("step-") and name[5:].isdigit():
-        return int(name[5:])
-    return None
 
 
 def latest_state(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete state (folder, its state.json), or None. Incomplete ones are skipped."""
-    if not state_dir.is_dir():
-        return None
-    steps = sorted((p for p in state_dir.iterdir() if _step_of(p) is not None), key=_step_of, reverse=True)
-    for folder in steps:
-        try:
-            meta = json.loads((folder / "state.json").read_text())
-            sizes = meta["files"]
-            if meta.get("version") != STATE_VERSION:
-                continue
-            if all((folder / f).stat().st_size == size for f, size in sizes.items()):
-                return folder, meta
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
+    return StepFolders(state_dir, STATE_VERSION, pause="save").latest()
 
 
-def check_state(cfg) -> None:
+def check_state_dir(state_dir: Path, output_dir: str | Path, every: int, resume: bool) -> None:
     """Before any work: a run that would silently overwrite a saved calibration is refused."""
-    if not cfg.save_state_every and not cfg.resume:
+    if not every and not resume:
         return
-    state_dir, out = default_state_dir(cfg), Path(cfg.output_dir).expanduser().resolve()
+    out = Path(output_dir).expanduser().resolve()
     if state_dir == out or out in state_dir.parents:
         raise ConfigError(f"state_dir {str(state_dir)!r} is inside output_dir: the checkpoint replaces it")
-    if cfg.resume:
+    if resume:
         return
     found = latest_state(state_dir)
     if found is not None:
@@ -128,12 +104,12 @@ def check_state(cfg) -> None:
         )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def default_state_dir(cfg) -> Path:  # TODO(lead): remove, use resolve_state_dir
+    return resolve_state_dir(cfg.state_dir, cfg.output_dir)
+
+
+def check_state(cfg) -> None:  # TODO(lead): remove, use check_state_dir
+    check_state_dir(default_state_dir(cfg), cfg.output_dir, cfg.save_state_every, cfg.resume)
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -157,41 +133,26 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
 
 
 class CalibState:
-    """Saves and restores one calibration's statistics; `calibrate(..., calib_state=)` drives it."""
+    """Saves and restores one calibration's statistics; `calibrate(..., calib_state=)` drives it.
+    `identity` (`run_identity`) is what a resumed state must match."""
 
     def __init__(self, state_dir: str | Path, every: int, resume: bool, identity: dict[str, Any]):
         self.dir = Path(state_dir)
+        self.steps = StepFolders(self.dir, STATE_VERSION, pause="save")
         self.every = every
         self.resume = resume
         self.identity = identity
-        self.saves = 0
         self.resumed_from = 0
         self.last_saved = -1
         self._due = False
         self.stats = None  # calibration.stats.Statistics, bound by restore()
-        self._found = latest_state(self.dir) if resume else None
+        self._found = self.steps.latest() if resume else None
         if self._found is not None:
-            self._check_identity(self._found[1])
+            refuse_other_run(self._found[0], self._found[1]["identity"], identity, "calibration tokens")
 
-    def _check_identity(self, meta: dict[str, Any]) -> None:
-        saved, now = meta["identity"], self.identity
-        where = str(self._found[0])
-        hint = f"rerun with the saved run's settings, or delete {str(self.dir)!r} to start over"
-        if saved["config"] != now["config"]:
-            diff = describe_difference(saved["config"], now["config"])
-            raise ConfigError(
-                f"cannot resume {where!r}: the config differs from the saved run ({diff}); {hint}"
-            )
-        if saved["model"] != now["model"]:
-            raise ConfigError(
-                f"cannot resume {where!r}: the model's weights differ from the saved run "
-                f"(fingerprint {saved['model'][:12]} -> {now['model'][:12]}); {hint}"
-            )
-        if saved["data"] != now["data"]:
-            raise ConfigError(
-                f"cannot resume {where!r}: the calibration tokens differ from the saved run "
-                f"(sha256 {str(saved['data'])[:12]} -> {str(now['data'])[:12]}): the data set changed; {hint}"
-            )
+    @property
+    def saves(self) -> int:
+        return self.steps.saves
 
     # -- called by calibrate ---------------------------------------------------------------------
     def restore(self, stats) -> tuple[int, int, float]:
@@ -202,6 +163,7 @@ class CalibState:
                 print(f"[llm-gradprune] no saved calibration in {self.dir}: starting at batch 0", flush=True)
             return 0, 0, 0.0
         folder, meta = self._found
+        # every file of a calibration step is a stats shard (the RNG states are tensors in them)
         rng = read_tensor_shards(folder, meta["files"], self._tensors_by_key())
         for acc in stats.accumulators():
             acc.load_counters({k: meta["counters"][k] for k in acc.counters()})
@@ -229,51 +191,29 @@ class CalibState:
         if self.stats.grad is not None:  # a gradient whose fold is deferred (host staging) belongs here
             self.stats.grad.flush()
         self._due = False
-        self.saves += 1
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{batches:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.dir))
+        final = self.steps.save(batches, lambda tmp: self._write(tmp, batches, tokens, loss_sum))
+        self.last_saved = batches
+        return final
+
+    def _write(self, folder: Path, batches: int, tokens: int, loss_sum: float) -> dict[str, Any]:
         rng_tensors, rng_meta = _rng_state()
-        files = write_tensor_shards(tmp, {**rng_tensors, **self._tensors_by_key()})
-        pause_point("save", self.saves)
-        meta = {
-            "version": STATE_VERSION,
+        write_tensor_shards(folder, {**rng_tensors, **self._tensors_by_key()})
+        config_sha256 = hashlib.sha256(json.dumps(self.identity["config"], sort_keys=True).encode())
+        return {
             "batches_done": batches,
             "tokens": tokens,
             "loss_sum": loss_sum,  # a float: JSON round-trips it exactly
             "counters": accumulator_counters(self.stats),
             "rng": rng_meta,
             "identity": self.identity,
-            "config_sha256": hashlib.sha256(
-                json.dumps(self.identity["config"], sort_keys=True).encode()
-            ).hexdigest(),
-            "files": files,
+            "config_sha256": config_sha256.hexdigest(),
         }
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        final = self.dir / name
-        if final.exists():  # a leftover of an earlier, killed attempt at the same batch
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(self.dir)
-        self.last_saved = batches
-        for old in self.dir.iterdir():  # only now is the previous state redundant
-            if old != final and (old.name.startswith(".tmp-") or _step_of(old) is not None):
-                shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def clear(self) -> None:
         """Remove the state folder once the pruned checkpoint is safely in place."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.steps.clear()
 
 
-def calib_state_for(cfg, model: torch.nn.Module, token_sha256: str | None):
-    """The calib_state a job config asks for (None without --save-state-every / --resume); the support
-    table (support.py) has refused it already on the paths where it does not work."""
-    every, resume = cfg.save_state_every, cfg.resume
-    if not every and not resume:
-        return None
-    identity = {"config": config_identity(cfg), "model": model_fingerprint(model), "data": token_sha256}
-    return CalibState(default_state_dir(cfg), every, resume, identity)
+def calib_state_for(cfg, model: torch.nn.Module, token_sha256: str | None):  # TODO(lead): remove
+    return CalibState(default_state_dir(cfg), cfg.save_state_every, cfg.resume, run_identity(
+        config_identity(cfg), model, token_sha256)) if cfg.save_state_every or cfg.resume else None  # fmt: skip

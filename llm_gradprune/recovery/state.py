@@ -1,63 +1,47 @@
 """The recovery training state: trained tensors, optimizer and schedule saved every N steps, atomically,
-so a killed run resumes with the same result (bit-identical on the CPU)."""
+so a killed run resumes with the same result (bit-identical on the CPU).
+
+A state is a `step-<steps done>` folder (io/steps.py) holding the trained tensors (`stats-*.safetensors`,
+the shard format of io/stats_files.py), `optimizer.pt`, `rng.pt` and `state.json` (steps done, the
+scheduler, the training log, the run's identity, every file's size).
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..faults import pause_point
 from ..io.stats_files import read_tensor_shards, write_tensor_shards
+from ..io.steps import StepFolders, refuse_other_run
 
-STATE_VERSION = 1
-
-
-def _step_of(path: Path) -> int | None:
-    return int(path.name[5:]) if path.name.startswith("step-") and path.name[5:].isdigit() else None
+# 2: state.json lists the tensor shards apart from `files`, which now sizes every file of the step
+STATE_VERSION = 2
 
 
 class RecoverState:
-    """Saves and restores one recovery run; `recover_(..., state=)` drives it."""
+    """Saves and restores one recovery run; `recover_(..., state=)` drives it. `identity` is what a
+    resumed state must match (io.calib_state.run_identity)."""
 
     def __init__(self, folder: str | Path, every: int, resume: bool, identity: dict[str, Any]):
         self.dir, self.every, self.resume, self.identity = Path(folder), every, resume, identity
-        self.saves = 0
+        self.steps = StepFolders(self.dir, STATE_VERSION, pause="recover-save")
         self.resumed_from = 0
-        found = self.latest() if resume else None
-        if found is not None and found[1]["identity"] != identity:
-            raise ConfigError(
-                f"cannot resume {str(found[0])!r}: it belongs to another recovery run (other settings, model or "
-                f"text); delete {str(self.dir)!r} to start over"
-            )
-        self._found = found
+        self._found = self.steps.latest() if resume else None
+        if self._found is not None:
+            refuse_other_run(self._found[0], self._found[1]["identity"], identity, "training tokens")
 
-    def latest(self) -> tuple[Path, dict] | None:
-        if not self.dir.is_dir():
-            return None
-        for folder in sorted(
-            (p for p in self.dir.iterdir() if _step_of(p) is not None), key=_step_of, reverse=True
-        ):
-            try:
-                meta = json.loads((folder / "state.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if meta.get("version") == STATE_VERSION:
-                return folder, meta
-        return None
+    @property
+    def saves(self) -> int:
+        return self.steps.saves
 
     def restore(self, tensors: dict[str, torch.Tensor], optimizer, scheduler) -> tuple[int, list]:
         """Load the newest state into the live objects: (steps done, training log so far)."""
         if self._found is None:
             return 0, []
         folder, meta = self._found
-        read_tensor_shards(folder, meta["files"], tensors)
+        read_tensor_shards(folder, meta["shards"], tensors)
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
@@ -69,24 +53,14 @@ class RecoverState:
         return bool(self.every) and step % self.every == 0
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], optimizer, scheduler, log: list) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=self.dir))
-        files = write_tensor_shards(tmp, tensors)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(torch.get_rng_state(), tmp / "rng.pt")
-        meta = {"version": STATE_VERSION, "step": step, "files": files, "scheduler": scheduler.state_dict(),
-                "log": log, "identity": self.identity}  # fmt: skip
-        (tmp / "state.json").write_text(json.dumps(meta))
-        pause_point("recover-save", self.saves + 1)
-        final = self.dir / f"step-{step:08d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        self.saves += 1
-        for old in self.dir.iterdir():  # only now is the previous state redundant
-            if old != final and (old.name.startswith(".tmp-") or _step_of(old) is not None):
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+        def write(folder: Path) -> dict[str, Any]:
+            shards = write_tensor_shards(folder, tensors)
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(torch.get_rng_state(), folder / "rng.pt")
+            return {"step": step, "shards": list(shards), "scheduler": scheduler.state_dict(), "log": log,
+                    "identity": self.identity}  # fmt: skip
+
+        return self.steps.save(step, write)
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.steps.clear()
