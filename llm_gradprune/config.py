@@ -3,13 +3,16 @@
 - `PruneConfig`: what `prune_` needs: the method (criterion and its parameters, sparsity, scope,
   pattern, allocation, update rule, targets), calibration settings and layer-wise settings.
 - `JobConfig`: the job around it: model, text, evaluation, output folder, devices, resume; it holds
-  one `PruneConfig` as `prune`.
+  one `PruneConfig` as `prune`, one `RecoverConfig` as `recover` and, for a structured run, one
+  `StructureConfig` as `structured`.
 
-YAML files and CLI flags stay flat (`criterion: fisher`, `--num-samples 64`): `JobConfig.from_flat`
-sorts every key into its dataclass, and a criterion's or allocation's parameters may be given as
-`<name>_<param>` (`gblm_alpha: 100`, `--owl-lambda 0.1`) as well as in `criterion_params`. The CLI
-builds one flag per field from these same definitions (`commands/flags.py`), so a key and its flag
-never drift apart. Validation happens once, in `__post_init__`, and raises `ConfigError` with a
+Every setting is one field made by `fields.setting`: its type, choices, range, the commands that take
+it and whether it is run control are read from there by the validator, the flags, the flat keys and
+`JobConfig.identity`. YAML files and CLI flags use the same flat keys (`criterion: fisher`,
+`--num-samples 64`, `recover_lr` / `--recover-lr`): `JobConfig.from_flat` sorts every key into its
+dataclass, and a criterion's or allocation's parameters may be given as `<name>_<param>`
+(`gblm_alpha: 100`, `--owl-lambda 0.1`) as well as in `criterion_params`. Validation happens once, in
+`__post_init__` (`fields.validate`, then the rules between settings), and raises `ConfigError` with a
 one-line message naming the bad value; a setting that another one fixes is refused when it conflicts
 and reported in `notes` when its default was replaced.
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +32,7 @@ import yaml
 
 from .calibration.stats import STATISTICS
 from .errors import ConfigError
-from .fields import _f
+from .fields import FLAG_COMMANDS, Declared, declared, flat_key, setting, validate
 from .reconstruction.rules import UPDATES
 from .recovery.config import RecoverConfig
 from .scoring.allocation import ALLOCATIONS
@@ -36,9 +41,7 @@ from .selection.masks import SCOPES
 from .structured.config import STRUCTURES, StructureConfig
 from .structured.importance import IMPORTANCES
 
-NESTED = ("prune", "recover", "structured")  # JobConfig fields that hold a config of their own
-# PruneConfig settings a structured run uses too; every other one is refused alongside `structure`
-STRUCTURED_PRUNE_KEYS = ("threads", "progress")
+PRUNE_EVAL, PRUNE_RECOVER = ("prune", "eval"), ("prune", "recover")  # commands taking a setting
 DTYPES = ("float32", "bfloat16", "float16")
 ROUND_SCHEDULES = ("cubic", "linear")
 STATS_DEVICES = ("same", "cpu")
@@ -71,146 +74,135 @@ def parse_size(value: str | int, name: str = "max_shard_size") -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} {value!r} must be an integer >= {low}")
-
-
-def _check_bool(name: str, value: Any, optional: bool = False) -> None:
-    if not (isinstance(value, bool) or (optional and value is None)):
-        raise ConfigError(f"{name} {value!r} must be true or false")
-
-
 @dataclass
 class PruneConfig:
     """What `prune_` needs: method, calibration and layer-wise settings (no paths of the job)."""
 
     # -- method --------------------------------------------------------------------------------
-    criterion: str = _f("token_fisher", "importance score", "method", choices=CRITERIA.names)
-    criterion_params: dict = _f({}, "parameters of the criterion (or flags --<criterion>-<param>)", "method")
-    sparsity: float | None = _f(
+    criterion: str = setting("token_fisher", "importance score", "method", choices=CRITERIA.names)
+    criterion_params: dict = setting(
+        {}, "parameters of the criterion (or flags --<criterion>-<param>)", "method"
+    )
+    sparsity: float | None = setting(
         None,
         "fraction of target weights set to zero, in [0, 1) (default 0.5; N:M fixes it at (M-N)/M)",
         "method",
+        range="[0, 1)",
     )
-    scope: str | None = _f(
+    scope: str | None = setting(
         None,
         "weights that compete for one budget (default row; N:M patterns and sparsegpt choose their own)",
         "method",
         choices=SCOPES.names,
     )
-    pattern: str = _f(
+    pattern: str = setting(
         "unstructured", "unstructured, or N:M such as 2:4 (keep N of every M input weights)", "method"
     )
-    allocation: str = _f("uniform", "sparsity per decoder layer", "method", choices=ALLOCATIONS.names)
-    allocation_params: dict = _f(
+    allocation: str = setting("uniform", "sparsity per decoder layer", "method", choices=ALLOCATIONS.names)
+    allocation_params: dict = setting(
         {}, "parameters of the allocation (or flags --<allocation>-<param>)", "method"
     )
-    reconstruct: str | None = _f(
+    reconstruct: str | None = setting(
         None, "update of the kept weights once the mask is fixed (default: obs for sparsegpt, else none)", "method",
         choices=UPDATES.names,
     )  # fmt: skip
-    rounds: int = _f(1, "prune in this many rounds towards the target, recalibrating on the pruned model each time",
-                     "method")  # fmt: skip
-    round_schedule: str = _f(
+    rounds: int = setting(1, "prune in this many rounds towards the target, recalibrating on the pruned model each "
+                          "time", "method", range=">= 1")  # fmt: skip
+    round_schedule: str = setting(
         "cubic", "sparsity after round r of K: cubic s(1-(1-r/K)^3) (Zhu & Gupta, 2017) or linear s r/K", "method",
-        choices=lambda: ROUND_SCHEDULES,
+        choices=ROUND_SCHEDULES,
     )  # fmt: skip
-    include: list[str] = _f([], "regexes over module names; a target must match one (empty = all)", "method")
-    exclude: list[str] = _f([], "regexes over module names; a match is never pruned", "method")
-    allow_empty_tensors: bool = _f(
-        False, "allow a selection that zeroes a whole target tensor (refused by default)", "method"
+    include: list[str] = setting(
+        [], "regexes over module names; a target must match one (empty = all)", "method"
     )
+    exclude: list[str] = setting([], "regexes over module names; a match is never pruned", "method")
+    allow_empty_tensors: bool = setting(
+        False, "allow a selection that zeroes a whole target tensor (refused by default)", "method",
+        run_control=True,  # a check on the result, not a change of it
+    )  # fmt: skip
     # -- calibration ---------------------------------------------------------------------------
-    grad_accum: int = _f(
+    grad_accum: int = setting(
         1,
         "micro-batches summed into one gradient sample (sample = mean gradient of grad_accum x batch_size "
         "blocks); > 1 costs one fp32 buffer per target weight",
         "calibration",
+        range=">= 1",
     )
-    stats_device: str = _f(
+    stats_device: str = setting(
         "same",
         "where gradient statistics live: same (as each weight) or cpu (pinned, non-blocking copies "
         "from a GPU; the GPU then holds model + activations only)",
         "calibration",
-        choices=lambda: STATS_DEVICES,
+        choices=STATS_DEVICES,
     )
-    gradient_checkpointing: bool = _f(
+    gradient_checkpointing: bool = setting(
         False,
         "recompute layer activations in backward (transformers' own): less memory, ~1.3x time",
         "calibration",
     )
-    select_chunk_elems: int = _f(
+    select_chunk_elems: int = setting(
         1 << 24,
         "scores looked at per chunk in exact selection, and elements per cross-process sum (bounds memory)",
         "calibration",
+        range=">= 1",
+        run_control=True,
     )
-    scores_dir: str | None = _f(
+    scores_dir: str | None = setting(
         None,
         "global scope: hold scores on disk in a temporary folder under this one (RAM = one chunk); "
         "default: recompute them in memory",
         "calibration",
-    )
-    threads: int | None = _f(
+        unless=(lambda p: p.scope == "global" and p.pattern == "unstructured",
+                "is used only by the unstructured global scope"),
+    )  # fmt: skip
+    threads: int | None = setting(
         None,
         "CPU threads for calibration and layer-wise pruning (default: every core this process may use, "
         "shared among the processes of this machine)",
         "calibration",
+        range=">= 1",
+        run_control=True,
+        structured=True,
     )
-    progress: bool = _f(True, "show progress bars", "output")
+    progress: bool = setting(
+        True, "show progress bars", "output", commands=FLAG_COMMANDS, run_control=True, structured=True
+    )
     # -- layer-wise ----------------------------------------------------------------------------
-    sequential: bool | None = _f(
+    sequential: bool | None = setting(
         None,
         "layer-wise mode, each block calibrated on the outputs of the already-pruned blocks before it "
         "(default: on for sparsegpt and reconstruct obs/lsq, off otherwise)",
         "layer-wise",
     )
-    true_sequential: bool = _f(
+    true_sequential: bool = setting(
         False,
         "layer-wise mode: inside each block, prune its targets in stages of modules sharing one input "
         "(q/k/v, o, gate/up, down), each stage calibrated after the stages before it are pruned",
         "layer-wise",
     )
-    blocksize: int | None = _f(
-        None, "columns per block of OBS updates, a multiple of M for N:M (default 128)", "layer-wise"
+    blocksize: int | None = setting(
+        None, "columns per block of OBS updates, a multiple of M for N:M (default 128)", "layer-wise",
+        range=">= 1",
+    )  # fmt: skip
+    percdamp: float | None = setting(
+        None,
+        "Hessian damping as a fraction of its mean diagonal (default 0.01)",
+        "layer-wise",
+        range="(0, 10]",
     )
-    percdamp: float | None = _f(
-        None, "Hessian damping as a fraction of its mean diagonal (default 0.01)", "layer-wise"
-    )
-    offload_inputs: bool | None = _f(
+    offload_inputs: bool | None = setting(
         None, "keep the recorded block inputs on CPU (default false)", "layer-wise"
     )
 
     def __post_init__(self) -> None:
+        validate(self)
         self.notes: list[str] = []  # defaults another setting replaced, said in the report
         crit = CRITERIA.get(self.criterion)
         self.nm = parse_pattern(self.pattern)
-        if self.sparsity is None:
-            self.sparsity = 0.5 if self.nm is None else 1.0 - self.nm[0] / self.nm[1]
-            if self.nm is not None:
-                self.notes.append(f"sparsity set to {self.sparsity:g} by pattern {self.pattern}")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int | float):
-            raise ConfigError(f"sparsity {self.sparsity!r} must be a number in [0, 1)")
-        if not 0.0 <= float(self.sparsity) < 1.0:
-            raise ConfigError(f"sparsity {self.sparsity!r} is outside [0, 1)")
-        self.sparsity = float(self.sparsity)
-        if self.nm is not None and abs(self.sparsity - (1.0 - self.nm[0] / self.nm[1])) > 1e-9:
-            fixed = 1.0 - self.nm[0] / self.nm[1]
-            raise ConfigError(
-                f"sparsity {self.sparsity:g} conflicts with pattern {self.pattern}, which fixes it at {fixed:g}: "
-                "drop sparsity"
-            )
-        if not isinstance(self.criterion_params, dict):
-            raise ConfigError(
-                f"criterion_params {self.criterion_params!r} must map parameter names to values"
-            )
+        self._resolve_sparsity()
         self.criterion_params = crit.resolve_params(self.criterion_params)
         self._check_scope(crit)
         alloc = ALLOCATIONS.get(self.allocation)
-        if not isinstance(self.allocation_params, dict):
-            raise ConfigError(
-                f"allocation_params {self.allocation_params!r} must map parameter names to values"
-            )
         self.allocation_params = alloc.resolve_params(self.allocation_params, self.sparsity)
         if alloc.needs and (self.nm is not None or self.scope == "global"):
             what = (
@@ -221,30 +213,8 @@ class PruneConfig:
             raise ConfigError(f"allocation {self.allocation!r} sets one sparsity per layer: {what}")
         if self.reconstruct is None:
             self.reconstruct = "obs" if crit.adaptive else "none"
-        UPDATES.get(self.reconstruct)
-        if self.stats_device not in STATS_DEVICES:
-            raise ConfigError(
-                f"stats_device {self.stats_device!r} is unknown: choose one of {', '.join(STATS_DEVICES)}"
-            )
-        _check_int("grad_accum", self.grad_accum, 1)
-        _check_int("select_chunk_elems", self.select_chunk_elems, 1)
-        if self.threads is not None:
-            _check_int("threads", self.threads, 1)
-        for name in ("gradient_checkpointing", "progress", "allow_empty_tensors", "true_sequential"):
-            _check_bool(name, getattr(self, name))
-        _check_bool("sequential", self.sequential, optional=True)
-        if self.scores_dir is not None and (self.scope != "global" or self.nm is not None):
-            raise ConfigError(f"scores_dir {self.scores_dir!r} is used only by the unstructured global scope")
-        for name in ("include", "exclude"):
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
         self._check_gradient_settings(crit)
         self._check_layer_wise()
-        _check_int("rounds", self.rounds, 1)
-        if self.round_schedule not in ROUND_SCHEDULES:
-            raise ConfigError(
-                f"round_schedule {self.round_schedule!r} is unknown: choose one of {', '.join(ROUND_SCHEDULES)}"
-            )
         if self.rounds > 1 and self.allocation != "uniform":
             raise ConfigError(
                 f"rounds {self.rounds} with allocation {self.allocation!r}: each round would allocate anew and could "
@@ -256,9 +226,21 @@ class PruneConfig:
                 "its own mask and could not keep the earlier rounds' zeros inside the pattern"
             )
 
+    def _resolve_sparsity(self) -> None:
+        """An N:M pattern fixes the sparsity at (M-N)/M: the default follows it, another value is refused."""
+        fixed = None if self.nm is None else 1.0 - self.nm[0] / self.nm[1]
+        if self.sparsity is None:
+            self.sparsity = 0.5 if fixed is None else fixed
+            if fixed is not None:
+                self.notes.append(f"sparsity set to {self.sparsity:g} by pattern {self.pattern}")
+        if fixed is not None and abs(self.sparsity - fixed) > 1e-9:
+            raise ConfigError(
+                f"sparsity {self.sparsity:g} conflicts with pattern {self.pattern}, which fixes it at {fixed:g}: "
+                "drop sparsity"
+            )
+
     def _check_scope(self, crit) -> None:
         if self.scope is not None:
-            SCOPES.get(self.scope)
             if self.nm is not None:
                 raise ConfigError(
                     f"scope {self.scope!r} conflicts with pattern {self.pattern}: N:M keeps N of every M weights "
@@ -310,17 +292,10 @@ class PruneConfig:
         self.blocksize = 128 if self.blocksize is None else self.blocksize
         self.percdamp = 0.01 if self.percdamp is None else self.percdamp
         self.offload_inputs = False if self.offload_inputs is None else self.offload_inputs
-        _check_bool("offload_inputs", self.offload_inputs)
-        _check_int("blocksize", self.blocksize, 1)
-        if self.layer_wise and self.nm is not None and self.blocksize % self.nm[1]:
+        if self.nm is not None and self.blocksize % self.nm[1]:
             raise ConfigError(
                 f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]} of pattern {self.pattern}"
             )
-        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, int | float):
-            raise ConfigError(f"percdamp {self.percdamp!r} must be in (0, 10]")
-        if not 0.0 < float(self.percdamp) <= 10.0:
-            raise ConfigError(f"percdamp {self.percdamp!r} must be in (0, 10]")
-        self.percdamp = float(self.percdamp)
 
     @property
     def layer_wise(self) -> bool:
@@ -336,85 +311,121 @@ class JobConfig:
     """The job around pruning: model, text, evaluation, output, devices and resume. Holds `prune`."""
 
     # -- model and data ------------------------------------------------------------------------
-    model: str = _f("builtin:smollm2-135m", "Hub id, local folder, or builtin:smollm2-135m", "model and data")
-    dataset: str = _f(
-        "builtin:imdb", "builtin:imdb, a Hub data set id (streamed), or a .txt/.jsonl/.csv/.parquet file",
-        "model and data",
-    )  # fmt: skip
-    dataset_config: str | None = _f(
-        None, "Hub data set configuration name, if it has several", "model and data"
+    model: str = setting(
+        "builtin:smollm2-135m", "Hub id, local folder, or builtin:smollm2-135m", "model and data"
     )
-    split: str = _f(
+    dataset: str = setting(
+        "builtin:imdb", "builtin:imdb, a Hub data set id (streamed), or a .txt/.jsonl/.csv/.parquet file",
+        "model and data", commands=FLAG_COMMANDS,
+    )  # fmt: skip
+    dataset_config: str | None = setting(
+        None, "Hub data set configuration name, if it has several", "model and data", commands=FLAG_COMMANDS
+    )
+    split: str = setting(
         "train",
         "split read for calibration (builtin/local files: train = calibration part)",
         "model and data",
+        commands=PRUNE_RECOVER,
     )
-    text_column: str = _f("text", "column holding the text in tabular sources", "model and data")
-    num_samples: int = _f(64, "calibration blocks of seq_len tokens", "model and data")
-    seq_len: int = _f(
-        512, "tokens per calibration block (never defaults to the model's context)", "model and data"
+    text_column: str = setting(
+        "text", "column holding the text in tabular sources", "model and data", commands=FLAG_COMMANDS
     )
-    batch_size: int = _f(1, "blocks per micro-batch; one gradient sample = one micro-batch", "model and data")
-    seed: int = _f(0, "seed of the calibration block order", "model and data")
-    dtype: str = _f("float32", "model weights dtype; statistics are always fp32", "model and data",
-                    choices=lambda: DTYPES)  # fmt: skip
-    trust_remote_code: bool = _f(False, "allow model code from the Hub (off unless asked)", "model and data")
-    # -- evaluation ----------------------------------------------------------------------------
-    eval: bool = _f(False, "evaluate dense and pruned perplexity on the same held-out windows", "evaluation")
-    eval_split: str = _f(
-        "test", "split read for evaluation (builtin/local files: test = held-out part)", "evaluation"
+    num_samples: int = setting(64, "calibration blocks of seq_len tokens", "model and data", range=">= 0")
+    seq_len: int = setting(
+        512,
+        "tokens per calibration block (never defaults to the model's context)",
+        "model and data",
+        range=">= 1",
     )
-    eval_num_samples: int = _f(64, "evaluation windows of eval_seq_len tokens", "evaluation")
-    eval_seq_len: int | None = _f(None, "tokens per evaluation window (default: seq_len)", "evaluation")
-    eval_batch_size: int = _f(4, "evaluation windows per forward pass", "evaluation")
-    eval_stride: int | None = _f(
-        None, "score only the last eval_stride tokens of overlapping windows (more context)", "evaluation"
+    batch_size: int = setting(
+        1, "blocks per micro-batch; one gradient sample = one micro-batch", "model and data", range=">= 1"
     )
-    eval_tasks: list[str] = _f(
-        [], "lm-evaluation-harness tasks to score before and after pruning, e.g. boolq,arc_easy (lmeval extra)",
-        "evaluation",
+    seed: int = setting(
+        0, "seed of the calibration block order", "model and data", range=">= 0", commands=PRUNE_EVAL
+    )
+    dtype: str = setting("float32", "model weights dtype; statistics are always fp32", "model and data",
+                         choices=DTYPES, commands=FLAG_COMMANDS)  # fmt: skip
+    trust_remote_code: bool = setting(
+        False, "allow model code from the Hub (off unless asked)", "model and data", commands=FLAG_COMMANDS
+    )
+    # -- evaluation: none of it changes the pruned weights --------------------------------------
+    eval: bool = setting(
+        False, "evaluate dense and pruned perplexity on the same held-out windows", "evaluation",
+        commands=PRUNE_RECOVER, run_control=True,
     )  # fmt: skip
-    eval_tasks_include_path: str | None = _f(
-        None, "a folder of lm-eval task YAML files (offline tasks)", "evaluation"
+    eval_split: str = setting(
+        "test", "split read for evaluation (builtin/local files: test = held-out part)", "evaluation",
+        commands=FLAG_COMMANDS, run_control=True,
+    )  # fmt: skip
+    eval_num_samples: int = setting(64, "evaluation windows of eval_seq_len tokens", "evaluation", range=">= 1",
+                                    commands=FLAG_COMMANDS, run_control=True)  # fmt: skip
+    eval_seq_len: int | None = setting(None, "tokens per evaluation window (default: seq_len)", "evaluation",
+                                       range=">= 1", commands=FLAG_COMMANDS, run_control=True)  # fmt: skip
+    eval_batch_size: int = setting(4, "evaluation windows per forward pass", "evaluation", range=">= 1",
+                                   commands=FLAG_COMMANDS, run_control=True)  # fmt: skip
+    eval_stride: int | None = setting(
+        None, "score only the last eval_stride tokens of overlapping windows (more context)", "evaluation",
+        range=">= 1", commands=FLAG_COMMANDS, run_control=True,
+    )  # fmt: skip
+    eval_tasks: list[str] = setting(
+        [], "lm-evaluation-harness tasks to score before and after pruning, e.g. boolq,arc_easy (lmeval extra)",
+        "evaluation", commands=PRUNE_EVAL, run_control=True,
+    )  # fmt: skip
+    eval_tasks_include_path: str | None = setting(
+        None, "a folder of lm-eval task YAML files (offline tasks)", "evaluation", commands=PRUNE_EVAL,
+        run_control=True,
+    )  # fmt: skip
+    eval_tasks_limit: int | None = setting(
+        None, "score only the first N examples of each task (a quick look)", "evaluation", range=">= 1",
+        commands=PRUNE_EVAL, run_control=True,
+    )  # fmt: skip
+    eval_tasks_fewshot: int | None = setting(
+        None, "few-shot examples per task (default: each task's own)", "evaluation", range=">= 0",
+        commands=PRUNE_EVAL, run_control=True,
+    )  # fmt: skip
+    # -- output: where and how the result is written, not what it is ---------------------------
+    output_dir: str = setting("out/pruned", "where the pruned checkpoint and report are written", "output",
+                              commands=PRUNE_RECOVER, run_control=True)  # fmt: skip
+    overwrite: bool = setting(False, "replace a non-empty output directory", "output", commands=PRUNE_RECOVER,
+                              run_control=True)  # fmt: skip
+    max_shard_size: str = setting("5GB", "largest safetensors shard written (e.g. 500MB, 5GB)", "output",
+                                  commands=PRUNE_RECOVER, run_control=True)  # fmt: skip
+    push_to_hub: str | None = setting(
+        None, "push the verified checkpoint to this Hub repo (user/name)", "output", run_control=True
     )
-    eval_tasks_limit: int | None = _f(
-        None, "score only the first N examples of each task (a quick look)", "evaluation"
-    )
-    eval_tasks_fewshot: int | None = _f(
-        None, "few-shot examples per task (default: each task's own)", "evaluation"
-    )
-    # -- output --------------------------------------------------------------------------------
-    output_dir: str = _f("out/pruned", "where the pruned checkpoint and report are written", "output")
-    overwrite: bool = _f(False, "replace a non-empty output directory", "output")
-    max_shard_size: str = _f("5GB", "largest safetensors shard written (e.g. 500MB, 5GB)", "output")
-    push_to_hub: str | None = _f(None, "push the verified checkpoint to this Hub repo (user/name)", "output")
-    push_private: bool = _f(False, "with push_to_hub: create the repo private", "output")
-    push_revision: str | None = _f(
-        None, "with push_to_hub: the branch to push to (created if missing)", "output"
-    )
+    push_private: bool = setting(False, "with push_to_hub: create the repo private", "output", run_control=True,
+                                 unless=(lambda j: bool(j.push_to_hub), "applies only with push_to_hub"))  # fmt: skip
+    push_revision: str | None = setting(
+        None, "with push_to_hub: the branch to push to (created if missing)", "output", run_control=True,
+        unless=(lambda j: bool(j.push_to_hub), "applies only with push_to_hub"),
+    )  # fmt: skip
     # -- devices and processes -----------------------------------------------------------------
-    device: str | None = _f(
-        None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice", "distributed"
-    )
-    fsdp: bool = _f(
+    device: str | None = setting(
+        None, "force a device (cpu, cuda, cuda:1); default: Accelerate's choice", "distributed",
+        commands=FLAG_COMMANDS, run_control=True,
+    )  # fmt: skip
+    fsdp: bool = setting(
         False,
         "with several processes, shard the weights by rows (torch FSDP2) instead of replicating them; "
         "implied by an accelerate config with distributed_type FSDP",
         "distributed",
     )
     # -- resume --------------------------------------------------------------------------------
-    save_state_every: int = _f(
-        0, "save the calibration state every N batches (0 = never) for --resume", "resume"
-    )
-    resume: bool = _f(
-        False, "continue calibration from the last saved state (see save_state_every)", "resume"
-    )
-    state_dir: str | None = _f(
-        None, "folder of the saved calibration state (default: <output_dir>.calib-state)", "resume"
-    )
-    prune: PruneConfig = field(default_factory=PruneConfig, metadata={"group": None})
-    recover: RecoverConfig = field(default_factory=RecoverConfig, metadata={"group": None})
-    structured: StructureConfig | None = field(default=None, metadata={"group": None})
+    save_state_every: int = setting(
+        0, "save the calibration state every N calibration batches (0 = never) for --resume", "resume",
+        range=">= 0", run_control=True,
+    )  # fmt: skip
+    resume: bool = setting(
+        False, "continue calibration (prune) or training (recover) from the last saved state", "resume",
+        commands=PRUNE_RECOVER, run_control=True,
+    )  # fmt: skip
+    state_dir: str | None = setting(
+        None, "folder of the saved calibration state (default: <output_dir>.calib-state)", "resume",
+        run_control=True,
+    )  # fmt: skip
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    structured: StructureConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prune, dict):
@@ -425,28 +436,11 @@ class JobConfig:
             self.recover = RecoverConfig()
         if isinstance(self.structured, dict):
             self.structured = StructureConfig(**self.structured)
+        validate(self)
         if self.structured is not None:
             self._check_structured()
-        if self.eval_tasks_fewshot is not None:
-            _check_int("eval_tasks_fewshot", self.eval_tasks_fewshot, 0)
-        for name in ("num_samples", "seq_len", "batch_size", "seed", "eval_num_samples", "eval_batch_size",
-                     "save_state_every"):  # fmt: skip
-            _check_int(
-                name, getattr(self, name), 0 if name in ("num_samples", "seed", "save_state_every") else 1
-            )
-        if isinstance(self.eval_tasks, str):
-            self.eval_tasks = [self.eval_tasks]
         self.eval_tasks = [t.strip() for item in self.eval_tasks for t in str(item).split(",") if t.strip()]
-        for name in ("eval_seq_len", "eval_stride", "eval_tasks_limit"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        for name in ("trust_remote_code", "eval", "overwrite", "fsdp", "resume"):
-            _check_bool(name, getattr(self, name))
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is unknown: choose one of {', '.join(DTYPES)}")
         self.max_shard_bytes = parse_size(self.max_shard_size)
-        if (self.push_private or self.push_revision) and not self.push_to_hub:
-            raise ConfigError("push_private / push_revision apply only with push_to_hub")
         p = self.prune
         crit, alloc = CRITERIA.get(p.criterion), ALLOCATIONS.get(p.allocation)
         if self.num_samples == 0 and (crit.needs_calibration or p.layer_wise):
@@ -462,9 +456,11 @@ class JobConfig:
 
     def _check_structured(self) -> None:
         """A structured run removes units instead of zeroing weights: unstructured settings are refused."""
-        s, default = self.structured, PruneConfig(threads=self.prune.threads, progress=self.prune.progress)
+        s = self.structured
+        kept = [d.field.name for d in declared(PruneConfig) if d.spec.structured]
+        default = PruneConfig(**{name: getattr(self.prune, name) for name in kept})
         for name, value in self.prune.to_dict().items():
-            if name not in STRUCTURED_PRUNE_KEYS and value != getattr(default, name):
+            if name not in kept and value != getattr(default, name):
                 raise ConfigError(
                     f"{name} {value!r} applies to unstructured pruning, but structure {s.structure!r} removes whole "
                     "units (importance, target_params and keep_* choose them): drop one or the other"
@@ -500,55 +496,61 @@ class JobConfig:
         )
 
     # -- flat YAML and flags -------------------------------------------------------------------
+    def _holder(self, cls: type) -> Any:
+        return {JobConfig: self, PruneConfig: self.prune, StructureConfig: self.structured,
+                RecoverConfig: self.recover}[cls]  # fmt: skip
+
     def to_flat(self) -> dict[str, Any]:
-        """Every setting under its flat key: what prune_config.yaml holds and `from_flat` reads back."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NESTED}
-        prune = self.prune.to_dict()
-        if self.structured is not None:  # the unstructured method does not apply: its keys would mislead
-            prune = {k: v for k, v in prune.items() if k in STRUCTURED_PRUNE_KEYS}
-            prune = {**self.structured.to_dict(), **prune}
-        return {**out, **prune, "recover": self.recover.to_dict()}
+        """Every setting under its flat key: what prune_config.yaml holds and `from_flat` reads back.
+
+        A structured run leaves out the unstructured method's settings (they would mislead), an
+        unstructured one the structure's."""
+        out = {}
+        for cls, d in flat_settings():
+            holder = self._holder(cls)
+            if holder is None or (
+                cls is PruneConfig and self.structured is not None and not d.spec.structured
+            ):
+                continue
+            out[d.key] = getattr(holder, d.field.name)
+        return out
+
+    def identity(self, with_recovery: bool = False) -> dict[str, Any]:
+        """The flat settings a saved state depends on, JSON-normalised: all but run control; the recovery
+        training settings only `with_recovery` (a calibration state does not depend on them)."""
+        skip = {
+            d.key
+            for cls, d in flat_settings()
+            if d.spec.run_control or (cls is RecoverConfig and not with_recovery)
+        }
+        values = {k: v for k, v in self.to_flat().items() if k not in skip}
+        return json.loads(json.dumps(values, sort_keys=True, default=str))
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_flat(), sort_keys=False))
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> JobConfig:
-        job_keys = [f.name for f in dataclasses.fields(cls) if f.name not in NESTED]
-        prune_keys = [f.name for f in dataclasses.fields(PruneConfig)]
-        recover_keys = {f"recover_{f.name}": f.name for f in dataclasses.fields(RecoverConfig)}
-        structure_keys = [f.name for f in dataclasses.fields(StructureConfig)]
+        """A job from flat keys (`criterion`, `recover_lr`, `gblm_alpha`, ...); a legacy `recover:` section
+        is read as its `recover_<name>` keys."""
+        values = unnest_recover(values)
+        keys = {d.key: (owner, d.field.name) for owner, d in flat_settings()}
         aliases = param_aliases()
-        known = job_keys + prune_keys + structure_keys + list(aliases) + list(recover_keys) + ["recover"]
-        job, prune, recover, structure = {}, {}, {}, {}
+        given: dict[type, dict[str, Any]] = {
+            JobConfig: {},
+            PruneConfig: {},
+            StructureConfig: {},
+            RecoverConfig: {},
+        }
         for key, value in values.items():
-            if key in job_keys:
-                job[key] = value
-            elif key in structure_keys:
-                structure[key] = value
-            elif key in prune_keys:
-                prune[key] = value
-            elif key == "recover":
-                if not isinstance(value, dict):
-                    raise ConfigError(
-                        f"recover {value!r} must be a section of recovery settings (steps, lr, ...)"
-                    )
-                unknown = [k for k in value if f"recover_{k}" not in recover_keys]
-                if unknown:
-                    near = difflib.get_close_matches(
-                        unknown[0], [f.name for f in dataclasses.fields(RecoverConfig)], n=1
-                    )
-                    hint = f" (did you mean {near[0]!r}?)" if near else ""
-                    raise ConfigError(f"unknown recover key {unknown[0]!r}{hint}")
-                recover.update(value)
-            elif key in recover_keys:
-                recover[recover_keys[key]] = value
-            elif key in aliases:
-                continue
-            else:
-                near = difflib.get_close_matches(key, known, n=1)
+            if key in keys:
+                owner, name = keys[key]
+                given[owner][name] = value
+            elif key not in aliases:
+                near = difflib.get_close_matches(key, [*keys, *aliases], n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
                 raise ConfigError(f"unknown config key {key!r}{hint}")
+        prune, structure = given[PruneConfig], given[StructureConfig]
         for key, (kind, owner, param) in aliases.items():
             if key not in values:
                 continue
@@ -562,12 +564,42 @@ class JobConfig:
             raise ConfigError(
                 f"{key} applies to structured pruning only: give structure ({', '.join(STRUCTURES)}) with it"
             )
-        return cls(**job, prune=PruneConfig(**prune), recover=RecoverConfig(**recover),
+        return cls(**given[JobConfig], prune=PruneConfig(**prune), recover=RecoverConfig(**given[RecoverConfig]),
                    structured=StructureConfig(**structure) if structure else None)  # fmt: skip
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> JobConfig:
         return cls.from_flat({**read_yaml(path), **overrides})
+
+
+@functools.cache
+def flat_settings() -> tuple[tuple[type, Declared], ...]:
+    """(config class, setting) of every setting of a job, by flat key: the YAML keys and the flags."""
+    return tuple(
+        (cls, d) for cls in (JobConfig, StructureConfig, PruneConfig, RecoverConfig) for d in declared(cls)
+    )
+
+
+def unnest_recover(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with a `recover:` section (prune_config.yaml before recovery keys were flat) replaced by its
+    `recover_<name>` keys, so an old file repeats its run; a setting given both ways is refused."""
+    if "recover" not in values:
+        return values
+    section = values["recover"]
+    if not isinstance(section, dict):
+        raise ConfigError(f"recover {section!r} must be a section of recovery settings (steps, lr, ...)")
+    names = [f.name for f in dataclasses.fields(RecoverConfig)]
+    out = {k: v for k, v in values.items() if k != "recover"}
+    for name, value in section.items():
+        if name not in names:
+            near = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"unknown recover key {name!r}{hint}")
+        key = flat_key(RecoverConfig, name)
+        if key in out:
+            raise ConfigError(f"{key} is given twice, as {key} and in the recover section: give it once")
+        out[key] = value
+    return out
 
 
 def param_aliases() -> dict[str, tuple[str, str, str]]:
@@ -581,6 +613,7 @@ def param_aliases() -> dict[str, tuple[str, str, str]]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The flat keys of a config file (a legacy `recover:` section unnested, so flags can override it)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -594,4 +627,4 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-    return values
+    return unnest_recover(values)

@@ -7,7 +7,7 @@ update rule, and which executor runs it. It checks the support table before anyt
 
 `resolve_budgets` turns the sparsity into one budget per tensor (uniform, an allocation such as OWL, or
 the exact per-tensor counts of the global scope) and refuses a budget that would zero a whole tensor.
-`prune_group` prunes a group of tensors: score -> select -> update -> record. The executors differ only
+`prune_stage` prunes a group of tensors: score -> select -> update -> record. The executors differ only
 in the groups they hand it (all targets, one block, one stage) and the collective they give it.
 `build_report` writes the one report every path returns.
 """
@@ -30,10 +30,11 @@ from .errors import ConfigError
 from .parallel import Collective
 from .reconstruction.obs import sparsegpt_
 from .reconstruction.rules import UPDATES, UpdateRule
+from .report import calibration_record
 from .scoring.allocation import ALLOCATIONS, Allocation, allocate
 from .scoring.criteria import CRITERIA, Criterion, sparsegpt_prior
 from .selection.masks import empty_tensors, global_sparsities, mask_summary, select_mask
-from .support import Run, check_support
+from .support import SupportQuery, check_support
 from .targets import check_nm_fits, find_targets, weight_rows
 
 log = logging.getLogger("llm_gradprune")
@@ -56,7 +57,7 @@ class Plan:
     targets: dict[str, nn.Module]  # module name -> module
     shapes: dict[str, tuple[int, int]]  # weight name -> global (rows, row length)
     whole_stats: set[str]  # mean statistics gathered over the whole (dense) model first
-    group_stats: set[str]  # mean statistics gathered per group (layer-wise: per block or stage)
+    stage_stats: set[str]  # mean statistics gathered per group (layer-wise: per block or stage)
     notes: list[str] = field(default_factory=list)
     # pruning in rounds: weights pruned by earlier rounds (always pruned again), and an N:M pattern the
     # later rounds must stay able to reach (at most M-N pruned in any group of M)
@@ -88,7 +89,7 @@ def make_plan(
 ) -> Plan:
     """Decide the run: targets, statistics, update rule and executor; refuse what is not supported."""
     collective = collective or Collective()
-    run = Run(cfg, processes=collective.processes, sharded=collective.rows_sharded, resume=resume)
+    run = SupportQuery(cfg, processes=collective.processes, sharded=collective.rows_sharded, resume=resume)
     check_support(run)
     crit = CRITERIA.get(cfg.criterion)
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
@@ -197,7 +198,7 @@ def resolve_budgets(
 # -- the one pruning step --------------------------------------------------------------------------
 @dataclass
 class Record:
-    """What prune_group writes down per tensor (local counts; the report sums them across row shards)."""
+    """What prune_stage writes down per tensor (local counts; the report sums them across row shards)."""
 
     per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -243,7 +244,7 @@ def prune_tensor(
     return mask, plan.update.apply(weight, hessian, mask, cfg.blocksize, cfg.percdamp)
 
 
-def prune_group(
+def prune_stage(
     plan: Plan,
     names: list[str],
     weights: dict[str, torch.Tensor],
@@ -347,26 +348,24 @@ def build_report(
         "empty_tensors": [n for n, t in per_tensor.items() if t["numel"] and t["zeros"] == t["numel"]],
         "notes": list(plan.notes),
         "rounds": None,  # pruning in rounds fills it (rounds)
-        "calibration": {
-            "batches": counters["batches"],
-            "tokens": counters["tokens"],
-            "grad_accum": cfg.grad_accum,
-            "gradient_samples": counters.get("samples", 0) if stats.needs_backward else 0,
-            "stats_device": cfg.stats_device,
-            "gradient_checkpointing": cfg.gradient_checkpointing,
-            "recomputed_layers": counters.get("recomputed_layers", 0),
-            "mean_loss": counters["mean_loss"],
-            "statistics": sorted(
-                {STATISTICS.get(s).accumulator for s in plan.whole_stats | plan.group_stats}
-            ),
+        "calibration": calibration_record(
+            batches=counters["batches"],
+            tokens=counters["tokens"],
+            grad_accum=cfg.grad_accum,
+            gradient_samples=counters.get("samples", 0) if stats.needs_backward else 0,
+            stats_device=cfg.stats_device,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            recomputed_layers=counters.get("recomputed_layers", 0),
+            mean_loss=counters["mean_loss"],
+            statistics=sorted({STATISTICS.get(s).accumulator for s in plan.whole_stats | plan.stage_stats}),
             # per tensor, only those that skipped a non-finite gradient batch
-            "skipped_nonfinite": {n: c for n, c in (grad.skipped if grad else {}).items() if c},
-            "processes": plan.collective.processes,
-            "sharding": plan.collective.sharding,
-            "reduce": counters.get("reduce"),
-            "resumed_from_batch": counters.get("resumed_from_batch"),
-            "state_saves": counters.get("state_saves", 0),
-        },
+            skipped_nonfinite={n: c for n, c in (grad.skipped if grad else {}).items() if c},
+            processes=plan.collective.processes,
+            sharding=plan.collective.sharding,
+            reduce=counters.get("reduce"),
+            resumed_from_batch=counters.get("resumed_from_batch"),
+            state_saves=counters.get("state_saves", 0),
+        ),
         "mode": {
             "executor": plan.executor,
             "layer_wise": plan.executor == "layer_wise",
@@ -390,6 +389,20 @@ def build_report(
         "timings_s": {k: float(timings.get(k, 0.0)) for k in TIMING_KEYS},
         "per_tensor": per_tensor,
     }
+
+
+@dataclass
+class RunInputs:
+    """What `prune_` hands an executor besides the model and the plan: the text, how it is turned into a
+    loss, and the optional saved or given statistics. The executors share it (and so one signature)."""
+
+    batches: Any = None  # an iterable of micro-batches (None: no calibration)
+    loss_fn: Any = None  # (model, batch) -> loss; None means calibration.loop.causal_lm_loss
+    accelerator: Any = None
+    return_masks: bool = True
+    num_batches: int | None = None
+    calib_state: Any = None  # io.calib_state.CalibState: saves and resumes the calibration pass
+    statistics: Any = None  # calibration.stats.Statistics filled before (a sweep calibrates once)
 
 
 class Timer:

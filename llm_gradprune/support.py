@@ -37,7 +37,7 @@ PATH_TITLES = {
 
 
 @dataclass(frozen=True)
-class Run:
+class SupportQuery:
     """What the support table looks at: the pruning settings and how the job around them runs."""
 
     prune: PruneConfig
@@ -57,7 +57,7 @@ class Run:
         return name + ("_multi" if self.processes > 1 else "")
 
 
-def _reads(run: Run, stat: str) -> bool:
+def _reads(run: SupportQuery, stat: str) -> bool:
     p = run.prune
     needs = CRITERIA.get(p.criterion).statistics(p.criterion_params) | set(
         ALLOCATIONS.get(p.allocation).needs
@@ -68,7 +68,7 @@ def _reads(run: Run, stat: str) -> bool:
 @dataclass(frozen=True)
 class Option:
     name: str
-    active: Callable[[Run], bool]
+    active: Callable[[SupportQuery], bool]
     refused: dict[str, str] = field(default_factory=dict)  # path -> reason
     example: dict = field(default_factory=dict)  # settings that turn it on (for the tests and the docs)
 
@@ -105,6 +105,12 @@ OPTIONS: list[Option] = [
     Option("scores_dir", lambda r: r.prune.scores_dir is not None, {},
            {"criterion": "fisher", "scope": "global", "scores_dir": "{tmp}/scores", "allow_empty_tensors": True}),
     Option("pattern N:M", lambda r: r.prune.nm is not None, {}, {"criterion": "fisher", "pattern": "2:4"}),
+    # before the plain resume row: with rounds this reason is the one that applies on every path
+    Option("save_state_every / resume with rounds", lambda r: r.resume and r.prune.rounds > 1,
+           {p: "each round recalibrates the model the rounds before it pruned, so no single calibration state "
+               "describes the run: prune in one round to resume, or without save_state_every"
+            for p in PATHS},
+           {"criterion": "fisher", "save_state_every": 2, "rounds": 2}),
     Option("save_state_every / resume", lambda r: r.resume,
            {"whole_model_multi": ONE_PROCESS, "layer_wise_multi": ONE_PROCESS,
             "layer_wise": "only the whole-model calibration is resumable, not a layer-wise pass",
@@ -124,7 +130,7 @@ OPTIONS: list[Option] = [
 ]  # fmt: skip
 
 
-def refusal(run: Run) -> str | None:
+def refusal(run: SupportQuery) -> str | None:
     """The first reason this run is not supported, or None."""
     for option in OPTIONS:
         reason = option.refused.get(run.path)
@@ -133,7 +139,7 @@ def refusal(run: Run) -> str | None:
     return None
 
 
-def check_support(run: Run) -> None:
+def check_support(run: SupportQuery) -> None:
     reason = refusal(run)
     if reason is not None:
         raise ConfigError(reason)

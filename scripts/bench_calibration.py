@@ -1,22 +1,20 @@
 """Benchmark calibration memory and speed against a plain loop that keeps gradients.
 
-    PYTHONPATH=$PWD nice -n 10 python scripts/bench_calibration.py --out bench_calibration.json \
+    nice -n 10 python scripts/bench_calibration.py --out out/bench_calibration.json \
         [--models smollm2,tinyllama --dtypes float32,bfloat16 --batches 5 --seq-len 256 --tinyllama-layers 4]
-    PYTHONPATH=$PWD nice -n 10 python scripts/bench_calibration.py --models smollm2 --dtypes float32 \
-        --criterion token_fisher --variants naive,ours,alone --threads 1 --repeats 3 \
-        --out docs/bench_calibration_token_fisher.json
+    nice -n 10 python scripts/bench_calibration.py --models smollm2 --dtypes float32 \
+        --criterion token_fisher --threads 1 --repeats 3 \
+        --out out/bench_calibration_token_fisher.json
 
 For every (model, dtype), on the same blocks (built-in IMDB calibration blocks, or random tokens for
 the random-weight model) and each in a fresh process:
   (a) naive: the target weights (every Linear in the decoder layers) are trainable, the rest frozen,
       and forward+backward runs per batch with the gradients left to accumulate in `.grad`, which is
       what a naive gradient pruner does before it reads them;
-  (b) ours: `calibrate()` with `GradStats` holding only the criterion's sums (fisher: sum g^2, fp32),
-      each gradient folded in and freed by its post-accumulate hook;
-  (c) alone (--variants naive,ours,alone, for a criterion that reads no gradient sums, e.g.
-      --criterion token_fisher): the same statistics without the `GradStats` that only makes the
-      weights trainable, so no weight gradient is formed and the backward starts at the hooked
-      layer outputs (what make_statistics would build if it left that accumulator out).
+  (b) ours: `calibrate()` with the statistics `make_statistics` builds for --criterion: for fisher,
+      `GradStats` holding only sum g^2 (fp32), each gradient folded in and freed by its
+      post-accumulate hook; for a criterion that reads no gradient sums (token_fisher) no weight
+      gradient is formed at all and the backward starts at the hooked layer outputs.
 One warm-up batch, then --batches timed batches of 1 x --seq-len tokens. Reported: tokens/s over the
 timed batches, and the peak resident memory of the calibration phase (VmHWM after resetting it once the
 model is built, so model construction does not hide the difference) and of the whole process
@@ -37,8 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def vm_kb(field: str) -> int:
@@ -127,10 +123,6 @@ def worker(args) -> dict:
     else:
         crit = get(args.criterion)
         stats = make_statistics(crit.statistics(crit.resolve_params({})), targets)
-        if args.variant == "alone":
-            if stats.grad is None or stats.grad.needs:
-                raise SystemExit(f"variant alone: criterion {args.criterion!r} reads gradient sums")
-            del stats.by_source["grad"]
         calibrate(model, warm, stats, progress=False)
         t, c = time.perf_counter(), time.process_time()
         calibrate(model, timed, stats, progress=False)
@@ -148,6 +140,45 @@ def worker(args) -> dict:
     }  # fmt: skip
 
 
+VARIANTS = ("naive", "ours")
+
+
+def one_run(args, model: str, dtype: str, variant: str) -> dict:
+    """One worker process: one variant's numbers."""
+    cmd = [sys.executable, __file__, "--worker", "--model", model, "--dtype", dtype,
+           "--variant", variant, "--batches", str(args.batches), "--seq-len", str(args.seq_len),
+           "--tinyllama-layers", str(args.tinyllama_layers), "--criterion", args.criterion,
+           "--threads", str(args.threads)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{model} {dtype} {variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(args, model: str, dtype: str) -> dict:
+    """The plain loop against ours on one (model, dtype), repeats alternating; one table row."""
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for rep in range(args.repeats):  # alternate the order so drift in the box's load hits both
+        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
+            runs[variant].append(one_run(args, model, dtype, variant))
+    # the fastest of the repeats: the run the box's other load disturbed least
+    best = {v: max(rs, key=lambda r: r["tokens_per_s"]) for v, rs in runs.items()}
+    a, b = best["naive"], best["ours"]
+    row = {"model": model, "dtype": dtype, "criterion": args.criterion, "repeats": args.repeats, **best,
+           "all_tokens_per_s": {v: [r["tokens_per_s"] for r in rs] for v, rs in runs.items()},
+           "speed_ratio": b["tokens_per_s"] / a["tokens_per_s"],
+           "cpu_speed_ratio": b["tokens_per_cpu_s"] / a["tokens_per_cpu_s"],
+           "time_ratio": a["tokens_per_s"] / b["tokens_per_s"],
+           "calib_mem_ratio": (b["calib_peak_rss_mb"] / a["calib_peak_rss_mb"]) if a["calib_peak_rss_mb"] else None,
+           "process_mem_ratio": b["process_peak_rss_mb"] / a["process_peak_rss_mb"]}  # fmt: skip
+    print(f"{model:9s} {dtype:8s} {args.criterion} naive {a['tokens_per_s']:7.1f} tok/s, calib peak "
+          f"{a['calib_peak_rss_mb']:7.0f} MB | ours {b['tokens_per_s']:7.1f} tok/s, calib peak "
+          f"{b['calib_peak_rss_mb']:7.0f} MB | time x{row['time_ratio']:.3f} (speed "
+          f"x{row['speed_ratio']:.3f}, per CPU second x{row['cpu_speed_ratio']:.3f}), "
+          f"memory x{row['calib_mem_ratio']:.3f} (process x{row['process_mem_ratio']:.3f})", flush=True)  # fmt: skip
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_calibration.json")
@@ -159,7 +190,6 @@ def main() -> None:
     ap.add_argument("--criterion", default="fisher")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating; best is reported")
-    ap.add_argument("--variants", default="naive,ours", help="naive first; ours and/or alone after it")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -168,49 +198,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    rows = []
-    for model in args.models.split(","):
-        for dtype in args.dtypes.split(","):
-            variants = args.variants.split(",")
-            runs: dict[str, list[dict]] = {v: [] for v in variants}
-            for rep in range(args.repeats):  # alternate the order so drift in the box's load hits both
-                for variant in variants if rep % 2 == 0 else variants[::-1]:
-                    cmd = [sys.executable, __file__, "--worker", "--model", model, "--dtype", dtype,
-                           "--variant", variant, "--batches", str(args.batches), "--seq-len", str(args.seq_len),
-                           "--tinyllama-layers", str(args.tinyllama_layers), "--criterion", args.criterion,
-                           "--threads", str(args.threads)]  # fmt: skip
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    if out.returncode:
-                        raise RuntimeError(f"{model} {dtype} {variant} failed:\n{out.stderr[-3000:]}")
-                    runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            # the fastest of the repeats: the run the box's other load disturbed least
-            best = {v: max(rs, key=lambda r: r["tokens_per_s"]) for v, rs in runs.items()}
-            a = best["naive"]
-            row = {"model": model, "dtype": dtype, "criterion": args.criterion, "repeats": args.repeats, **best,
-                   "all_tokens_per_s": {v: [r["tokens_per_s"] for r in rs] for v, rs in runs.items()}}  # fmt: skip
-            for v in variants[1:]:
-                b = best[v]
-                sfx = "" if v == "ours" else f"_{v}"
-                row.update({
-                    f"speed_ratio{sfx}": b["tokens_per_s"] / a["tokens_per_s"],
-                    f"cpu_speed_ratio{sfx}": b["tokens_per_cpu_s"] / a["tokens_per_cpu_s"],
-                    f"time_ratio{sfx}": a["tokens_per_s"] / b["tokens_per_s"],
-                    f"calib_mem_ratio{sfx}": (b["calib_peak_rss_mb"] / a["calib_peak_rss_mb"])
-                    if a["calib_peak_rss_mb"] else None,
-                    f"process_mem_ratio{sfx}": b["process_peak_rss_mb"] / a["process_peak_rss_mb"],
-                })  # fmt: skip
-                print(f"{model:9s} {dtype:8s} {args.criterion} naive {a['tokens_per_s']:7.1f} tok/s, calib peak "
-                      f"{a['calib_peak_rss_mb']:7.0f} MB | {v} {b['tokens_per_s']:7.1f} tok/s, calib peak "
-                      f"{b['calib_peak_rss_mb']:7.0f} MB | time x{row[f'time_ratio{sfx}']:.3f} (speed "
-                      f"x{row[f'speed_ratio{sfx}']:.3f}, per CPU second x{row[f'cpu_speed_ratio{sfx}']:.3f}), "
-                      f"memory x{row[f'calib_mem_ratio{sfx}']:.3f} (process x{row[f'process_mem_ratio{sfx}']:.3f})",
-                      flush=True)  # fmt: skip
-            rows.append(row)
+    rows = [compare(args, m, d) for m in args.models.split(",") for d in args.dtypes.split(",")]
     with open(args.out, "w") as fh:
         json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

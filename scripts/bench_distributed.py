@@ -1,6 +1,8 @@
 """1 vs 2 processes on this machine: calibration tokens/s, the cost of the final reduction, same masks?
 
-    nice -n 10 python scripts/bench_distributed.py --out docs/bench_distributed.json
+    nice -n 10 python scripts/bench_distributed.py --out out/bench_distributed.json
+
+(docs/bench_distributed.json keeps the recorded runs, one key each with its command.)
 
 Prunes the built-in SmolLM2-135M (fisher, per-row 50%) three times through the real CLI:
 one process, two replicated processes (each a round-robin share of the micro-batches, statistics
@@ -35,9 +37,8 @@ def run_cli(nproc: int, out: Path, args: argparse.Namespace, fsdp: bool) -> dict
            "--criterion", "fisher", "--scope", "row", "--num-samples", str(args.num_samples),
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--output-dir", str(out), "--overwrite",
            "--no-progress"] + (["--fsdp"] if fsdp else [])  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
@@ -156,9 +157,7 @@ def main() -> None:
             print(json.dumps(results, indent=2))
             return
         cmd = [*LAUNCH, "--num_processes", "2", "--multi_gpu", __file__, "--reduce-worker", str(red)]
-        proc = subprocess.run(
-            cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"reduce benchmark failed:\n{proc.stderr[-3000:]}")
         results["reduce"] = json.loads(red.read_text())

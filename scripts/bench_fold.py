@@ -1,24 +1,22 @@
 """Per-batch cost of folding gradients into the statistics vs a plain loop's `.grad += g`, one thread.
 
-    PYTHONPATH=$PWD python scripts/bench_fold.py [--model smollm2|tinyllama-4l]
+    python scripts/bench_fold.py [--model smollm2|tinyllama-4l]
 
 Isolates the only work our calibration adds to a forward+backward (a deterministic number on a machine
 whose wall-clock ratios are swamped by other jobs): for every target tensor of the model's shape, the
-finiteness check and the fisher fold (`addcmul_`), against the AccumulateGrad add a plain loop does from
-its second batch on. Best of 5, torch.set_num_threads(1).
+library's `GradStats.fold` (the finiteness check and the fisher fold, `addcmul_` into fp32 sums),
+against the AccumulateGrad add a plain loop does from its second batch on. Best of 5,
+torch.set_num_threads(1).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llm_gradprune.calibration.stats import _all_finite  # noqa: E402
+from llm_gradprune.calibration.stats import GradStats
 
 SHAPES = {
     "smollm2": (30, 576, 192, 1536),
@@ -45,20 +43,20 @@ def main() -> None:
     shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)] * layers
     dtype = getattr(torch, args.dtype)
     g = [torch.randn(s).to(dtype) for s in shapes]
-    acc = [torch.zeros(s) for s in shapes]  # statistics are fp32 whatever the model's dtype
+    names = [f"t{k}.weight" for k in range(len(shapes))]
+    # the library's own accumulator: fp32 sums of g^2 (fisher), whatever the model's dtype
+    stats = GradStats(
+        {n: torch.empty(s, dtype=dtype) for n, s in zip(names, shapes, strict=True)}, {"grad_sq_sum"}
+    )
     grad = [torch.zeros(s, dtype=dtype) for s in shapes]
-    scratch = torch.empty(max(x.numel() for x in g))
 
     def naive():
         for x, y in zip(g, grad, strict=True):
             y.add_(x)
 
     def ours():
-        for x, a in zip(g, acc, strict=True):
-            if x.dtype != torch.float32:  # as GradStats.fold does: into a reused fp32 buffer
-                x = scratch[: x.numel()].view(x.shape).copy_(x)
-            _all_finite(x)
-            a.addcmul_(x, x)
+        for n, x in zip(names, g, strict=True):
+            stats.fold(n, x)  # what each gradient's hook ends in: the finiteness check, then the fold
 
     n = sum(x.numel() for x in g)
     tn, to = best(naive), best(ours)

@@ -1,12 +1,16 @@
 """Time the least-squares refit (`reconstruct: lsq`) against the OBS pass on the same masks.
 
-    PYTHONPATH=$PWD nice -n 10 python scripts/bench_lsq.py --out docs/bench_lsq.json \
-        [--repeats 3 --threads 1 --real-blocks 16 --samples 4096]
+    nice -n 10 python -m scripts.bench_lsq [--repeats 3 --threads 1 --real-blocks 16 --samples 4096]
+
+It writes out/bench_lsq.json (--out) and records it in docs/bench_lsq.json under `threads_<--threads>` (--key).
+
+Run from the repository root with `-m`: the two references come from tests/reference_lsq.py.
 
 Three variants on every (layer, mask), in alternating order per repeat (so drift in the machine's load
 hits all of them): `obs` (reconstruction.obs.obs_update_, blocksize 128, the greedy left-to-right
-pass), `lsq_old` (the per-row Cholesky refit the library had before, kept below verbatim as the
-reference) and `lsq` (reconstruction.lsq.lsq_update_, conjugate gradients through the shared inverse).
+pass), `lsq_old` (the per-row Cholesky refit the library had before, kept verbatim in
+tests/reference_lsq.py) and `lsq` (reconstruction.lsq.lsq_update_, conjugate gradients through the
+shared inverse).
 Reported: the fastest of the repeats per variant, the ratios lsq/obs and lsq/lsq_old, how far the new
 refit is from the old one and from an fp64 per-row solve (relative Frobenius norm of the weights), and
 both refits' layer losses. Each time is also given in units of one [out, in] x [in, in] fp32 matmul
@@ -27,73 +31,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llm_gradprune.reconstruction.lsq import lsq_update_
+from llm_gradprune.reconstruction.obs import obs_update_
 
-from llm_gradprune.reconstruction.lsq import lsq_update_  # noqa: E402
-from llm_gradprune.reconstruction.obs import damped_hessian, obs_update_  # noqa: E402
+try:
+    from benchjson import command_line, record
+except ImportError:  # run as `python -m scripts.bench_lsq`, which puts the root, not scripts/, on the path
+    from scripts.benchjson import command_line, record
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
 REAL_LAYERS = (0, 12, 27)
 REAL_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-@torch.no_grad()
-def old_lsq_update_(weight, H, mask, percdamp=0.01, rows_per_chunk=64, chunk_bytes=1 << 30) -> dict:
-    """The refit before issue 17 (reference only): one |K| x |K| Cholesky per row, rows batched by
-    kept count and padded with identity."""
-    Hd, dead, damp = damped_hessian(H.to(weight.device), percdamp)
-    W = weight.detach().to(torch.float32).clone()
-    mask = mask.to(device=W.device, dtype=torch.bool)
-    rhs_all = (W * mask) @ Hd
-    all_counts = (~mask).sum(dim=1)
-    order = torch.argsort(all_counts, descending=True, stable=True)
-    r0 = 0
-    while r0 < W.shape[0]:
-        k = int(all_counts[order[r0]])
-        if k == 0:
-            break
-        n = max(1, min(rows_per_chunk, chunk_bytes // (3 * 4 * k * k)))
-        rows = order[r0 : r0 + n]
-        r0 += n
-        kept = ~mask[rows]
-        counts = kept.sum(dim=1)
-        idx = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :k]
-        valid = torch.arange(k, device=W.device) < counts.unsqueeze(1)
-        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-        A = Hd[idx.unsqueeze(2), idx.unsqueeze(1)]
-        eye = torch.eye(k, device=W.device, dtype=A.dtype).expand_as(A)
-        A = torch.where(pair, A, eye)
-        b = rhs_all[rows].gather(1, idx) * valid
-        L, info = torch.linalg.cholesky_ex(A)
-        if bool((info != 0).any()):
-            L = torch.linalg.cholesky(A + damp * torch.eye(k, device=W.device, dtype=A.dtype))
-        delta = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2) * valid
-        W[rows] = W[rows].scatter_add(1, idx, delta)
-    W.masked_fill_(mask, 0)
-    dW = W - weight.detach().to(torch.float32)
-    loss = float(((dW @ Hd) * dW).sum()) / 2
-    weight.copy_(W.to(weight.dtype))
-    weight.masked_fill_(mask, 0)
-    return {"damp": damp, "dead_inputs": int(dead.sum()), "obs_loss": loss}
-
-
-def exact64(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """Per-row fp64 solve of the same damped problem: the ground truth both refits are measured against."""
-    Hd = damped_hessian(H, percdamp)[0].double()
-    out = W.double().clone()
-    for r in range(W.shape[0]):
-        keep, drop = ~mask[r], mask[r]
-        if keep.any() and drop.any():
-            out[r, keep] += torch.linalg.solve(Hd[keep][:, keep], Hd[keep][:, drop] @ out[r, drop])
-        out[r, drop] = 0
-    return out.float()
 
 
 def random_layer(rows: int, cols: int, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,11 +91,19 @@ def masks_for(W: torch.Tensor, H: torch.Tensor, seed: int) -> dict[str, torch.Te
     return {"row50": row50, "global": glob, "2:4": nm}
 
 
-VARIANTS = {
-    "obs": lambda W, H, M: obs_update_(W, H, M, blocksize=128),
-    "lsq_old": old_lsq_update_,
-    "lsq": lsq_update_,
-}
+VARIANTS = ("obs", "lsq_old", "lsq")
+
+
+def references():
+    """The previous refit and the fp64 solve live with the tests that check the refit against them."""
+    try:
+        from tests.reference_lsq import direct64, old_lsq_update_
+    except ModuleNotFoundError:
+        raise SystemExit(
+            "bench_lsq: tests/reference_lsq.py is not importable: run it from the repository root as "
+            "`python -m scripts.bench_lsq`"
+        ) from None
+    return old_lsq_update_, direct64
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,7 +118,10 @@ def _matmul(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor) -> dict:
 def bench(
     name: str, W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, repeats: int, variants: list[str]
 ) -> dict:
-    run = {**{v: VARIANTS[v] for v in variants}, "matmul": _matmul}
+    old_lsq_update_, direct64 = references()
+    every = {"obs": lambda W, H, M: obs_update_(W, H, M, blocksize=128), "lsq_old": old_lsq_update_,
+             "lsq": lsq_update_}  # fmt: skip
+    run = {**{v: every[v] for v in variants}, "matmul": _matmul}
     times: dict[str, list[float]] = {v: [] for v in run}
     cpu: dict[str, list[float]] = {v: [] for v in run}
     out: dict[str, tuple[torch.Tensor, dict]] = {}
@@ -172,7 +136,7 @@ def bench(
             out[v] = (w, info)
     best = {v: min(ts) for v, ts in times.items()}
     best_cpu = {v: min(ts) for v, ts in cpu.items()}
-    truth = exact64(W, H, mask)
+    truth = direct64(W, H, mask)
     new = out["lsq"][0]
     old = out["lsq_old"][0] if "lsq_old" in out else None
     counts = (~mask).sum(dim=1)
@@ -192,7 +156,9 @@ def bench(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="docs/bench_lsq.json")
+    ap.add_argument("--out", default="out/bench_lsq.json", help="the raw result")
+    ap.add_argument("--record", default="docs/bench_lsq.json", help="merged record file ('' : none)")
+    ap.add_argument("--key", default=None, help="the record's key (default threads_<--threads>)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (obs always runs its loop on one)")
     ap.add_argument("--samples", type=int, default=4096, help="tokens of the random inputs")
@@ -201,6 +167,7 @@ def main() -> None:
     )
     ap.add_argument("--skip-old", action="store_true", help="leave out lsq_old (the slow reference)")
     args = ap.parse_args()
+    references()  # fail at once, not after the real layers' calibration
     torch.set_num_threads(args.threads)
     variants = [v for v in VARIANTS if not (args.skip_old and v == "lsq_old")]
     layers = {
@@ -242,14 +209,15 @@ def main() -> None:
           f"{summary['obs_in_matmuls_total']:.1f}, lsq {summary['lsq_in_matmuls_total']:.1f}"
           + (f"; {summary['lsq_old_over_lsq_total']:.1f}x faster than lsq_old, largest distance to it "
              f"{summary['rel_lsq_vs_lsq_old_max']:.1e}" if old else ""))  # fmt: skip
+    result = {"args": vars(args), "threads": torch.get_num_threads(), "summary": summary, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump(
-            {"args": vars(args), "threads": torch.get_num_threads(), "summary": summary, "rows": rows},
-            fh,
-            indent=1,
-        )
+        json.dump(result, fh, indent=1)
     print(f"wrote {args.out}")
+    if args.record:
+        key = args.key or f"threads_{args.threads}"
+        record(args.record, key, [command_line()], result)
+        print(f"recorded it in {args.record} under {key}")
 
 
 if __name__ == "__main__":

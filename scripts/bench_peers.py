@@ -2,7 +2,7 @@
 
     python scripts/bench_peers.py --setup      # once: out/peers-venv, torch==2.13.0 (CPU wheel) first,
                                                # then llmcompressor from PyPI; the project's env is untouched
-    PYTHONPATH=$PWD nice -n 10 python scripts/bench_peers.py --out docs/bench_peers.json \
+    nice -n 10 python scripts/bench_peers.py [--key main] \
         [--runs sparsegpt-2:4,sparsegpt-50,wanda-50,recipe_50,recipe_2of4 --threads 1]
 
 Calibration: the quality protocol's 64 x 512 blocks (builtin:imdb train, seed 0; scripts/protocol.py),
@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchjson import command_line, record
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "out" / "peers-venv"
@@ -127,7 +129,6 @@ def their_worker(args) -> None:
 
 # -- our side ------------------------------------------------------------------------------------
 def prepare_blocks() -> tuple[Path, str, str]:
-    sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoTokenizer
 
@@ -196,7 +197,9 @@ def write(path: str, data: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", action="store_true", help=f"create {VENV} with llmcompressor and exit")
-    ap.add_argument("--out", default="docs/bench_peers.json")
+    ap.add_argument("--out", default="out/bench_peers.json", help="the raw result (partial while running)")
+    ap.add_argument("--record", default="docs/bench_peers.json", help="merged record file ('' : none)")
+    ap.add_argument("--key", default="main", help="the record's key the finished result goes under")
     ap.add_argument("--runs", default=",".join(OURS), help=f"comma list of {', '.join(OURS)}")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every run (both tools)")
     ap.add_argument("--their-worker", action="store_true", help=argparse.SUPPRESS)
@@ -216,7 +219,6 @@ def main() -> None:
         raise SystemExit(f"--runs: unknown {unknown}; choose from {', '.join(OURS)}")
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": str(args.threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -288,8 +290,12 @@ def main() -> None:
         print(f"{name:14s} {a.get('seconds', float('nan')):8.1f} {b.get('seconds', float('nan')):9.1f} "
               f"{ratio if ratio is None else round(ratio, 3)!s:>6s} {a.get('perplexity')!s:>9.9s} "
               f"{b.get('perplexity')!s:>10.10s}")  # fmt: skip
-    write(args.out, {"meta": meta, "results": results, "ratios": ratios})
+    final = {"meta": meta, "results": results, "ratios": ratios}
+    write(args.out, final)
     print(f"wrote {args.out}")
+    if args.record:
+        record(args.record, args.key, [command_line()], final)
+        print(f"recorded it in {args.record} under {args.key}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ the per-token Fisher per weight, x^2 per input channel) and keeps it on disk (`s
 reruns skip it. The dense weights are restored between rows; each row is one
 `prune_(model, None, cfg, statistics=...)` call, the library entry point a user's sweep calls.
 
-Run (all default rows, then extras; results accumulate in the JSON, finished rows are skipped):
+Run (all default rows, then extras; results accumulate under `--key` (main) of docs/bench_quality.json,
+finished rows are skipped):
 
-    PYTHONPATH=$PWD python scripts/bench_quality.py --rows main
-    PYTHONPATH=$PWD python scripts/bench_quality.py --rows nm
-    PYTHONPATH=$PWD python scripts/bench_quality.py --only wanda/row/0.5/owl fisher/row/0.3
-    PYTHONPATH=$PWD python scripts/bench_quality.py --report   # table into docs/BENCHMARKS.md + PNG
+    python scripts/bench_quality.py --rows main
+    python scripts/bench_quality.py --rows nm
+    python scripts/bench_quality.py --only wanda/row/0.5/owl fisher/row/0.3
+    python scripts/bench_quality.py --report   # table into docs/BENCHMARKS.md + PNG
 
 A row spec is CRITERION[:k=v,...]/SCOPE/SPARSITY_OR_N:M[/owl[:m=5,lam=0.08]], e.g.
 `gblm:alpha=1000/row/0.5`, `blend:act=1,grad=0.25/row/2:4`, `wanda/row/0.5/owl`.
@@ -24,12 +25,12 @@ A row spec is CRITERION[:k=v,...]/SCOPE/SPARSITY_OR_N:M[/owl[:m=5,lam=0.08]], e.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from benchjson import command_line, record, result_of
 from protocol import ROOT, Protocol, token_hash
 
 from llm_gradprune import PruneConfig, prune_
@@ -80,7 +81,7 @@ def run(args) -> None:
     stats = proto.statistics(args.cache_dir)
     print(f"statistics ready in {time.perf_counter() - t:.0f} s", flush=True)
 
-    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    results = result_of(args.json, args.key, default={})
     screen = args.screen
     eval_blocks = proto.calib[-screen:] if screen else proto.eval_blocks
     # other held-out window sets (--eval-seed) measure how much the protocol's own sample moves a row
@@ -102,7 +103,7 @@ def run(args) -> None:
         proto.restore_dense_()
         r = evaluate("dense")
         store["dense"] = {"ppl": r["ppl"], "eval_s": r["seconds"], "achieved_sparsity": 0.0}
-        args.json.write_text(json.dumps(results, indent=1))
+        save(args, results)
     for spec in specs:
         if spec in store and not args.force:
             print(f"{spec:45s} ppl {store[spec]['ppl']:10.3f}  (cached)", flush=True)
@@ -120,7 +121,12 @@ def run(args) -> None:
                        "pattern": cfg.pattern, "ppl": r["ppl"], "prune_s": prune_s, "eval_s": r["seconds"],
                        "achieved_sparsity": report["overall_sparsity"],
                        **({"owl_layers": report["allocation"]} if report["allocation"] else {})}  # fmt: skip
-        args.json.write_text(json.dumps(results, indent=1))
+        save(args, results)
+
+
+def save(args, results: dict) -> None:
+    """Rows accumulate over several runs under one key: every run's command line is kept with them."""
+    record(args.json, args.key, [command_line()], results, append=True)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -223,7 +229,7 @@ START, END = "<!-- bench_quality:start -->", "<!-- bench_quality:end -->"
 
 
 def report(args) -> None:
-    results = json.loads(args.json.read_text())
+    results = result_of(args.json, args.key)
     ordered = dict(sorted(results["rows"].items(), key=lambda kv: (
         kv[0] != "dense", kv[1].get("pattern", ""), kv[1].get("sparsity", 0), kv[1].get("allocation", ""),
         kv[1].get("criterion", ""), kv[1].get("scope", ""))))  # fmt: skip
@@ -256,7 +262,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--eval-seed", type=int, default=0, help="held-out window sample (0: the protocol's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_quality.json")
+    p.add_argument(
+        "--json", type=Path, default=ROOT / "docs" / "bench_quality.json", help="merged record file"
+    )
+    p.add_argument("--key", default="main", help="the record's key the rows accumulate under")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "bench_quality.png")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "out" / "bench_quality")
     p.add_argument("--report", action="store_true", help="only print the table and write the PNG")

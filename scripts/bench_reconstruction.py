@@ -8,22 +8,21 @@ outputs of the pruned blocks before it) and evaluates. The dense model's whole-m
 the 64 calibration blocks (batch size 1) are gathered once by the library and kept on disk
 (`--stats-cache`, shared with bench_quality.py).
 
-    PYTHONPATH=$PWD nohup nice -n 10 python scripts/bench_reconstruction.py \
-        --rows sparsegpt-2:4,sparsegpt-50 --json docs/bench_reconstruction.json > bench.log 2>&1 &
+    nohup nice -n 10 python scripts/bench_reconstruction.py \
+        --rows sparsegpt-2:4,sparsegpt-50 --key threads_1 > bench.log 2>&1 &
 
 Rows are `METHOD[+MOD...]-PATTERN` with PATTERN 2:4 or 50, METHOD sparsegpt or any criterion (layer-wise,
 no reconstruction unless a MOD asks), MOD one of obs / lsq (reconstruction of the kept weights),
 fisherG / tokenfisherG (sparsegpt's saliency times a gradient factor to the power G, see
 `scoring.criteria.sparsegpt_prior`), dampP (percdamp P), tensor / global (the criterion's scope; default
 row), ts (true_sequential); plus `dense`. `--eval-seeds 1,2` also evaluates every row on other held-out
-window samples. Results are merged into the JSON file row by row, so an interrupted run keeps what it
-measured.
+window samples. Results are merged row by row under `--key` of the merged record --json
+(docs/bench_reconstruction.json), so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchjson import command_line, record, result_of
 from protocol import Protocol, token_hash
 
 from llm_gradprune import JobConfig, prune_
@@ -71,7 +71,8 @@ def row_config(row: str, base: dict):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="sparsegpt-2:4,sparsegpt-50")
-    ap.add_argument("--json", default="docs/bench_reconstruction.json")
+    ap.add_argument("--json", default="docs/bench_reconstruction.json", help="merged record file")
+    ap.add_argument("--key", default="threads_1", help="the record's key the rows are merged under")
     ap.add_argument("--stats-cache", default="out/bench_quality", help="bench_quality.py's --cache-dir")
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, help="with --report: replace the table between the markers here")
     args = ap.parse_args(argv)
     if args.report:
-        text = table(json.loads(Path(args.json).read_text()))
+        text = table(result_of(args.json, args.key))
         print(text)
         if args.markdown:
             md = args.markdown.read_text()
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {int(s): proto.held_out(int(s), args.eval_samples) for s in args.eval_seeds.split(",") if s}
     stats = None
 
-    out = Path(args.json)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = result_of(args.json, args.key, default={})
     results.setdefault("protocol", {
         "model": proto.job.model, "dtype": "float32", "calibration": "64 x 512 builtin:imdb train seed 0",
         "evaluation": f"{args.eval_samples} x 512 builtin:imdb test seed 0", "calibration_sha256": token_hash(calib), "evaluation_sha256": token_hash(evalb),
@@ -145,13 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             + "".join(f"  seed {s}: {r[f'ppl_eval_seed_{s}']:.2f}" for s in extra),
             flush=True,
         )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # merge into what is on disk now: another run may have added rows to the same file meanwhile
-        latest = json.loads(out.read_text()) if out.is_file() else {}
+        # merge into what is on disk now: another run may have added rows to the same key meanwhile
+        latest = result_of(args.json, args.key, default={})
         latest.setdefault("protocol", results["protocol"])
         latest.setdefault("rows", {})[row] = r
         results["rows"] = dict(latest["rows"])
-        out.write_text(json.dumps(latest, indent=1))
+        record(args.json, args.key, [command_line()], latest, append=True)
     print(table(results))
     return 0
 

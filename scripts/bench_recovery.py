@@ -1,7 +1,7 @@
 """Recovery benchmark: what masked retraining wins back, against a dense model fine-tuned the same way.
 
-    PYTHONPATH=$PWD nohup nice -n 10 python scripts/bench_recovery.py --rows all --steps 200 > rec.log 2>&1 &
-    PYTHONPATH=$PWD python scripts/bench_recovery.py --report   # the table
+    nohup nice -n 10 python scripts/bench_recovery.py --rows all --steps 200 > rec.log 2>&1 &
+    python scripts/bench_recovery.py --report   # the table ([--key lr_3e-4]: another run's)
 
 Protocol: builtin:smollm2-135m fp32 (the quality protocol of scripts/protocol.py): held-out IMDB = 64
 windows x 512 tokens of builtin:imdb split test (seed 0); out-of-domain = 32 windows x 512 tokens of the
@@ -34,14 +34,15 @@ import time
 from pathlib import Path
 
 import torch
+from benchjson import command_line, record, result_of
 from protocol import ROOT, Protocol
 
 from llm_gradprune import JobConfig, PruneConfig, prune_
 from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
 from llm_gradprune.evaluate import perplexity
 from llm_gradprune.recovery.config import RecoverConfig
-from llm_gradprune.rounds import prune_in_rounds_
 from llm_gradprune.recovery.trainer import recover_
+from llm_gradprune.rounds import prune_in_rounds_
 from llm_gradprune.targets import find_targets
 
 ROWS = ["dense", "dense-ft", "r50", "r50+lm", "r50+kd", "r24", "r24+lm", "r24+kd", "r24+lora", "p70", "p70x4",
@@ -165,14 +166,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pruned-50", default=str(ROOT / "out" / "smollm2-135m-fisher-global-lsq-50"))
     ap.add_argument("--pruned-24", default=str(ROOT / "out" / "smollm2-135m-sparsegpt-ts-lsq-2of4"))
-    ap.add_argument("--json", type=Path, default=ROOT / "docs" / "bench_recovery.json")
+    ap.add_argument(
+        "--json", type=Path, default=ROOT / "docs" / "bench_recovery.json", help="merged record file"
+    )
+    ap.add_argument("--key", default="lr_1e-4", help="the record's key the rows are merged under")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one_row(args.one, args)))
         return 0
     if args.report:
-        print(table(json.loads(args.json.read_text())))
+        print(table(result_of(args.json, args.key)))
         return 0
     rows = ROWS if args.rows == "all" else args.rows.split(",")
     for row in rows:
@@ -184,16 +188,16 @@ def main(argv=None) -> int:
             print(f"{row}: failed\n{proc.stderr[-3000:]}", flush=True)
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        results = json.loads(args.json.read_text()) if args.json.exists() else {"rows": {}}
+        results = result_of(args.json, args.key, default={"rows": {}})
         results["protocol"] = {"steps": args.steps, "round_steps": args.round_steps, "lr": args.lr, "batch": "1 x 512",
                                "threads": args.threads, "command": " ".join(sys.argv)}  # fmt: skip
         results["rows"][row] = r
-        args.json.write_text(json.dumps(results, indent=1))
+        record(args.json, args.key, [command_line()], results, append=True)
         print(
             f"{row}: IMDB {r['ppl_imdb']:.2f}, out-of-domain {r['ppl_ood']:.2f}, {r['wall_s']:.0f} s",
             flush=True,
         )
-    print(table(json.loads(args.json.read_text())))
+    print(table(result_of(args.json, args.key)))
     return 0
 
 

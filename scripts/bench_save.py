@@ -1,6 +1,6 @@
 """Memory of masking and saving: does writing the pruned checkpoint cost a second copy of the model?
 
-    PYTHONPATH=$PWD python scripts/bench_save.py --out docs/bench_save.json \
+    python scripts/bench_save.py --out out/bench_save.json \
         [--models smollm2,tinyllama --dtypes float32,bfloat16 --tinyllama-layers 8 --shard-sizes 5GB,200MB]
 
 For every (model, dtype, max_shard_size), in a fresh process: build the model (as in
@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(args) -> dict:
@@ -111,6 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
     main()

@@ -1,6 +1,6 @@
 """Benchmark exact selection: one Llama-2-7B MLP weight in memory, and global selection from disk.
 
-    PYTHONPATH=$PWD nice -n 10 python scripts/bench_select.py --out bench_select.json [--threads 1]
+    nice -n 10 python scripts/bench_select.py --out bench_select.json [--threads 1]
 
 Part A: one 11008x4096 tensor (45M fp32 scores): torch.kthvalue vs our threshold (`kth_threshold`)
 and our full mask (`tensor_mask`), best of --repeats, each in its own process for a clean peak RSS.
@@ -182,5 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     main()

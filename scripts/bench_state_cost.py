@@ -1,6 +1,6 @@
 """Cost of resumable calibration on a real model: state size, save/restore time, fingerprint time.
 
-    PYTHONPATH=$PWD nice -n 10 python scripts/bench_state_cost.py [--model builtin:smollm2-135m] \
+    nice -n 10 python scripts/bench_state_cost.py [--model builtin:smollm2-135m] \
         [--criteria fisher,gblm] [--out out/bench_state_cost.json]
 
 For each criterion: the statistics it keeps are filled with random numbers (the cost of a save does not

@@ -14,7 +14,7 @@ tokens (greedy, KV cache) after a 16-token prompt. The TinyLlama-shape model is 
 means nothing): it is shrunk with magnitude (channels, heads), block_influence (layers) or fisher on two
 random 128-token blocks (mixed), without refit, which does not change the shape.
 
-    nice -n 10 python scripts/bench_structured.py quality            # rows accumulate in the JSON
+    nice -n 10 python scripts/bench_structured.py quality            # rows accumulate in docs/bench_structured.json
     nice -n 10 python scripts/bench_structured.py speed --model smollm2
     nice -n 10 python scripts/bench_structured.py speed --model tinyllama [--layers 22]
     python scripts/bench_structured.py report                        # the tables from the JSON
@@ -41,21 +41,20 @@ import time
 from pathlib import Path
 
 import torch
+from benchjson import command_line, record, result_of
+from protocol import ROOT, Protocol, token_hash
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol import ROOT, Protocol, token_hash  # noqa: E402
-
-from llm_gradprune.calibration.hessians import Hessians  # noqa: E402
-from llm_gradprune.evaluate import perplexity  # noqa: E402
-from llm_gradprune.io.stats_files import read_tensor_shards, write_tensor_shards  # noqa: E402
-from llm_gradprune.structured import (  # noqa: E402
+from llm_gradprune.calibration.hessians import Hessians
+from llm_gradprune.evaluate import perplexity
+from llm_gradprune.io.stats_files import read_tensor_files, write_tensor_files
+from llm_gradprune.structured import (
     StructureConfig,
     find_units,
     gather_unit_statistics,
     save_structured,
     shrink_,
 )
-from llm_gradprune.structured.unitstats import UnitStats, consumers  # noqa: E402
+from llm_gradprune.structured.unitstats import UnitStats, consumers
 
 JSON = ROOT / "docs" / "bench_structured.json"
 CACHE = ROOT / "out" / "bench_structured"
@@ -109,12 +108,13 @@ def key(spec: dict) -> str:
     return "/".join(f"{k}={v}" for k, v in sorted(spec.items()))
 
 
-def load_json() -> dict:
-    return json.loads(JSON.read_text()) if JSON.exists() else {}
+def load_json(args) -> dict:
+    return result_of(JSON, args.key, default={})
 
 
-def save_json(results: dict) -> None:
-    JSON.write_text(json.dumps(results, indent=1, default=str) + "\n")
+def save_json(args, results: dict) -> None:
+    """Every part (quality, speed per model) accumulates under one key, its command line kept with it."""
+    record(JSON, args.key, [command_line()], results, append=True)
 
 
 def file_bytes(model, tokenizer=None) -> int:
@@ -135,7 +135,7 @@ def unit_statistics(proto: Protocol):
         meta = json.loads((folder / "meta.json").read_text())
         for n, t in meta["hessian_shapes"].items():
             hess.sums[n], hess.tokens[n] = torch.zeros(t), 0
-        read_tensor_shards(folder, meta["files"], {**unit.tensors(), **hess.tensors()})
+        read_tensor_files(folder, meta["files"], {**unit.tensors(), **hess.tensors()})
         unit.load_counters(meta["counters"])
         hess.load_counters(meta["hessian_counters"])
         return {"unit": unit, "hessian": hess}, meta["pass"]
@@ -143,7 +143,7 @@ def unit_statistics(proto: Protocol):
                                              backward=True, hessians=True)  # fmt: skip
     unit, hess = stats.by_source["unit"], stats.by_source["hessian"]
     folder.mkdir(parents=True, exist_ok=True)
-    files = write_tensor_shards(folder, {**unit.tensors(), **hess.tensors()})
+    files = write_tensor_files(folder, {**unit.tensors(), **hess.tensors()})
     meta = {"files": files, "counters": unit.counters(), "hessian_counters": hess.counters(), "pass": counters,
             "hessian_shapes": {n: list(t.shape) for n, t in hess.sums.items()}}  # fmt: skip
     (folder / "meta.json").write_text(json.dumps(meta, default=str))
@@ -164,7 +164,7 @@ def quality(args) -> None:
     extra, unit_pass = unit_statistics(proto)
     stats.by_source.update(extra)
     recover = recover_hook(args.recover)
-    results = load_json()
+    results = load_json(args)
     q = results.setdefault("quality", {})
     q["protocol"] = {"model": proto.job.model, "calibration_tokens_sha256": token_hash(proto.calib),
                      "eval_tokens_sha256": token_hash(proto.eval_blocks), "torch_threads": torch.get_num_threads(),
@@ -184,7 +184,7 @@ def quality(args) -> None:
         q["dense"] = {**evaluate(copy.deepcopy(proto.model) if recover else proto.model),
                       "params_total": sum(p.numel() for p in proto.model.parameters()),
                       "params_decoder": units.decoder_params(), "file_bytes": file_bytes(proto.model)}  # fmt: skip
-        save_json(results)
+        save_json(args, results)
     sets = {"main": main_rows, "ablation": ablation, "sweep": sweep_rows}
     specs = [spec for name in args.rows for spec in sets[name]()]
     for spec in specs:
@@ -203,7 +203,7 @@ def quality(args) -> None:
                    "removed_error": report["compensation"]["removed_error"].get("mean"),
                    "removed_layers": report["removed"]["layers"]}  # fmt: skip
         print(f"{k:110s} ppl {r['ppl']:9.2f} kept {report['decoder_kept']:.3f}", flush=True)
-        save_json(results)
+        save_json(args, results)
         del model
         gc.collect()
 
@@ -268,7 +268,7 @@ def speed_specs(model_name: str) -> list[dict]:
 
 
 def speed(args) -> None:
-    results = load_json()
+    results = load_json(args)
     s = results.setdefault("speed", {}).setdefault(args.model, {})
     if args.model == "smollm2":
         proto = Protocol()
@@ -308,14 +308,14 @@ def speed(args) -> None:
             f"{args.model} {k:90s} prefill x{m['prefill_speedup']:.3f} decode x{m['decode_speedup']:.3f}",
             flush=True,
         )
-        save_json(results)
+        save_json(args, results)
         del pruned
         gc.collect()
 
 
 # -- report -----------------------------------------------------------------------------------
 def report(args) -> None:
-    results = load_json()
+    results = load_json(args)
     q = results.get("quality", {})
     dense = q.get("dense", {})
     print(
@@ -361,6 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed repeats per model (best is kept)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    ap.add_argument("--key", default="main", help="key of docs/bench_structured.json the results go under")
     ap.add_argument(
         "--recover", default=None, help="MODULE:FUNCTION(model, tokenizer, train_blocks) run before eval"
     )

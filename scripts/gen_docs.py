@@ -14,14 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llm_gradprune.calibration.stats import STATISTICS
+from llm_gradprune.reconstruction.rules import UPDATES
+from llm_gradprune.scoring.allocation import ALLOCATIONS
+from llm_gradprune.scoring.criteria import CRITERIA
+from llm_gradprune.support import OPTIONS, PATH_TITLES, PATHS, applies
 
-from llm_gradprune.calibration.stats import STATISTICS  # noqa: E402
-from llm_gradprune.reconstruction.rules import UPDATES  # noqa: E402
-from llm_gradprune.scoring.allocation import ALLOCATIONS  # noqa: E402
-from llm_gradprune.scoring.criteria import CRITERIA  # noqa: E402
-from llm_gradprune.support import OPTIONS, PATH_TITLES, PATHS, applies  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cell(text: str) -> str:

@@ -1,7 +1,7 @@
 """One GPU, one JSON: calibration cost, pruning times and 2:4 sparse matmuls (run by scripts/gpu_check.sh).
 
-    PYTHONPATH=$PWD python scripts/gpu_check.py --out gpu_check.json              # on a GPU, < 8 min
-    PYTHONPATH=$PWD python scripts/gpu_check.py --dry-run --out /tmp/gpu_check.json  # CPU, seconds
+    python scripts/gpu_check.py --out gpu_check.json              # on a GPU, < 8 min
+    python scripts/gpu_check.py --dry-run --out /tmp/gpu_check.json  # CPU, seconds
 
 Model: random weights of the TinyLlama-1.1B shape (hidden 2048, intermediate 5632, GQA 32/4, vocab
 32000) with --layers of its 22 layers, random token blocks: speed and memory need no trained weights,
@@ -25,20 +25,16 @@ import argparse
 import gc
 import importlib.util
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from llm_gradprune import PruneConfig, prune_  # noqa: E402
-from llm_gradprune.calibration.loop import calibrate, causal_lm_loss  # noqa: E402
-from llm_gradprune.calibration.stats import make_statistics  # noqa: E402
-from llm_gradprune.targets import find_targets  # noqa: E402
+from llm_gradprune import PruneConfig, prune_
+from llm_gradprune.calibration.loop import calibrate, causal_lm_loss
+from llm_gradprune.calibration.stats import make_statistics
+from llm_gradprune.targets import find_targets
 
 SHAPES = {
     "gpu": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4,
@@ -149,6 +145,12 @@ OUR_RUNS = {
 }
 
 
+def zeros(model) -> float:
+    """Fraction of the target weights that are 0 (random weights have none before pruning)."""
+    weights = [m.weight for m in find_targets(model).values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
 def prune_times(make_model, batches, device, folder: Path) -> tuple[dict, Path | None]:
     clock, out, saved = Clock(device), {}, None
     for name, kw in OUR_RUNS.items():
@@ -156,7 +158,7 @@ def prune_times(make_model, batches, device, folder: Path) -> tuple[dict, Path |
         clock.start()
         prune_(model, batches, PruneConfig(**kw, progress=False), return_masks=False)
         seconds, peak = clock.stop()
-        out[f"ours/{name}"] = {"seconds": seconds, "peak_device_mb": peak}
+        out[f"ours/{name}"] = {"seconds": seconds, "peak_device_mb": peak, "target_sparsity": zeros(model)}
         if name == "sparsegpt-2:4":
             saved = folder / "sparsegpt-2of4"
             model.save_pretrained(saved)

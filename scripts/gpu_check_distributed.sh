@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DDP-free and FSDP2 pruning on GPUs give the masks of one process. Under 10 minutes on one GPU.
 #
-#   bash scripts/gpu_check_distributed.sh [OUT_DIR]          # from the repository root
+#   bash scripts/gpu_check_distributed.sh [OUT_DIR]          # from anywhere
+#   bash scripts/gpu_check_distributed.sh --help             # this text
 #
 # Prunes the built-in SmolLM2-135M (gblm, global 50%: the scope whose threshold is shared by every
 # rank; 16 blocks of 128 tokens) through the real CLI and `accelerate launch` with the ready configs:
@@ -21,9 +22,13 @@
 # Multi-GPU runs sum in another order than one process: up to 0.001% of weights may flip there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+  sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
+python -c 'import llm_gradprune' 2>/dev/null || { echo "install the package first: pip install -e ."; exit 2; }
 OUT=${1:-${OUT:-/tmp/gpu_check_distributed}}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 NGPU=$(python -c 'import torch; print(torch.cuda.device_count())')
 echo "GPUs: $NGPU; torch $(python -c 'import torch;print(torch.__version__)'); accelerate $(python -c 'import accelerate;print(accelerate.__version__)')"
 [ "$NGPU" -ge 1 ] || { echo "no GPU: nothing to check here (the CPU path is tested by pytest tests/test_distributed.py)"; exit 1; }

@@ -1,6 +1,6 @@
 """Memory model of gradient calibration: bytes per parameter and per token, and what they predict.
 
-    python scripts/memory_model.py [--measured bench_out/bench_calibration.json]
+    python scripts/memory_model.py [--measured docs/bench_calibration.json [--key fisher_5x256]]
 
 Terms (P = all parameters, T = target parameters, b = bytes of the model dtype, s = statistics the
 criterion reads: fisher/taylor/gradient 1, gblm/blend 1 + per-channel activation sums, magnitude 0):
@@ -22,8 +22,9 @@ CPU the attention scores and probabilities (flash attention on a GPU keeps none)
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
+
+from benchjson import result_of
 
 GB = 1e9
 
@@ -133,7 +134,8 @@ def fmt(d: dict[str, float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--measured", default=None, help="bench_calibration.json to compare with")
+    ap.add_argument("--measured", default=None, help="docs/bench_calibration.json to compare with")
+    ap.add_argument("--key", default="fisher_5x256", help="the --measured record's key (a 5-block run)")
     args = ap.parse_args()
     for key, s in SHAPES.items():
         print(f"{s.name}: P = {s.params / 1e9:.3f} B, T = {s.targets / 1e9:.3f} B, largest target "
@@ -170,7 +172,7 @@ def main() -> None:
             f"- {label}: {fmt(p)} -> fits in {fits[0]} GB" if fits else f"- {label}: {fmt(p)} -> over 80 GB"
         )
     if args.measured:
-        rows = json.load(open(args.measured))["rows"]
+        rows = result_of(args.measured, args.key)["rows"]
         print("\nMeasured on this CPU (calibration-phase peak RSS, MB) vs predicted (MB):")
         for r in rows:
             key = "smollm2-135m" if r["model"] == "smollm2" else "tinyllama-4l"

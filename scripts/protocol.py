@@ -11,20 +11,18 @@ user's sweep does.
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from llm_gradprune import JobConfig
+from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
+from llm_gradprune.calibration.loop import gather_statistics
+from llm_gradprune.io.stats_files import load_statistics, save_statistics
+from llm_gradprune.models import load_model
+from llm_gradprune.targets import find_targets
 
-from llm_gradprune import JobConfig  # noqa: E402
-from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash  # noqa: E402
-from llm_gradprune.calibration.loop import gather_statistics  # noqa: E402
-from llm_gradprune.io.stats_files import load_statistics, save_statistics  # noqa: E402
-from llm_gradprune.models import load_model  # noqa: E402
-from llm_gradprune.targets import find_targets  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 JOB = {
     "model": "builtin:smollm2-135m",

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_gradprune import JobConfig, prune_  # noqa: E402
-from llm_gradprune.calibration.data import micro_batches, shard, shard_samples  # noqa: E402
+from llm_gradprune.calibration.data import micro_batches, round_robin, round_robin_windows  # noqa: E402
 from llm_gradprune.calibration.loop import (  # noqa: E402
     calibrate,
     causal_lm_loss,
@@ -28,8 +28,8 @@ from llm_gradprune.calibration.loop import (  # noqa: E402
     reduce_statistics_,
 )
 from llm_gradprune.calibration.stats import ActStats, GradStats, Statistics  # noqa: E402
-from llm_gradprune.parallel.fsdp import fully_shard_model  # noqa: E402
 from llm_gradprune.parallel import Collective, RowShards, make_accelerator, world  # noqa: E402
+from llm_gradprune.parallel.fsdp import fully_shard_model  # noqa: E402
 from llm_gradprune.targets import find_targets  # noqa: E402
 from tests.conftest import make_blocks, make_tiny_llama  # noqa: E402
 
@@ -100,7 +100,7 @@ def main(out_dir: str) -> None:
     rank, size = world()
     blocks = make_blocks(NUM_BLOCKS, SEQ_LEN, seed=1)
     mbs = micro_batches(blocks, BATCH)
-    mine = shard(mbs, rank, size)
+    mine = round_robin(mbs, rank, size)
     result: dict = {"world": size}
 
     # which blocks each rank read, seen from inside the loss
@@ -122,7 +122,7 @@ def main(out_dir: str) -> None:
 
     stats, counts = all_stats(tiny(), mine, accelerator if size > 1 else None)
     result["stats"], result["counts"] = stats, counts
-    ga2 = shard_samples(mbs, 2, rank, size)  # grad_accum 2: whole groups of 2 micro-batches per rank
+    ga2 = round_robin_windows(mbs, 2, rank, size)  # grad_accum 2: whole groups of 2 micro-batches per rank
     result["stats_ga2"], result["counts_ga2"] = all_stats(tiny(), ga2, accelerator if size > 1 else None, 2)
 
     result["masks"], result["reports"] = {}, {}
@@ -216,27 +216,28 @@ def gather_objects(obj, size: int) -> list:
 
 
 def pipeline(model_dir: str, out_dir: str) -> None:
-    """run_prune end to end (replicated, then FSDP2), logging which rank writes a checkpoint."""
+    """prune_job end to end (replicated, then FSDP2), logging which rank writes a checkpoint."""
     import json
 
     import llm_gradprune.job as pl
+    import llm_gradprune.job.skeleton as skeleton
 
     torch.set_num_threads(1)
-    real_save = pl.save_pruned
+    real_save = skeleton.save_pruned
 
     def logged_save(*args, **kw):
         with open(Path(out_dir) / "saves.log", "a") as fh:
             fh.write(f"{world()[0]}\n")
         return real_save(*args, **kw)
 
-    pl.save_pruned = logged_save
+    skeleton.save_pruned = logged_save  # the one place the job saves
     for fsdp in (False, True):
         out = Path(out_dir) / ("fsdp" if fsdp else "replicated")
         cfg = JobConfig.from_flat({"model": model_dir, "dataset": "builtin:imdb", "criterion": "gblm",
                                    "scope": "global", "num_samples": 5, "seq_len": 16, "batch_size": 2,
                                    "output_dir": str(out), "fsdp": fsdp, "progress": False,
                                    "select_chunk_elems": 1000, "allow_empty_tensors": True})  # fmt: skip
-        report = pl.run_prune(cfg)
+        report = pl.prune_job(cfg)
         # every rank returns only after the checkpoint is in place
         (Path(out_dir) / f"after_{out.name}_{world()[0]}.json").write_text(
             json.dumps({"exists": (out / "pruning_report.json").is_file(), "report": report}, default=str)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llm_gradprune.calibration.data import shard
+from llm_gradprune.calibration.data import round_robin
 from llm_gradprune.parallel import make_accelerator
 from llm_gradprune.recovery.config import RecoverConfig
 from llm_gradprune.recovery.trainer import recover_
@@ -22,7 +22,7 @@ def main(out: str) -> None:
     acc = make_accelerator()
     model = pruned()
     before = weights(model)
-    mine = shard(train_batches(4), acc.process_index, acc.num_processes)
+    mine = round_robin(train_batches(4), acc.process_index, acc.num_processes)
     model, _ = recover_(
         model, mine, RecoverConfig(steps=4, lr=3e-3, batch_size=4), accelerator=acc, progress=False
     )

@@ -121,12 +121,14 @@ def state_without_resume(ws, a):
 
 def _saved_state(ws, a):
     """A real calibration state of the good run (2 of 4 batches done), as a killed run leaves it."""
+    from types import SimpleNamespace
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
+    from llm_gradprune.calibration.data import micro_batches
     from llm_gradprune.calibration.loop import gather_statistics
     from llm_gradprune.config import JobConfig
-    from llm_gradprune.io.calib_state import calib_state_for
+    from llm_gradprune.job.transforms import Prune
     from llm_gradprune.plan import make_plan
 
     model_dir = _copy_model(a["model"], ws / "model")
@@ -135,9 +137,11 @@ def _saved_state(ws, a):
     cfg = JobConfig.from_flat({"model": str(model_dir), "dataset": str(text), "num_samples": 4, "seq_len": 16,
                                "output_dir": str(ws / "out"), "save_state_every": 2, "progress": False})  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(model_dir))
+    from llm_gradprune.job.inputs import calibration_blocks
+
+    blocks = calibration_blocks(cfg, AutoTokenizer.from_pretrained(model_dir))
     plan = make_plan(model, cfg.prune, resume=True)
-    ckpt = calib_state_for(cfg, model, token_hash(blocks))
+    ckpt = Prune().calibration_state(SimpleNamespace(cfg=cfg, model=model, blocks=blocks))
     gather_statistics(model, micro_batches(blocks, 1)[:2], plan.whole_stats, plan.targets, calib_state=ckpt,
                       progress=False)  # fmt: skip
     return ["--model", str(model_dir), "--dataset", str(text), "--save-state-every", "2", "--resume"]

@@ -97,7 +97,7 @@ def test_without_matplotlib_the_plots_are_skipped_and_said(run, monkeypatch, tmp
     assert list(tmp_path.iterdir()) == []
     report["plots"] = got
     card = model_card(
-        JobConfig.from_flat({"output_dir": "x", "criterion": "fisher", "pattern": "2:4"}), report
+        JobConfig.from_flat({"output_dir": "x", "criterion": "fisher", "pattern": "2:4"}).to_flat(), report
     )
     assert "(Plots skipped: matplotlib is not installed" in card
 
@@ -112,7 +112,7 @@ def test_hub_style_and_builtin_base_models():
     report["calibration_dataset"] = "stanfordnlp/imdb"
     cfg = JobConfig.from_flat({"model": "meta-llama/Llama-2-7b-hf", "dataset": "stanfordnlp/imdb",
                                "output_dir": "/home/me/out/llama-24", "criterion": "fisher"})  # fmt: skip
-    meta, body = split_card(model_card(cfg, report, model_id="me/llama-2-7b-fisher-50"))
+    meta, body = split_card(model_card(cfg.to_flat(), report, model_id="me/llama-2-7b-fisher-50"))
     assert meta["base_model"] == "meta-llama/Llama-2-7b-hf" and meta["license"] == "llama2"
     assert meta["datasets"] == ["stanfordnlp/imdb"]
     assert body.startswith("# Llama-2-7b-hf, 50% sparse (fisher)")

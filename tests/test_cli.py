@@ -28,16 +28,18 @@ def test_help_lists_every_option_once_with_its_default_and_in_groups(capsys):
     with pytest.raises(SystemExit):
         cli.main(["prune", "--help"])
     out = capsys.readouterr().out
-    from llm_gradprune.config import NESTED
+    from llm_gradprune.config import flat_settings
     from llm_gradprune.recovery.config import RecoverConfig
+    from llm_gradprune.structured.config import StructureConfig
 
-    fields = [f for f in dataclasses.fields(JobConfig) if f.name not in NESTED] + list(
-        dataclasses.fields(PruneConfig)
-    )
-    for f in fields:
+    fields = [f for f in dataclasses.fields(JobConfig) if f.name not in ("prune", "recover", "structured")]
+    for f in fields + list(dataclasses.fields(PruneConfig)) + list(dataclasses.fields(StructureConfig)):
         assert "--" + f.name.replace("_", "-") in out, f.name
     for f in dataclasses.fields(RecoverConfig):
         assert "--recover-" + f.name.replace("_", "-") in out, f.name
+    assert len(flat_settings()) == len(fields) + sum(
+        len(dataclasses.fields(c)) for c in (PruneConfig, StructureConfig, RecoverConfig)
+    )
     for key in param_aliases():
         assert "--" + key.replace("_", "-") in out, key
     flat = " ".join(out.split())
@@ -135,7 +137,9 @@ def test_job_and_method_settings_are_apart():
     """The library config carries no job field (paths, data, Hub); the job holds one PruneConfig."""
     job_only = {"model", "dataset", "output_dir", "num_samples", "seq_len", "state_dir", "max_shard_size"}
     assert not job_only & {f.name for f in dataclasses.fields(PruneConfig)}
-    assert isinstance(JobConfig().prune, PruneConfig)
+    # one flat set of settings splits in two: the method's into `prune`, the job's onto the job
+    cfg = JobConfig.from_flat({"criterion": "taylor", "sparsity": 0.3, "num_samples": 8, "seq_len": 64})
+    assert (cfg.prune.criterion, cfg.prune.sparsity, cfg.num_samples, cfg.seq_len) == ("taylor", 0.3, 8, 64)
 
 
 @pytest.mark.slow

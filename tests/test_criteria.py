@@ -149,7 +149,7 @@ def measured() -> dict[str, dict[str, torch.Tensor]]:
             "grad_mean": gs.mean("grad_sum", n),
             "grad_abs_mean": gs.mean("grad_abs_sum", n),
             "grad_sq_mean": gs.mean("grad_sq_sum", n),
-            "token_grad_sq_mean": tok.mean(n),
+            "token_grad_sq_mean": tok.mean("token_grad_sq_sum", n),
         }
         for n in targets
     }
@@ -235,7 +235,7 @@ def test_token_fisher_differs_from_batch_fisher_with_several_tokens():
         lin, [batch], Statistics({"grad": gs, "token": tok}), loss_fn=lambda m, b: m(b).sum(), progress=False
     )
     assert gs.mean("grad_sq_sum", "l").item() == 0.0
-    assert tok.mean("l").item() == pytest.approx(1.0)  # (1*1)^2 + (1*-1)^2 over 2 tokens
+    assert tok.mean("token_grad_sq_sum", "l").item() == pytest.approx(1.0)  # (1*1)^2 + (1*-1)^2 over 2 tokens
 
 
 def test_token_fisher_refuses_conv_layers_clearly():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from llm_gradprune.calibration.data import iter_texts, micro_batches, pack_blocks, shard
+from llm_gradprune.calibration.data import iter_texts, micro_batches, pack_blocks, round_robin
 from llm_gradprune.config import ConfigError
 
 
@@ -72,6 +72,6 @@ def test_wrong_column_is_named(tmp_path):
 def test_sharding_is_disjoint_and_complete():
     batches = micro_batches(torch.arange(10).view(5, 2), 2)  # 3 micro-batches, the last one smaller
     assert [b.shape[0] for b in batches] == [2, 2, 1]
-    shards = [shard(batches, r, 2) for r in range(2)]
+    shards = [round_robin(batches, r, 2) for r in range(2)]
     seen = torch.cat([b.reshape(-1) for s in shards for b in s]).sort().values
     assert torch.equal(seen, torch.arange(10))

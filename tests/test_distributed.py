@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_gradprune.calibration.data import micro_batches, shard, shard_samples
+from llm_gradprune.calibration.data import micro_batches, round_robin, round_robin_windows
 from llm_gradprune.parallel import RowShards, all_reduce_sum_, rank_offsets
 from llm_gradprune.selection.masks import iter_masks
 
@@ -38,7 +38,7 @@ def test_shard_reads_every_block_once_with_single_process_batches(n_blocks, batc
     blocks = torch.arange(n_blocks).view(-1, 1)
     single = [mb.view(-1).tolist() for mb in micro_batches(blocks, batch)]
     shares = [
-        [mb.view(-1).tolist() for mb in shard(micro_batches(blocks, batch), r, world)] for r in range(world)
+        [mb.view(-1).tolist() for mb in round_robin(micro_batches(blocks, batch), r, world)] for r in range(world)
     ]
     read = [b for share in shares for mb in share for b in mb]
     assert sorted(read) == list(range(n_blocks))  # none missed, none twice
@@ -48,18 +48,18 @@ def test_shard_reads_every_block_once_with_single_process_batches(n_blocks, batc
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_shard_uneven_hand_worked():
+def test_round_robin_uneven_hand_worked():
     # 5 micro-batches on 2 ranks: rank 0 gets 0, 2, 4 and rank 1 gets 1, 3
-    assert shard(list("abcde"), 0, 2) == ["a", "c", "e"]
-    assert shard(list("abcde"), 1, 2) == ["b", "d"]
-    assert shard(list("a"), 1, 2) == []  # a rank may get nothing; the sums still add up
+    assert round_robin(list("abcde"), 0, 2) == ["a", "c", "e"]
+    assert round_robin(list("abcde"), 1, 2) == ["b", "d"]
+    assert round_robin(list("a"), 1, 2) == []  # a rank may get nothing; the sums still add up
 
 
 def test_shard_samples_keeps_grad_accum_groups_whole():
     items = list(range(7))  # grad_accum 2: samples (0, 1), (2, 3), (4, 5), (6,)
-    assert shard_samples(items, 2, 0, 2) == [0, 1, 4, 5]
-    assert shard_samples(items, 2, 1, 2) == [2, 3, 6]  # the short last sample stays last on its rank
-    assert shard_samples(items, 1, 1, 2) == shard(items, 1, 2)
+    assert round_robin_windows(items, 2, 0, 2) == [0, 1, 4, 5]
+    assert round_robin_windows(items, 2, 1, 2) == [2, 3, 6]  # the short last sample stays last on its rank
+    assert round_robin_windows(items, 1, 1, 2) == round_robin(items, 1, 2)
 
 
 # -- collectives without a process group are the identity ----------------------------------------
@@ -199,7 +199,7 @@ def test_pipeline_two_processes_one_checkpoint_that_reloads(tmp_path):
 
     from llm_gradprune.calibration.assets import resolve_model
     from llm_gradprune.config import JobConfig
-    from llm_gradprune.job import run_prune
+    from llm_gradprune.job import prune_job
 
     model_dir = tmp_path / "tiny"
     make_tiny_llama(vocab=49152, intermediate=67).save_pretrained(model_dir)
@@ -220,7 +220,7 @@ def test_pipeline_two_processes_one_checkpoint_that_reloads(tmp_path):
                                "scope": "global", "num_samples": 5, "seq_len": 16, "batch_size": 2,
                                "output_dir": str(tmp_path / "single"), "progress": False,
                                "select_chunk_elems": 1000, "allow_empty_tensors": True})  # fmt: skip
-    single = run_prune(cfg)
+    single = prune_job(cfg)
     assert single["calibration"]["processes"] == 1
     ref = load_file(str(tmp_path / "single" / "model.safetensors"))
     for mode in ("replicated", "fsdp"):

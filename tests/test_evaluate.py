@@ -112,14 +112,14 @@ def tiny_dir(tmp_path):
 def test_eval_cli_json_matches_library(tiny_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_gradprune.calibration.data import load_blocks
+    from llm_gradprune.calibration.data import TextSource, load_blocks
 
     argv = ["eval", str(tiny_dir), "--eval-num-samples", "3", "--eval-seq-len", "32", "--eval-batch-size", "2",
             "--json"]  # fmt: skip
     assert cli.main(argv) == 0
     got = json.loads(capsys.readouterr().out)
-    cfg = JobConfig(model=str(tiny_dir), seq_len=32)
-    blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(tiny_dir), split="test", num_blocks=3)
+    source = TextSource("builtin:imdb", split="test")
+    blocks = load_blocks(source, AutoTokenizer.from_pretrained(tiny_dir), num_blocks=3, seq_len=32)
     want = perplexity(AutoModelForCausalLM.from_pretrained(tiny_dir), blocks, progress=False)
     assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
     assert got["tokens"] == 3 * 31 and got["dataset"]["split"] == "test"
@@ -137,15 +137,15 @@ def test_eval_cli_bad_split_is_one_line(tiny_dir, capsys):
 
 
 def test_prune_eval_records_dense_and_pruned(tiny_dir, tmp_path):
-    from llm_gradprune.job import run_eval, run_prune
+    from llm_gradprune.job import eval_job, prune_job
 
     common = {"model": str(tiny_dir), "seq_len": 32, "progress": False, "eval_num_samples": 2}
     cfg = JobConfig.from_flat({**common, "criterion": "wanda", "num_samples": 2, "eval": True,
                                "output_dir": str(tmp_path / "o")})  # fmt: skip
-    report = run_prune(cfg)
+    report = prune_job(cfg)
     ev = report["eval"]
-    dense = run_eval(JobConfig.from_flat(common))
-    pruned = run_eval(JobConfig.from_flat({**common, "model": str(tmp_path / "o")}))
+    dense = eval_job(JobConfig.from_flat(common))
+    pruned = eval_job(JobConfig.from_flat({**common, "model": str(tmp_path / "o")}))
     assert ev["dense_ppl"] == pytest.approx(dense["ppl"], rel=1e-5)
     assert ev["pruned_ppl"] == pytest.approx(pruned["ppl"], rel=1e-5)
     assert ev["dense_ppl"] != pytest.approx(ev["pruned_ppl"], rel=1e-4)

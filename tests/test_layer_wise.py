@@ -125,7 +125,7 @@ def test_sparsegpt_end_to_end_saves_and_reloads(tmp_path, pattern):
         and rep["mode"]["reconstruct"] == "obs"
         and rep["mode"]["mask"] == "adaptive"
     )
-    out = save_pruned(model, None, JobConfig(prune=cfg), rep, tmp_path / "o")
+    out = save_pruned(model, None, rep, tmp_path / "o", settings=JobConfig(prune=cfg).to_flat())
     params = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
     for name, mask in result.masks.items():
         assert torch.equal(params[name] == 0, mask), name

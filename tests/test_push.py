@@ -107,7 +107,7 @@ def test_dry_run_lists_exactly_the_files_and_the_target_and_uploads_nothing(prun
     with FakeHub() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.delenv("HF_TOKEN", raising=False)
-        args = ["push", str(pruned), "--repo-id", REPO, "--private", "--revision", "exp", "--dry-run"]
+        args = ["push", str(pruned), "--repo-id", REPO, "--push-private", "--push-revision", "exp", "--dry-run"]  # fmt: skip
         assert cli.main(args) == 0
         text = capsys.readouterr().out
         assert cli.main([*args, "--json"]) == 0
@@ -215,7 +215,7 @@ def test_push_folder_returns_what_was_pushed(pruned, monkeypatch):
     )
     assert [f["path"] for f in result["files"]] == list(files)
     create = next(r for r in hub.requests if r["path"] == "/api/repos/create")
-    assert "visibility" not in json.loads(create["body"])  # not --private: the owner's default applies
+    assert "visibility" not in json.loads(create["body"])  # not --push-private: the owner's default applies
     assert_token_only_in_authorization(hub, json.dumps(result))
 
 
@@ -226,7 +226,7 @@ def test_push_folder_returns_what_was_pushed(pruned, monkeypatch):
 def test_push_sends_the_folder_to_the_branch_privately_and_the_token_only_in_the_header(pruned, tmp_path):
     home = tmp_path / "hf_home"
     with FakeHub() as hub:
-        proc = run_push(home, hub.url, str(pruned), "--repo-id", REPO, "--private", "--revision", "exp/2-4",
+        proc = run_push(home, hub.url, str(pruned), "--repo-id", REPO, "--push-private", "--push-revision", "exp/2-4",
                         "--commit-message", "2:4 test push")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     files = folder_files(pruned)
@@ -296,7 +296,7 @@ def test_cached_login_is_used_a_missing_token_is_refused_and_private_never_publi
         assert proc.returncode == 0, proc.stderr
         assert not hub.repos[REPO]["private"]
         (home / "token").unlink()  # the check below must not find the file we wrote ourselves
-        proc = run_push(home, hub.url, str(pruned), "--repo-id", REPO, "--private", "--revision", "p")
+        proc = run_push(home, hub.url, str(pruned), "--repo-id", REPO, "--push-private", "--push-revision", "p")  # fmt: skip
         assert proc.returncode == 2
         assert f"repo {REPO!r} already exists and is public" in one_line(proc.stderr)
         assert len(hub.commit_requests()) == 1 and "p" not in hub.repos[REPO]["branches"]

@@ -106,7 +106,7 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, monkeypatch, dtyp
     def pruned():  # bf16: the state holds the fp32 master weights, which the model is rounded from
         return globals()["pruned"]().to(dtype)
 
-    ref, _ = recover_(pruned(), train_batches(), cfg, progress=False)
+    ref, ref_rep = recover_(pruned(), train_batches(), cfg, progress=False)
     ident = {"run": "t"}
     import llm_gradprune.recovery.trainer as trainer
 
@@ -132,6 +132,7 @@ def test_kill_and_resume_gives_bit_identical_weights(tmp_path, monkeypatch, dtyp
     state = RecoverState(tmp_path / "s", 2, True, ident)
     got, rep = recover_(pruned(), train_batches(), cfg, state=state, progress=False)
     assert rep["resumed_from_step"] == 4
+    assert rep["tokens"] == ref_rep["tokens"] == 7 * 4 * 16  # the steps before the resume count too
     for name, w in weights(ref).items():
         assert torch.equal(w, weights(got)[name]), name
         assert w.dtype == dtype
@@ -220,8 +221,9 @@ def test_recover_command_on_a_pruned_folder(tmp_path, capsys):
     common = ["--dataset", str(text), "--no-progress"]
     assert cli.main(["prune", "--model", str(model_dir), "--criterion", "fisher", "--pattern", "2:4", "--num-samples",
                      "4", "--seq-len", "16", "--output-dir", str(pruned_dir), *common]) == 0  # fmt: skip
-    argv = ["recover", str(pruned_dir), "--steps", "5", "--lr", "0.003", "--batch-size", "2", "--seq-len", "16",
-            "--distill-alpha", "0.5", "--eval", "--eval-num-samples", "4", "--output-dir", str(out), *common]  # fmt: skip
+    argv = ["recover", str(pruned_dir), "--recover-steps", "5", "--recover-lr", "0.003", "--recover-batch-size", "2",
+            "--recover-seq-len", "16", "--recover-distill-alpha", "0.5", "--eval", "--eval-num-samples", "4",
+            "--output-dir", str(out), *common]  # fmt: skip
     capsys.readouterr()
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_gradprune import commands as cli
-from llm_gradprune.calibration.data import load_blocks, token_hash
+from llm_gradprune.calibration.data import TextSource, load_blocks, token_hash
 from llm_gradprune.config import JobConfig
 from llm_gradprune.io.atomic import swap_dirs
-from llm_gradprune.job import run_prune
+from llm_gradprune.job import prune_job
 
 from .tiny_folder import kill_when_paused, make_model_folder, make_text_file, start_cli
 
@@ -138,7 +138,9 @@ def test_same_seed_gives_byte_identical_checkpoints(assets, tmp_path):
     )
     from transformers import AutoTokenizer
 
-    blocks = load_blocks(cfg, AutoTokenizer.from_pretrained(assets["model"]))
+    blocks = load_blocks(
+        TextSource(cfg.dataset, seed=cfg.seed), AutoTokenizer.from_pretrained(assets["model"]), 4, 16
+    )
     assert ra["calibration"]["token_sha256"] == rb["calibration"]["token_sha256"] == token_hash(blocks)
     # another seed reads other text: another hash (so the hash does tell runs apart)
     assert cli.main(_args(assets, c, "--seed", "6")) == 0
@@ -151,7 +153,7 @@ def test_run_prune_library_path_matches_cli(assets, tmp_path):
     assert cli.main(_args(assets, tmp_path / "cli")) == 0
     cfg = JobConfig.from_flat({"model": str(assets["model"]), "dataset": str(assets["text"]), "num_samples": 4,
                                "seq_len": 16, "output_dir": str(tmp_path / "lib"), "progress": False})  # fmt: skip
-    run_prune(cfg)
+    prune_job(cfg)
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (
         tmp_path / "lib" / "model.safetensors"
     ).read_bytes()
@@ -170,7 +172,7 @@ def test_checkpoint_whose_zeros_differ_from_the_report_is_not_installed(tmp_path
     name = next(iter(report["per_tensor"]))
     report["per_tensor"][name]["zeros"] += 1  # the report claims one zero more than was written
     with pytest.raises(VerificationError, match=f"{name}: .* zeros written but the report says"):
-        save_pruned(model, None, cfg, report, tmp_path / "out")
+        save_pruned(model, None, report, tmp_path / "out", settings=cfg.to_flat())
     assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary folder remains
 
 

@@ -21,7 +21,6 @@ from llm_gradprune.errors import ConfigError
 from llm_gradprune.io.calib_state import (
     CalibState,
     check_state_dir,
-    config_identity,
     latest_state,
     model_fingerprint,
     resolve_state_dir,
@@ -46,7 +45,7 @@ def _stats(model):
 
 
 def _identity(model, cfg=None):
-    return run_identity(config_identity(cfg or JobConfig()), model, "d")
+    return run_identity((cfg or JobConfig()).identity(), model, "d")
 
 
 def _run(model, batches, ckpt=None, crash_at=None):
@@ -134,18 +133,19 @@ def test_changed_config_model_or_data_is_refused_naming_the_difference(tmp_path)
 
 
 def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
-    """Interplay with gradient accumulation / host staging in GradStats (duck-typed: `_group_started`
-    names tensors whose partial group lives outside the sums, `flush()` folds a deferred gradient)."""
+    """Interplay with gradient accumulation / host staging in GradStats: while an accumulation window is
+    open its partial sum lives outside the sums, so no save; `flush()` folds a deferred gradient."""
     model = make_tiny_llama()
     gs, acts = _stats(model)
     flushed = []
     gs.flush = lambda: flushed.append(True)
     ckpt = CalibState(tmp_path / "s", 2, False, _identity(model))
     ckpt.restore(Statistics({"grad": gs, "act": acts}))
-    gs._group_started = {"partial"}  # mid-group at the due batch: no save yet
+    gs._window_open = {"partial"}  # mid-window at the due batch: no save yet
+    assert gs.window_open
     ckpt.after_batch(2, 32, 1.0)
     assert latest_state(tmp_path / "s") is None and not flushed
-    gs._group_started = set()  # the group ended one batch later: the due save happens now
+    gs._window_open = set()  # the window closed one batch later: the due save happens now
     ckpt.after_batch(3, 48, 1.5)
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 3 and flushed == [True]
 

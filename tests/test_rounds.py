@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_gradprune import PruneConfig, prune_
+from llm_gradprune import PruneConfig, prune_, rounds
 from llm_gradprune.calibration.loop import causal_lm_loss
 from llm_gradprune.errors import ConfigError
 from llm_gradprune.recovery.config import RecoverConfig
@@ -25,7 +25,7 @@ def test_schedules():
 
 @pytest.mark.parametrize("criterion,kw", [("gradient", {"sparsity": 0.7}), ("fisher", {"pattern": "2:4"}),
                                           ("taylor", {"sparsity": 0.6, "scope": "global"})])  # fmt: skip
-def test_three_rounds_are_nested_exact_and_recalibrated(criterion, kw):
+def test_three_rounds_are_nested_exact_and_recalibrated(criterion, kw, monkeypatch):
     model = make_tiny_llama()
     batches = list(make_blocks(4, 16).split(1))
     weights = {f"{n}.weight": m.weight for n, m in find_targets(model).items()}
@@ -34,19 +34,16 @@ def test_three_rounds_are_nested_exact_and_recalibrated(criterion, kw):
     def on_round(r, result):
         seen.append({n: (w == 0).clone() for n, w in weights.items()})
 
-    real_prune = prune_in_rounds_.__globals__["prune_"]
+    real_prune = rounds.prune_
 
     def recording_prune(model_, batches_, cfg_, **k):  # the loss of the model as the round finds it
         with torch.no_grad():
             losses_before.append(sum(float(causal_lm_loss(model_, b)) for b in batches_) / len(batches_))
         return real_prune(model_, batches_, cfg_, **k)
 
-    prune_in_rounds_.__globals__["prune_"] = recording_prune
-    try:
-        cfg = PruneConfig(criterion=criterion, rounds=3, progress=False, allow_empty_tensors=True, **kw)
-        result = prune_in_rounds_(model, batches, cfg, on_round=on_round)
-    finally:
-        prune_in_rounds_.__globals__["prune_"] = real_prune
+    monkeypatch.setattr(rounds, "prune_", recording_prune)
+    cfg = PruneConfig(criterion=criterion, rounds=3, progress=False, allow_empty_tensors=True, **kw)
+    result = prune_in_rounds_(model, batches, cfg, on_round=on_round)
     per_round = result.report["rounds"]["per_round"]
     one_shot = prune_(make_tiny_llama(), batches, PruneConfig(criterion=criterion, progress=False,
                                                                allow_empty_tensors=True, **kw)).report  # fmt: skip

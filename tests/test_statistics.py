@@ -95,6 +95,20 @@ def test_activation_sums_by_hand():
     lin(torch.tensor([[[1.0, 2.0], [3.0, 0.0]]]))
     acts.detach()
     torch.testing.assert_close(acts.mean_sq("lin"), torch.tensor([5.0, 2.0]))
+    stats = Statistics({"act": acts}, needs={"act_sq_mean"})  # read as every accumulator is: by weight name
+    assert stats.has("act_sq_mean") and not stats.has("grad_sq_mean")
+    torch.testing.assert_close(stats.mean("act_sq_mean", "lin.weight"), torch.tensor([5.0, 2.0]))
+
+
+def test_a_window_stays_open_until_its_mean_is_folded():
+    p = torch.nn.Parameter(torch.zeros(3))
+    stats = GradStats({"p": p}, ("grad_sum",), window=2)
+    stats.receive("p", torch.ones(3))
+    assert stats.window_open and stats.counts["p"] == 0  # a saved state would miss this gradient
+    stats.receive("p", torch.full((3,), 3.0))
+    stats.end_window(2)
+    assert not stats.window_open and stats.counts["p"] == 1
+    torch.testing.assert_close(stats.mean("grad_sum", "p"), torch.full((3,), 2.0))
 
 
 # criterion -> (gradient sums allocated, activation sums allocated): written out by hand
@@ -189,17 +203,17 @@ def test_nonfinite_batch_reported_by_prune(tmp_path):
     assert len(skipped) == 14 and set(skipped.values()) == {1}
 
 
-def test_grad_accum_folds_group_means():
+def test_grad_accum_folds_window_means():
     model, params = setup()
     batches = list(make_blocks(5, 16).split(1))
     names = list(params)
     ref = reference_grads(model, batches, names)
-    stats = GradStats(params, ALL)
-    counters = calibrate(model, batches, grad_only(stats), progress=False, grad_accum=2)
+    stats = GradStats(params, ALL, window=2)
+    counters = calibrate(model, batches, grad_only(stats), progress=False)
     assert counters["batches"] == 5 and counters["samples"] == 3
     for n in names:
-        groups = [(ref[0][n] + ref[1][n]) / 2, (ref[2][n] + ref[3][n]) / 2, ref[4][n]]  # last group of 1
-        g = torch.stack(groups)
+        windows = [(ref[0][n] + ref[1][n]) / 2, (ref[2][n] + ref[3][n]) / 2, ref[4][n]]  # last window of 1
+        g = torch.stack(windows)
         torch.testing.assert_close(stats.sums["grad_sum"][n], g.sum(0))
         torch.testing.assert_close(stats.sums["grad_abs_sum"][n], g.abs().sum(0))
         torch.testing.assert_close(stats.sums["grad_sq_sum"][n], g.square().sum(0))
@@ -212,11 +226,11 @@ def test_host_staged_statistics_equal_direct():
     batches = list(make_blocks(3, 16).split(1))
     direct = GradStats(params, ALL)
     calibrate(model, batches, grad_only(direct), progress=False)
-    staged = GradStats(params, ALL, device="cpu")
+    staged = GradStats(params, ALL, device="cpu", window=2)
     staged.stage_on_host = True  # the pinned-buffer path a GPU model takes, run on the CPU
-    calibrate(model, batches, grad_only(staged), progress=False, grad_accum=2)
-    plain2 = GradStats(params, ALL)
-    calibrate(model, batches, grad_only(plain2), progress=False, grad_accum=2)
+    calibrate(model, batches, grad_only(staged), progress=False)
+    plain2 = GradStats(params, ALL, window=2)
+    calibrate(model, batches, grad_only(plain2), progress=False)
     for stat in ALL:
         for n in params:
             torch.testing.assert_close(staged.sums[stat][n], plain2.sums[stat][n])

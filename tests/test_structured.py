@@ -302,7 +302,7 @@ def test_a_model_outside_the_family_is_refused_in_one_line():
             "structure 'layers' removes",
         ),
         ({"head_unit": "query"}, "head_unit 'query' applies to structure heads or mixed"),
-        ({"refit_damp": 0}, "refit_damp 0 must be in"),
+        ({"refit_damp": 0}, "refit_damp 0 is outside"),
         ({"channel_multiple": 0}, "channel_multiple 0 must be"),
         ({"importance": "grad"}, "importance 'grad' is unknown"),
         ({"structure": "layers", "importance_form": "element"}, "importance_form 'element' ranks no layers"),

@@ -42,10 +42,19 @@ def shrunk(assets) -> Path:
                  "--eval-num-samples", "4", "--recover-steps", "3", "--recover-batch-size", "2", "--recover-lr", "1e-3")  # fmt: skip
 
 
+def held_out_ppl(folder: Path, text: Path, capsys) -> float:
+    """The `eval` command on the job's evaluation windows (4 x 32 tokens of the text's held-out part)."""
+    capsys.readouterr()
+    argv = ["eval", str(folder), "--dataset", str(text), "--eval-num-samples", "4", "--eval-seq-len", "32",
+            "--no-progress", "--json"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
+
+
 def test_prune_structure_writes_a_smaller_model_plain_transformers_loads(assets, shrunk, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _, model_dir, _ = assets
+    _, model_dir, text = assets
     report = json.loads((shrunk / "pruning_report.json").read_text())
     dense = AutoModelForCausalLM.from_pretrained(model_dir)
     small = AutoModelForCausalLM.from_pretrained(shrunk)  # no trust_remote_code
@@ -65,8 +74,11 @@ def test_prune_structure_writes_a_smaller_model_plain_transformers_loads(assets,
     assert out.shape == (1, 7)
     # evaluation and recovery ran on the smaller model, on the same windows
     ev = report["eval"]
-    assert ev["dense_ppl"] > 0 and ev["pruned_ppl"] > 0 and ev["recovered_ppl"] > 0
-    assert report["recovery"]["steps"] == 3 and report["timings_s"]["recovery"] > 0
+    assert ev["dense_ppl"] == pytest.approx(held_out_ppl(model_dir, text, capsys), rel=1e-5)
+    assert ev["recovered_ppl"] == pytest.approx(held_out_ppl(shrunk, text, capsys), rel=1e-5)  # as saved
+    assert ev["pruned_ppl"] != pytest.approx(ev["recovered_ppl"], rel=1e-4)  # recovery changed the model
+    rec = report["recovery"]
+    assert (rec["steps"], rec["tokens"], rec["pruned_kept_zero"]) == (3, 3 * 2 * 32, True)
     assert {"shape.png", "perplexity.png", "recovery_loss.png"} <= set(report["plots"]["files"])
 
 
@@ -112,8 +124,8 @@ def test_push_verifies_the_shapes_of_a_structured_checkpoint(shrunk, tmp_path):
 def test_recover_takes_a_structured_folder(assets, shrunk, capsys):
     root, _, text = assets
     out = root / "small-rec"
-    assert cli.main(["recover", str(shrunk), "--dataset", str(text), "--steps", "2", "--batch-size", "2",
-                     "--seq-len", "32", "--output-dir", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert cli.main(["recover", str(shrunk), "--dataset", str(text), "--recover-steps", "2", "--recover-batch-size",
+                     "2", "--recover-seq-len", "32", "--output-dir", str(out), "--no-progress"]) == 0  # fmt: skip
     assert "recovered the mixed-pruned model in 2 steps" in capsys.readouterr().out
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["structure"] == "mixed" and report["verified"] and report["recovery"]["steps"] == 2

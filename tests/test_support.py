@@ -16,7 +16,7 @@ import pytest
 
 from llm_gradprune import commands
 from llm_gradprune.config import PruneConfig
-from llm_gradprune.support import PATH_TITLES, Run, check_support, refusal
+from llm_gradprune.support import PATH_TITLES, SupportQuery, check_support, refusal
 
 from .support_cases import cases, option, settings, shown
 from .support_worker import flags
@@ -107,6 +107,6 @@ def test_every_report_has_the_same_keys(assets, tmp_path):
 
 
 def test_refusal_names_the_first_unsupported_option():
-    run = Run(PruneConfig(criterion="sparsegpt"), processes=2, sharded=True)
+    run = SupportQuery(PruneConfig(criterion="sparsegpt"), processes=2, sharded=True)
     assert refusal(run).startswith("layer-wise mode is not supported on the FSDP2 row shards path")
-    check_support(Run(PruneConfig(criterion="sparsegpt"), processes=2))  # replicated: fine
+    check_support(SupportQuery(PruneConfig(criterion="sparsegpt"), processes=2))  # replicated: fine

@@ -32,7 +32,7 @@ def test_prune_save_reload(tmp_path, criterion, scope):
     result = prune_(model, list(make_blocks(4, 16).split(1)), cfg)
     assert set(result.masks) == {f"{n}.weight" for n in find_targets(model)}
     assert len(result.masks) == 2 * 7
-    out = save_pruned(model, None, JobConfig(prune=cfg), result.report, tmp_path / "out")
+    out = save_pruned(model, None, result.report, tmp_path / "out", settings=JobConfig(prune=cfg).to_flat())
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     params = dict(reloaded.named_parameters())
     total = 0
@@ -58,7 +58,7 @@ def test_two_four_is_valid_group_by_group(tmp_path):
     for name, mask in result.masks.items():
         groups = mask.reshape(-1, 4)
         assert (groups.sum(1) == 2).all(), name
-    out = save_pruned(model, None, JobConfig(prune=cfg), result.report, tmp_path / "o")
+    out = save_pruned(model, None, result.report, tmp_path / "o", settings=JobConfig(prune=cfg).to_flat())
     for name, p in AutoModelForCausalLM.from_pretrained(out).named_parameters():
         if name in result.masks:
             assert ((p.reshape(-1, 4) != 0).sum(1) == 2).all()

@@ -20,6 +20,7 @@ import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -240,22 +241,26 @@ def pack_blocks(
     return torch.tensor(ids[:need], dtype=torch.long).view(num_blocks, seq_len)
 
 
-def load_blocks(
-    cfg,
-    tokenizer,
-    split: str | None = None,
-    num_blocks: int | None = None,
-    seed: int | None = None,
-    seq_len: int | None = None,
-):
-    """The calibration (or, with split=cfg.eval_split, evaluation) blocks a config describes."""
-    split = split or cfg.split
-    n = cfg.num_samples if num_blocks is None else num_blocks
-    texts = iter_texts(
-        cfg.dataset, split, cfg.text_column, cfg.seed if seed is None else seed, cfg.dataset_config
-    )
-    length = cfg.seq_len if seq_len is None else seq_len
-    return pack_blocks(texts, tokenizer, n, length, source=f"{cfg.dataset}[{split}]")
+@dataclass(frozen=True)
+class TextSource:
+    """Where text is read from: a data set (built-in, Hub id or local file), its split and column, and
+    the seed of the document order."""
+
+    dataset: str
+    split: str = "train"
+    text_column: str = "text"
+    seed: int = 0
+    dataset_config: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}[{self.split}]"
+
+
+def load_blocks(source: TextSource, tokenizer, num_blocks: int, seq_len: int) -> torch.Tensor:
+    """`num_blocks` x `seq_len` tokens of `source`, packed (see `pack_blocks`)."""
+    texts = iter_texts(source.dataset, source.split, source.text_column, source.seed, source.dataset_config)
+    return pack_blocks(texts, tokenizer, num_blocks, seq_len, source=source.name)
 
 
 def micro_batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -263,16 +268,16 @@ def micro_batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
 
 
-def shard(items: list, rank: int, world: int) -> list:
+def round_robin(items: list, rank: int, world: int) -> list:
     """Round-robin share of one process: disjoint across ranks, together exactly `items`."""
     return items[rank::world]
 
 
-def shard_samples(items: list, group: int, rank: int, world: int) -> list:
+def round_robin_windows(items: list, group: int, rank: int, world: int) -> list:
     """Round-robin share of whole groups of `group` consecutive items (with grad_accum, one gradient
     sample is a group of micro-batches: a rank must get all of a group or none of it)."""
     groups = [items[i : i + group] for i in range(0, len(items), group)]
-    return [item for g in shard(groups, rank, world) for item in g]
+    return [item for g in round_robin(groups, rank, world) for item in g]
 
 
 def token_hash(blocks: torch.Tensor) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hooks import ForwardHooked
 
-class Hessians:
+
+class Hessians(ForwardHooked):
     """Per-module fp32 sums of x x^T over input tokens, fed by forward hooks.
 
     Modules that read the very same input tensor (q/k/v, gate/up) share one accumulator: the hook sees
@@ -27,15 +29,7 @@ class Hessians:
         self._handles: list = []
         self.paused = False  # set during a backward pass: a recompute must not count twice
 
-    def attach(self) -> Hessians:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _forget(self) -> None:
         self._last = None
 
     def _make_hook(self, name: str):
@@ -73,7 +67,14 @@ class Hessians:
             raise RuntimeError(f"no inputs were recorded for {name}: cannot build its Hessian")
         return self.sums[key] * (2.0 / self.tokens[key])
 
-    # -- the accumulator protocol (stats.py): reduction across processes ---------------------------
+    # -- the accumulator protocol (stats.py) ---------------------------------------------------------
+    def holds(self, stat: str) -> bool:
+        return stat == "hessian"
+
+    def mean(self, stat: str, name: str) -> torch.Tensor:
+        """The `hessian` of a module, or of the module of weight `name`."""
+        return self.hessian(name.removesuffix(".weight"))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"hessian.{n}": self.sums[n] for n in sorted(self.sums)}
 

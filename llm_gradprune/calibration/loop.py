@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    """Mean next-token loss of a block of token ids (labels = inputs, shifted inside the model)."""
+    """Mean next-token loss of a micro-batch of token blocks (labels = inputs, shifted inside the model)."""
     if isinstance(batch, dict):
         return model(**batch).loss
     return model(input_ids=batch, labels=batch).loss
@@ -63,6 +64,132 @@ def count_tokens(batch: Any) -> int:
     return 0
 
 
+def empty_counters() -> dict[str, Any]:
+    """The counters of a pass that ran no batch."""
+    return {
+        "batches": 0,
+        "samples": 0,
+        "tokens": 0,
+        "loss_sum": 0.0,
+        "mean_loss": float("nan"),
+        "seconds": 0.0,
+    }
+
+
+@dataclass
+class _Tally:
+    """What a calibration pass has run so far."""
+
+    batches: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0  # gradient samples: accumulation windows closed
+    in_window: int = 0  # micro-batches run in the window still open
+
+    def counters(self, seconds: float, recomputed: int) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "loss_sum": self.loss_sum,
+            "mean_loss": self.loss_sum / max(self.batches, 1),
+            "seconds": seconds,
+            "recomputed_layers": recomputed,
+        }
+
+
+@dataclass
+class _Pass:
+    """The fixed parts of one calibration pass; `step` takes one micro-batch through it."""
+
+    model: nn.Module
+    stats: Statistics
+    collective: Collective
+    accelerator: Any
+    loss_fn: LossFn
+    device: torch.device
+    window: int  # micro-batches per gradient sample
+
+    def __post_init__(self) -> None:
+        self.forward_hooked = self.stats.forward_hooked()
+        self.counting_inputs = self.stats.counting_inputs()
+
+    def step(self, batch: Any, tally: _Tally) -> None:
+        """This rank's piece of `batch`: forward, backward when a statistic needs it, counted in `tally`."""
+        piece, share = self.collective.piece(batch)
+        piece = to_device(piece, self.device)
+        for acc in self.forward_hooked:  # a rank's empty piece (row shards) records nothing
+            acc.paused = not share
+        if self.stats.needs_backward:
+            loss = self._backward(piece, share)
+        else:  # forward statistics only: no backward needed
+            with torch.no_grad():
+                loss = self.loss_fn(self.model, piece)
+        for acc in self.forward_hooked:
+            acc.paused = False
+        tally.loss_sum += float(loss.detach()) * share if share != 1.0 else float(loss.detach())
+        tally.batches += 1
+        tally.tokens += count_tokens(piece) if share else 0
+        tally.in_window += 1
+        if tally.in_window == self.window:
+            self.end_window(tally)
+
+    def _backward(self, piece: Any, share: float) -> torch.Tensor:
+        loss = self.loss_fn(self.model, piece)
+        for acc in self.counting_inputs:
+            acc.paused = True
+        scale = self.collective.grad_scale(share)
+        scaled = loss if scale == 1.0 else loss * scale
+        if self.accelerator is not None:
+            self.accelerator.backward(scaled)
+        else:
+            scaled.backward()
+        grad = self.stats.grad
+        if grad is not None and grad.row_sharded:
+            grad.collect_()
+        return loss
+
+    def end_window(self, tally: _Tally) -> None:
+        """Close the accumulation window: its micro-batches' gradients become one sample."""
+        grad = self.stats.grad
+        if grad is not None and self.window > 1:
+            grad.end_window(tally.in_window)
+        tally.samples += 1
+        tally.in_window = 0
+
+
+def _accumulation_window(stats: Statistics, collective: Collective, grad_accum: int | None) -> int:
+    grad = stats.grad
+    if grad is None:
+        return 1 if grad_accum is None else grad_accum
+    if grad.row_sharded != collective.rows_sharded:
+        raise ValueError(
+            "the gradient statistics were built for another collective: make_statistics(collective=)"
+        )
+    if grad_accum is not None and grad_accum != grad.window:
+        # the old way, the window given to the loop: until tests/test_resume.py and tests/dist_worker.py
+        # build GradStats(window=)
+        grad.window = grad_accum
+    return grad.window
+
+
+def _attach(model: nn.Module, stats: Statistics, checkpointing: bool):
+    """Hook every accumulator in (and recompute activations when asked): (undo recompute, layers)."""
+    undo, recomputed = None, 0
+    if checkpointing and stats.needs_backward:
+        undo, recomputed = enable_activation_checkpointing(model)
+    for acc in stats.accumulators():
+        acc.attach()
+    return undo, recomputed
+
+
+def _resume(calib_state, stats: Statistics, tally: _Tally, batches: Iterable[Any], window: int):
+    """Continue a saved pass (io.calib_state): its sums and counts loaded, the batches it ran skipped."""
+    tally.batches, tally.tokens, tally.loss_sum = calib_state.restore(stats)
+    tally.samples = -(-tally.batches // window)
+    return itertools.islice(batches, tally.batches, None)
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -73,107 +200,55 @@ def calibrate(
     loss_fn: LossFn = causal_lm_loss,
     progress: bool = True,
     total: int | None = None,
-    grad_accum: int = 1,
+    grad_accum: int | None = None,
     checkpointing: bool = False,
     calib_state=None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Forward (+ backward when a statistic needs it) every batch once, folding statistics in. Returns counters.
 
-    `grad_accum` > 1 makes one gradient sample the mean gradient of that many consecutive micro-batches
-    (a last, shorter group counts as one sample too); `checkpointing` recomputes layer activations in
+    One gradient sample is the mean gradient of an accumulation window of consecutive micro-batches
+    (a last, shorter window counts as one sample too); the window is the gradient statistics' own
+    (`GradStats(window=)`), `grad_accum` without them. `checkpointing` recomputes layer activations in
     backward (see recompute.py); `calib_state` (io.calib_state) saves and restores partial sums.
     """
     collective = collective or Collective()
     if device is None:
         device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    backward = stats.needs_backward
-    grad = stats.grad
-    forward_hooked = [acc for source, acc in stats.by_source.items() if source != "grad"]
-    # a checkpointed layer's recompute in backward must not count its inputs twice (the per-token
-    # statistic needs no pause: it only counts outputs that require grad)
-    recompute_sensitive = [acc for source, acc in stats.by_source.items() if source in ("act", "hessian")]
+    window = _accumulation_window(stats, collective, grad_accum)
+    one = _Pass(model, stats, collective, accelerator, loss_fn, device, window)
     was_training = model.training
     model.eval()  # calibration measures the deployed model: no dropout
-    undo_checkpointing, recomputed = None, 0
-    if checkpointing and backward:
-        undo_checkpointing, recomputed = enable_activation_checkpointing(model)
-    if grad is not None:
-        grad.group = grad_accum
-        grad.agree = collective.agree if collective.rows_sharded else None
-        grad.attach(hooks=not collective.rows_sharded)
-    for acc in forward_hooked:
-        acc.attach()
-    all_batches = total
-    n_batches = n_tokens = n_samples = in_group = 0
-    loss_sum = 0.0
-    if calib_state is not None:  # io.calib_state: continue saved sums, skip their batches
-        n_batches, n_tokens, loss_sum = calib_state.restore(stats)
-        n_samples = -(-n_batches // grad_accum)
-        batches = itertools.islice(batches, n_batches, None)
-        total = None if total is None else total - n_batches
-    start = time.perf_counter()
+    undo_checkpointing, recomputed = _attach(model, stats, checkpointing)
+    tally, all_batches = _Tally(), total
     main = (accelerator is None or accelerator.is_local_main_process) and collective.rank == 0
     try:
+        if calib_state is not None:
+            batches = _resume(calib_state, stats, tally, batches, window)
+            total = None if total is None else total - tally.batches
+        start = time.perf_counter()
         for batch in tqdm(
             batches, total=total, desc="calibration", disable=not (progress and main), unit="batch"
         ):
-            set_stage(f"calibration, batch {n_batches + 1}" + (f" of {all_batches}" if all_batches else ""))
-            piece, share = collective.piece(batch)
-            piece = to_device(piece, device)
-            for acc in forward_hooked:  # a rank's empty piece (row shards) records nothing
-                acc.paused = not share
-            if backward:
-                loss = loss_fn(model, piece)
-                for acc in recompute_sensitive:
-                    acc.paused = True
-                scale = collective.grad_scale(share)
-                scaled = loss if scale == 1.0 else loss * scale
-                if accelerator is not None:
-                    accelerator.backward(scaled)
-                else:
-                    scaled.backward()
-                if collective.rows_sharded and grad is not None:
-                    grad.collect_(collective.local)
-            else:  # forward statistics only: no backward needed
-                with torch.no_grad():
-                    loss = loss_fn(model, piece)
-            for acc in forward_hooked:
-                acc.paused = False
-            loss_sum += float(loss.detach()) * share if share != 1.0 else float(loss.detach())
-            n_batches += 1
-            n_tokens += count_tokens(piece) if share else 0
-            in_group += 1
-            if in_group == grad_accum:
-                n_samples += 1
-                in_group = 0
-                if grad is not None and grad_accum > 1:
-                    grad.end_group(grad_accum)
+            set_stage(
+                f"calibration, batch {tally.batches + 1}" + (f" of {all_batches}" if all_batches else "")
+            )
+            one.step(batch, tally)
             if calib_state is not None:
-                calib_state.after_batch(n_batches, n_tokens, loss_sum)
-            pause_point("batch", n_batches)
-        if in_group:
-            n_samples += 1
-            if grad is not None and grad_accum > 1:
-                grad.end_group(in_group)
+                calib_state.after_batch(tally.batches, tally.tokens, tally.loss_sum)
+            pause_point("batch", tally.batches)
+        if tally.in_window:
+            one.end_window(tally)
         if calib_state is not None:
             # the complete sums too: a crash during selection or saving then recalibrates nothing
-            calib_state.end(n_batches, n_tokens, loss_sum)
+            calib_state.end(tally.batches, tally.tokens, tally.loss_sum)
     finally:
         if undo_checkpointing is not None:
             undo_checkpointing()
         for acc in stats.accumulators():
             acc.detach()
         model.train(was_training)
-    return {
-        "batches": n_batches,
-        "samples": n_samples,
-        "tokens": n_tokens,
-        "loss_sum": loss_sum,
-        "mean_loss": loss_sum / max(n_batches, 1),
-        "seconds": time.perf_counter() - start,
-        "recomputed_layers": recomputed,
-    }
+    return tally.counters(time.perf_counter() - start, recomputed)
 
 
 def reduce_statistics_(
@@ -239,13 +314,9 @@ def gather_statistics(
     collective = collective or Collective()
     for p in model.parameters():
         p.requires_grad_(False)
-    stats = make_statistics(needs, modules, device=stats_device, local=collective.local)
-    if stats.grad is not None:
-        stats.grad.row_sharded = collective.rows_sharded
-    counters = {"batches": 0, "samples": 0, "tokens": 0, "loss_sum": 0.0, "mean_loss": float("nan"),
-                "seconds": 0.0}  # fmt: skip
+    stats = make_statistics(needs, modules, device=stats_device, window=grad_accum, collective=collective)
     if not needs:
-        return stats, counters
+        return stats, empty_counters()
     if batches is None:
         raise ValueError("calibration statistics need batches, but none were given")
     counters = calibrate(

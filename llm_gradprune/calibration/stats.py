@@ -7,13 +7,13 @@ target weight we keep only the sums the chosen criterion reads:
     grad_abs_sum = sum_b |g_b|        (gradient)
     grad_sq_sum  = sum_b g_b^2        (fisher, gblm)
 
-plus, per tensor, the number of batches folded in. Each gradient is folded in by a
+plus, per tensor, the number of gradient samples folded in. Each gradient is folded in by a
 post-accumulate-grad hook the moment autograd finishes it and is released right there, so a full set
 of gradients never exists. Squares are taken after the cast to fp32: no half-precision underflow.
 
-With `group` > 1 (gradient accumulation) one sample is the mean of several micro-batch gradients:
-they are summed in an fp32 buffer per target (on the statistics' device) and folded in by
-`end_group()`; this buffer is the one extra model-sized cost of the knob.
+With an accumulation `window` > 1 (`grad_accum`) one sample is the mean gradient of that many
+consecutive micro-batches: they are summed in an fp32 buffer per target (on the statistics' device) and
+folded in by `end_window()`; this buffer is the one extra model-sized cost of the knob.
 
 Statistics may live on another device than the weights (`device="cpu"` while the model is on a GPU):
 each gradient is then copied into one of two reused pinned host buffers with a non-blocking copy, and
@@ -26,8 +26,9 @@ hooks on the same pass and are allocated only for criteria that read them.
 
 Every accumulator answers the same protocol, so the loop, the cross-process reduction and the saved
 calibration state treat them alike: `attach()`/`detach()`, `tensors()` (its sums by a stable key),
-`counters()`/`load_counters()` (its per-tensor counts), and `paused` for forward hooks. `STATISTICS`
-is the registry criteria name their inputs from; `Statistics` holds the accumulators of one pass.
+`counters()`/`load_counters()` (its per-tensor counts), `holds(sum)` and `mean(sum, weight name)`, and
+`paused` for forward hooks. Each is configured once, by its constructor. `STATISTICS` is the registry
+criteria name their inputs from; `Statistics` holds the accumulators of one pass.
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..parallel import Collective
 from ..registry import Registry
 from .hessians import Hessians
+from .hooks import ForwardHooked
 
 GRAD_STATS = ("grad_sum", "grad_abs_sum", "grad_sq_sum")
 
 
-def _all_finite(g: torch.Tensor) -> bool:
+def all_finite(g: torch.Tensor) -> bool:
     """All entries finite? A NaN or inf entry always makes the fp32 sum non-finite, and a sum is ~20x
     cheaper than `isfinite(g).all()` on a CPU; only a non-finite sum (overflow) needs the exact test."""
     if bool(torch.isfinite(g.sum())):
@@ -56,22 +59,40 @@ def _all_finite(g: torch.Tensor) -> bool:
 
 
 class GradStats:
-    """Per-weight fp32 gradient sums for the named parameters."""
+    """Per-weight fp32 gradient sums for the named parameters.
+
+    `window`: micro-batches per gradient sample (gradient accumulation). `collective`: with row shards
+    (FSDP2) the sums hold this rank's rows, gradients are collected after backward (`collect_`) instead
+    of by hooks, a non-finite one is skipped by every rank together, and the sums are never added
+    across ranks (`row_sharded`).
+    """
 
     def __init__(
         self,
         params: dict[str, nn.Parameter],
         needs: set[str] | tuple[str, ...],
         device=None,
-        local: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+        *,
+        window: int = 1,
+        collective: Collective | None = None,
     ):
         unknown = set(needs) - set(GRAD_STATS)
         if unknown:
             raise ValueError(f"unknown gradient statistics {sorted(unknown)}: allowed {GRAD_STATS}")
+        if window < 1:
+            raise ValueError(f"an accumulation window holds at least one micro-batch, not {window}")
         self.params = params
-        self.local = local  # this rank's rows of a tensor (row sharding); sums take their shape
+        self.window = window  # micro-batches per gradient sample; > 1: summed, folded by end_window()
+        self.row_sharded = collective is not None and collective.rows_sharded
+        # this rank's rows of a tensor (row shards); the sums take their shape
+        self.local: Callable[[torch.Tensor, str], torch.Tensor] | None = (
+            collective.local if self.row_sharded else None
+        )
+        # agree(flags) -> flags: every rank's verdict on "this gradient is finite" (row shards must skip
+        # a micro-batch together); None where each rank folds its own micro-batches
+        self.agree: Callable[[list[bool]], list[bool]] | None = collective.agree if self.row_sharded else None
         self.needs = tuple(s for s in GRAD_STATS if s in needs)
-        shapes = {n: (local(p, n) if local is not None else p) for n, p in params.items()}
+        shapes = {n: (self.local(p, n) if self.local is not None else p) for n, p in params.items()}
         self.sums: dict[str, dict[str, torch.Tensor]] = {
             stat: {
                 n: torch.zeros(t.shape, dtype=torch.float32, device=device or t.device)
@@ -84,32 +105,34 @@ class GradStats:
         self.counts = {n: 0 for n in params}
         self.skipped = {n: 0 for n in params}
         self._handles: list = []
-        self.group = 1  # micro-batches per gradient sample; > 1: summed, folded by end_group()
-        self._group_sums: dict[str, torch.Tensor] = {}  # kept across groups: no re-allocation
-        self._group_started: set[str] = set()
+        self._window_sums: dict[str, torch.Tensor] = {}  # kept across windows: no re-allocation
+        self._window_open: set[str] = set()  # targets whose window sum holds gradients not yet folded
         self._scratch: dict[torch.device, torch.Tensor] = {}  # fp32 conversion buffer per device
         self._staging: list[torch.Tensor] = []  # two pinned host buffers (GPU grads, host statistics)
         self._pending: tuple | None = None  # (name, host view, event) of a copy not yet folded
         self._flip = 0
         self.stage_on_host = False  # tests: force the staged path without a GPU
-        # agree(flags) -> flags: every rank's verdict on "this gradient is finite" (row shards must skip
-        # a micro-batch together); the identity where each rank folds its own micro-batches
-        self.agree: Callable[[list[bool]], list[bool]] | None = None
-        self.row_sharded = False  # sums of this rank's rows only: never summed across ranks
 
-    def attach(self, hooks: bool = True) -> GradStats:
-        """Fold each gradient as autograd finishes it (`hooks`), or leave them for `collect_`."""
+    @property
+    def window_open(self) -> bool:
+        """Does an accumulation window hold gradients not yet folded into the sums? (A saved state
+        would miss them: it waits for the window's end.)"""
+        return bool(self._window_open)
+
+    def attach(self) -> GradStats:
+        """Fold each gradient as autograd finishes it, or with row shards leave them for `collect_`."""
         for name, p in self.params.items():
             p.requires_grad_(True)
-            if hooks:
+            if not self.row_sharded:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
         return self
 
-    def collect_(self, local: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+    def collect_(self) -> None:
         """After a backward without hooks (row shards): consume this rank's rows of every gradient."""
         names = [n for n, p in self.params.items() if p.grad is not None]
+        local = self.local if self.local is not None else (lambda t, n: t)
         items = [(n, local(self.params[n].grad, n)) for n in names]
-        if self.group == 1:
+        if self.window == 1:
             self.fold_many_(items)
         else:
             for n, g in items:
@@ -119,8 +142,8 @@ class GradStats:
 
     def detach(self) -> None:
         self.flush()
-        self._group_sums.clear()
-        self._group_started.clear()
+        self._window_sums.clear()
+        self._window_open.clear()
         self._scratch.clear()
         for h in self._handles:
             h.remove()
@@ -179,26 +202,26 @@ class GradStats:
             self._finish(pending)
 
     def _consume(self, name: str, g: torch.Tensor) -> None:
-        if self.group == 1:
+        if self.window == 1:
             self.fold(name, g)
             return
-        acc = self._group_sums.get(name)
+        acc = self._window_sums.get(name)
         if acc is None:
-            acc = self._group_sums[name] = torch.empty(
+            acc = self._window_sums[name] = torch.empty(
                 g.shape, dtype=torch.float32, device=self._device(name)
             )
-        if name in self._group_started:
+        if name in self._window_open:
             acc.add_(g.to(acc.device))
         else:
             acc.copy_(g)
-            self._group_started.add(name)
+            self._window_open.add(name)
 
-    def end_group(self, size: int) -> None:
+    def end_window(self, size: int) -> None:
         """Fold each target's summed gradient of the `size` micro-batches just run, as one sample (their mean)."""
         self.flush()
-        names = [n for n in self.params if n in self._group_started]  # the same order on every rank
-        self.fold_many_([(n, self._group_sums[n].div_(size)) for n in names])
-        self._group_started.clear()
+        names = [n for n in self.params if n in self._window_open]  # the same order on every rank
+        self.fold_many_([(n, self._window_sums[n].div_(size)) for n in names])
+        self._window_open.clear()
 
     def fold(self, name: str, g: torch.Tensor) -> None:
         """Add one micro-batch gradient of parameter `name` into the sums (or skip it if not finite)."""
@@ -206,7 +229,7 @@ class GradStats:
 
     def fold_many_(self, items: list[tuple[str, torch.Tensor]]) -> None:
         """Fold several gradients; a non-finite one is skipped (on every rank, when `agree` is set)."""
-        flags = [_all_finite(g) for _, g in items]
+        flags = [all_finite(g) for _, g in items]
         if self.agree is not None:
             flags = self.agree(flags)
         for (name, g), finite in zip(items, flags, strict=True):
@@ -238,7 +261,11 @@ class GradStats:
             self.sums["grad_abs_sum"][name].add_(g.abs_())
         self.counts[name] += 1
 
+    def holds(self, stat: str) -> bool:
+        return stat in self.sums
+
     def mean(self, stat: str, name: str) -> torch.Tensor:
+        """The sum `stat` of weight `name` over its gradient samples."""
         n = self.counts[name]
         if n == 0:
             raise RuntimeError(f"no finite gradient was folded in for {name}: cannot average {stat}")
@@ -255,29 +282,18 @@ class GradStats:
         self.skipped = {n: int(v) for n, v in values["grad_skipped"].items()}
 
 
-class ActStats:
+class ActStats(ForwardHooked):
     """Per-input-channel fp32 sums of squared layer inputs over all tokens, via forward hooks."""
 
     def __init__(self, modules: dict[str, nn.Module], device=None):
-        self.modules = modules
+        self.modules = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
         self.sums = {
             n: torch.zeros(m.weight.shape[1], dtype=torch.float32, device=device or m.weight.device)
-            for n, m in modules.items()
-            if isinstance(m, nn.Linear)
+            for n, m in self.modules.items()
         }
         self.tokens = {n: 0 for n in self.sums}
         self._handles: list = []
         self.paused = False  # set during backward: checkpoint recomputes re-run forward hooks
-
-    def attach(self) -> ActStats:
-        for name in self.sums:
-            self._handles.append(self.modules[name].register_forward_hook(self._make_hook(name)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output) -> None:
@@ -296,6 +312,13 @@ class ActStats:
             raise RuntimeError(f"no activations were recorded for {name}")
         return self.sums[name] / self.tokens[name]
 
+    def holds(self, stat: str) -> bool:
+        return stat == "act_sq_sum"
+
+    def mean(self, stat: str, name: str) -> torch.Tensor:
+        """`mean_sq` of a module, or of the module of weight `name`."""
+        return self.mean_sq(name.removesuffix(".weight"))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"act.{n}": t for n, t in self.sums.items()}
 
@@ -306,7 +329,7 @@ class ActStats:
         self.tokens = {n: int(v) for n, v in values["act_tokens"].items()}
 
 
-class TokenGradStats:
+class TokenGradStats(ForwardHooked):
     """Per-weight fp32 sums over tokens of the per-token gradient squared, (dL/dy_t,i * x_t,j)^2.
 
     The weight gradient of a Linear layer is a sum over tokens, g = sum_t d_t x_t^T; GradStats sees only
@@ -337,15 +360,7 @@ class TokenGradStats:
         # freed and its address reused by another input while the entry is looked up
         self._x_sq: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def attach(self) -> TokenGradStats:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _forget(self) -> None:
         self._buffers.clear()
         self._x_sq = None
 
@@ -385,7 +400,15 @@ class TokenGradStats:
 
         return hook
 
-    def mean(self, name: str) -> torch.Tensor:
+    def holds(self, stat: str) -> bool:
+        return stat == "token_grad_sq_sum"
+
+    def mean(self, stat: str, name: str | None = None) -> torch.Tensor:
+        """The mean over tokens of a module's per-token squared gradients (or of the module of weight
+        `name`). The old one-argument form `mean(module)` stays until tests/test_criteria.py moves on."""
+        if name is None:
+            stat, name = "token_grad_sq_sum", stat
+        name = name.removesuffix(".weight")
         if self.tokens.get(name, 0) == 0:
             raise RuntimeError(f"no output gradients were recorded for {name}")
         return self.sums[name] / self.tokens[name]
@@ -409,7 +432,7 @@ class Statistic:
     accumulator: str  # the fp32 sum kept (for GradStats: which of its sums)
     source: str  # "grad", "act", "token" or "hessian": the accumulator class below
     backward: bool  # needs a backward pass
-    per_block: bool  # can be gathered block by block (layer-wise mode: on the pruned blocks' outputs)
+    per_block: bool  # can be gathered decoder block by decoder block (layer-wise mode: on pruned outputs)
     help: str
 
 
@@ -446,56 +469,60 @@ class Statistics:
     def accumulators(self) -> list[Any]:
         return list(self.by_source.values())
 
+    def forward_hooked(self) -> list[Any]:
+        """The accumulators fed by forward hooks (all but the weight gradients)."""
+        return [acc for source, acc in self.by_source.items() if source != "grad"]
+
+    def counting_inputs(self) -> list[Any]:
+        """The accumulators that count layer inputs: a checkpointed layer's recompute in backward must
+        not feed them twice (the per-token statistic counts only outputs that require grad)."""
+        return [acc for source, acc in self.by_source.items() if source in ("act", "hessian")]
+
     def has(self, stat: str) -> bool:
         s = STATISTICS.get(stat)
         acc = self.by_source.get(s.source)
-        return acc is not None and (s.source != "grad" or s.accumulator in acc.needs)
+        return acc is not None and acc.holds(s.accumulator)
 
     def mean(self, stat: str, pname: str) -> torch.Tensor:
+        """The mean statistic `stat` of weight `pname`."""
         s = STATISTICS.get(stat)
-        acc = self.by_source[s.source]
-        module = pname.removesuffix(".weight")
-        if s.source == "grad":
-            return acc.mean(s.accumulator, pname)
-        if s.source == "act":
-            return acc.mean_sq(module)
-        if s.source == "token":
-            return acc.mean(module)
-        return acc.hessian(module)
+        return self.by_source[s.source].mean(s.accumulator, pname)
 
 
 def make_statistics(
     stats: set[str],
     modules: dict[str, nn.Module],
     device=None,
-    local: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+    *,
+    window: int = 1,
+    collective: Collective | None = None,
 ) -> Statistics:
     """Allocate exactly the accumulators `stats` (mean statistic names) read, for these modules' weights.
 
-    `device` places the fp32 gradient statistics (None: beside each weight); `local` gives this rank's
-    rows of a weight when rows are sharded (the gradient sums then hold those rows only).
+    `device` places the fp32 gradient statistics (None: beside each weight); `window` is the gradient
+    accumulation window; `collective` (row shards) makes the gradient sums hold this rank's rows.
     """
     params = {f"{n}.weight": m.weight for n, m in modules.items()}
     by_source: dict[str, set[str]] = {}
     for name in stats:
         s = STATISTICS.get(name)
         by_source.setdefault(s.source, set()).add(s.accumulator)
-    out: dict[str, Any] = {}
-    if "grad" in by_source:
-        out["grad"] = GradStats(params, by_source["grad"], device=device, local=local)
+    build = {  # in this order, so hooks attach in it
+        "grad": lambda sums: GradStats(params, sums, device=device, window=window, collective=collective),
+        "token": lambda sums: _token_stats(modules, device),
+        "act": lambda sums: ActStats(modules),
+        "hessian": lambda sums: Hessians(modules),
+    }
+    made = {source: make(by_source[source]) for source, make in build.items() if source in by_source}
+    return Statistics(made, needs=stats)
+
+
+def _token_stats(modules: dict[str, nn.Module], device) -> TokenGradStats:
     # A per-token statistic alone needs no weight gradient: its hooks start the backward at the hooked
     # outputs (TokenGradStats._make_hook), so the weight-gradient matmuls and their finiteness checks
     # are not paid (measured 1.26x -> 1.07x the plain loop's time, docs/BENCHMARKS.md).
-    if "token" in by_source:
-        tok = TokenGradStats(modules, device=device)
-        if len(tok.modules) < len(modules):
-            other = next(n for n in modules if n not in tok.modules)
-            raise ConfigError(
-                f"the per-token gradient statistic reads Linear layers only; {other!r} is not one"
-            )
-        out["token"] = tok
-    if "act" in by_source:
-        out["act"] = ActStats(modules)
-    if "hessian" in by_source:
-        out["hessian"] = Hessians(modules)
-    return Statistics(out, needs=stats)
+    tok = TokenGradStats(modules, device=device)
+    if len(tok.modules) < len(modules):
+        other = next(n for n in modules if n not in tok.modules)
+        raise ConfigError(f"the per-token gradient statistic reads Linear layers only; {other!r} is not one")
+    return tok

@@ -9,9 +9,7 @@ from ..config import JobConfig
 from .flags import add_field_flags, given
 
 HELP = "perplexity of a model (Hub id, folder, built-in) on held-out text, or lm-eval task scores (--tasks)"
-FIELDS = ["dataset", "dataset_config", "text_column", "seed", "dtype", "trust_remote_code", "eval_split",
-          "eval_num_samples", "eval_seq_len", "eval_batch_size", "eval_stride", "device", "progress",
-          "eval_tasks", "eval_tasks_include_path", "eval_tasks_limit", "eval_tasks_fewshot"]  # fmt: skip
+# shorter names here, where every flag is about evaluation (lm-eval's own spellings)
 RENAME = {"eval_tasks": "--tasks", "eval_tasks_include_path": "--include-path", "eval_tasks_limit": "--limit",
           "eval_tasks_fewshot": "--num-fewshot"}  # fmt: skip
 
@@ -19,19 +17,19 @@ RENAME = {"eval_tasks": "--tasks", "eval_tasks_include_path": "--include-path", 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=HELP, description=HELP)
     p.add_argument("model", metavar="MODEL_OR_DIR", help="Hub id, local folder, or builtin:smollm2-135m")
-    add_field_flags(p, FIELDS, params=False, rename=RENAME)
+    add_field_flags(p, "eval", params=False, rename=RENAME)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..job import run_eval
+    from ..job import eval_job
 
-    values = given(args, FIELDS)
+    values = given(args, "eval")
     if args.json:
         values["progress"] = False
     cfg = JobConfig.from_flat({"model": args.model, **values})
-    result = run_eval(cfg)
+    result = eval_job(cfg)
     if args.json:
         print(json.dumps(result))
     elif "tasks" in result:

@@ -15,19 +15,19 @@ HELP = "calibrate, prune and save a checkpoint"
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help=HELP, description=HELP + "; every YAML key is a flag of the same name")
     p.add_argument("--config", help="YAML file whose keys are the flags below (flags win)")
-    add_field_flags(p)
+    add_field_flags(p, "prune")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     values = read_yaml(args.config) if args.config else {}
-    return JobConfig.from_flat({**values, **given(args)})
+    return JobConfig.from_flat({**values, **given(args, "prune")})
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..job import run_prune
+    from ..job import prune_job
 
-    report = run_prune(config_from_args(args))
+    report = prune_job(config_from_args(args))
     if "output_dir" not in report:
         return 0  # not the main process
     if report.get("structure"):

@@ -18,8 +18,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--repo-id", required=True, help="the Hub repo to push to: owner/name (created if missing)"
     )
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing public one is refused)")  # fmt: skip
-    p.add_argument("--revision", default=None, help="branch to push to, created if missing (default: main)")
+    # the spellings of prune's push_private / push_revision settings: one name for one thing
+    p.add_argument("--push-private", dest="private", action="store_true",
+                   help="create the repo private (an existing public one is refused)")  # fmt: skip
+    p.add_argument("--push-revision", dest="revision", default=None,
+                   help="branch to push to, created if missing (default: main)")  # fmt: skip
     p.add_argument("--commit-message", default=None, help="commit title (default: names the method)")
     p.add_argument("--dry-run", action="store_true", help="verify and list the files and target; upload nothing")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result (or the plan) as one JSON object")

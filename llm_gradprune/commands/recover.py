@@ -3,33 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from ..config import JobConfig
-from ..recovery.config import RecoverConfig
 from .flags import add_field_flags, given
 
 HELP = "retrain a pruned checkpoint with its pruned weights kept at exactly zero"
-JOB_FIELDS = ["dataset", "dataset_config", "split", "text_column", "dtype", "trust_remote_code", "device",
-              "eval", "eval_split", "eval_num_samples", "eval_seq_len", "eval_batch_size", "eval_stride",
-              "output_dir", "overwrite", "max_shard_size", "resume", "progress"]  # fmt: skip
-TRAIN_FIELDS = [f"recover_{f.name}" for f in dataclasses.fields(RecoverConfig) if f.name != "round_steps"]
-RENAME = {k: "--" + k.removeprefix("recover_").replace("_", "-") for k in TRAIN_FIELDS}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "recover", help=HELP, description=HELP + " (--steps, --lr, --distill-alpha, --lora-r, ...)"
+        "recover",
+        help=HELP,
+        description=HELP + " (--recover-steps, --recover-lr, --recover-distill-alpha, --recover-lora-r, ...)",
     )
     p.add_argument("model", metavar="PRUNED_DIR", help="an llm-gradprune output folder")
-    add_field_flags(p, JOB_FIELDS + TRAIN_FIELDS, params=False, rename=RENAME)
+    add_field_flags(p, "recover", params=False)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..job import run_recover
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    return JobConfig.from_flat({"model": args.model, **given(args, "recover")})
 
-    report = run_recover(JobConfig.from_flat({"model": args.model, **given(args, JOB_FIELDS + TRAIN_FIELDS)}))
+
+def run(args: argparse.Namespace) -> int:
+    from ..job import recover_job
+
+    report = recover_job(config_from_args(args))
     if "output_dir" not in report:
         return 0
     rec = report["recovery"]

@@ -20,7 +20,7 @@ from ..calibration.loop import LossFn, causal_lm_loss
 from ..calibration.stats import Statistics
 from ..config import PruneConfig
 from ..parallel import collective_for, default_threads
-from ..plan import PruneResult, make_plan
+from ..plan import PruneResult, RunInputs, make_plan
 from . import layer_wise, whole_model
 
 # executor name (plan.executor) -> its run function; row shards are the whole-model executor with the
@@ -59,10 +59,8 @@ def prune_(
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
     try:
-        result = EXECUTORS[plan.executor](
-            model, batches, plan, loss_fn=loss_fn, accelerator=accelerator, return_masks=return_masks,
-            num_batches=num_batches, calib_state=calib_state, statistics=statistics,
-        )  # fmt: skip
+        inputs = RunInputs(batches, loss_fn, accelerator, return_masks, num_batches, calib_state, statistics)
+        result = EXECUTORS[plan.executor](model, plan, inputs)
     finally:
         torch.set_num_threads(before)
     result.report["calibration"]["threads"] = threads

@@ -77,7 +77,8 @@ def capture_block_inputs(
     return calls
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a recorded decoder-block call passes (first positional, or by keyword)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -93,7 +94,7 @@ def run_block(
 ) -> None:
     """Run every recorded call through `block`; with `keep_outputs`, its outputs replace the hidden states."""
     for i, (args, kwargs) in enumerate(calls):
-        store = _hidden(args, kwargs).device
+        store = hidden_states_of(args, kwargs).device
         a, kw = _move(args, device), _move(kwargs, device)
         out = block(*a, **kw)
         if keep_outputs:

@@ -7,38 +7,32 @@ selects over its rows with thresholds shared through histograms. Nothing else di
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.loop import LossFn, causal_lm_loss, gather_statistics
-from ..calibration.stats import Statistics
+from ..calibration.loop import empty_counters, gather_statistics
 from ..errors import ConfigError
-from ..plan import Plan, PruneResult, Record, Timer, build_report, prune_group, resolve_budgets
+from ..plan import Plan, PruneResult, Record, RunInputs, Timer, build_report, prune_stage, resolve_budgets
 from ..status import set_stage
 
 
-def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator, num_batches, calib_state,
-                  statistics: Statistics | None = None):  # fmt: skip
+def statistics_of(plan: Plan, model: nn.Module, inputs: RunInputs):
     """The whole-model calibration pass a plan asks for: (statistics, counters); resume counters added.
 
     `statistics` already filled (`io.stats_files.load_statistics`, or an earlier pass) are used as
     they are, once checked to hold everything the plan reads."""
-    cfg = plan.cfg
+    cfg, statistics, calib_state = plan.cfg, inputs.statistics, inputs.calib_state
     if statistics is not None:
         missing = sorted(s for s in plan.whole_stats if not statistics.has(s))
         if missing:
             raise ConfigError(f"the given statistics lack {', '.join(missing)}, which this run reads")
-        counters = {"batches": 0, "samples": 0, "tokens": 0, "loss_sum": 0.0, "mean_loss": float("nan"),
-                    **statistics.counters, "seconds": 0.0}  # fmt: skip
+        counters = {**empty_counters(), **statistics.counters, "seconds": 0.0}
         return statistics, counters
     stats, counters = gather_statistics(
-        model, batches, plan.whole_stats, plan.targets, collective=plan.collective,
+        model, inputs.batches, plan.whole_stats, plan.targets, collective=plan.collective,
         stats_device="cpu" if cfg.stats_device == "cpu" else None, grad_accum=cfg.grad_accum,
-        checkpointing=cfg.gradient_checkpointing, chunk_elems=cfg.select_chunk_elems, loss_fn=loss_fn,
-        accelerator=accelerator, progress=cfg.progress, num_batches=num_batches, calib_state=calib_state,
+        checkpointing=cfg.gradient_checkpointing, chunk_elems=cfg.select_chunk_elems, loss_fn=inputs.loss_fn,
+        accelerator=inputs.accelerator, progress=cfg.progress, num_batches=inputs.num_batches, calib_state=calib_state,
     )  # fmt: skip
     if calib_state is not None:
         counters["resumed_from_batch"] = calib_state.resumed_from
@@ -46,21 +40,10 @@ def statistics_of(plan: Plan, model: nn.Module, batches, *, loss_fn, accelerator
     return stats, counters
 
 
-def run(
-    model: nn.Module,
-    batches: Iterable[Any] | None,
-    plan: Plan,
-    *,
-    loss_fn: LossFn = causal_lm_loss,
-    accelerator=None,
-    return_masks: bool = True,
-    num_batches: int | None = None,
-    calib_state=None,
-    statistics: Statistics | None = None,
-) -> PruneResult:
+def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
+    accelerator, return_masks = inputs.accelerator, inputs.return_masks
     timer = Timer()
-    stats, counters = statistics_of(plan, model, batches, loss_fn=loss_fn, accelerator=accelerator,
-                                    num_batches=num_batches, calib_state=calib_state, statistics=statistics)  # fmt: skip
+    stats, counters = statistics_of(plan, model, inputs)
     timer.timings["calibration"] = counters["seconds"]
     coll = plan.collective
     weights = {f"{n}.weight": coll.local(m.weight, f"{n}.weight") for n, m in plan.targets.items()}
@@ -71,7 +54,7 @@ def run(
     main = (accelerator is None or accelerator.is_local_main_process) and coll.rank == 0
     with timer("prune"), tqdm(total=len(weights), desc="select+mask", unit="tensor",
                               disable=not (plan.cfg.progress and main)) as bar:  # fmt: skip
-        prune_group(plan, plan.names, weights, budgets, scope, record, whole=stats, progress=bar.update)
+        prune_stage(plan, plan.names, weights, budgets, scope, record, whole=stats, progress=bar.update)
     timer.timings["total"] = sum(timer.timings.values())
     device = accelerator.device if accelerator is not None else next(iter(weights.values())).device
     report = build_report(plan, record, counters, stats, timer.timings, allocation=allocation, device=device)

@@ -30,27 +30,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .stats_files import accumulator_counters, read_tensor_shards, write_tensor_shards
-from .steps import StepFolders, refuse_other_run
+from .stats_files import accumulator_counters, read_tensor_files, write_tensor_files
+from .steps import StepFolders
 
 STATE_VERSION = 2
-# Keys that steer the run but cannot change the statistics or the masks: a resume may change them.
-RUN_CONTROL = frozenset(
-    {"output_dir", "overwrite", "progress", "save_state_every", "resume", "state_dir", "device",
-     "max_shard_size", "select_chunk_elems", "eval", "eval_split", "eval_num_samples", "eval_seq_len",
-     "eval_batch_size", "eval_stride", "allow_empty_tensors", "eval_tasks", "eval_tasks_include_path",
-     "eval_tasks_limit", "eval_tasks_fewshot", "threads", "push_to_hub", "push_private", "push_revision",
-     "recover"}
-)  # fmt: skip
 
 
-# -- identity of a run -------------------------------------------------------------------------------
-def config_identity(cfg) -> dict[str, Any]:
-    """The settings of a job (`config.JobConfig`) a saved state depends on (all but run control)."""
-    values = {k: v for k, v in cfg.to_flat().items() if k not in RUN_CONTROL}
-    return json.loads(json.dumps(values, sort_keys=True, default=str))
-
-
+# -- identity of a run (the settings part comes from the job: JobConfig.identity) -----------------
 def model_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
     """sha256 over every parameter's name, dtype, shape and `samples` evenly spaced values.
 
@@ -104,14 +90,6 @@ def check_state_dir(state_dir: Path, output_dir: str | Path, every: int, resume:
         )
 
 
-def default_state_dir(cfg) -> Path:  # TODO(lead): remove, use resolve_state_dir
-    return resolve_state_dir(cfg.state_dir, cfg.output_dir)
-
-
-def check_state(cfg) -> None:  # TODO(lead): remove, use check_state_dir
-    check_state_dir(default_state_dir(cfg), cfg.output_dir, cfg.save_state_every, cfg.resume)
-
-
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -146,9 +124,7 @@ class CalibState:
         self.last_saved = -1
         self._due = False
         self.stats = None  # calibration.stats.Statistics, bound by restore()
-        self._found = self.steps.latest() if resume else None
-        if self._found is not None:
-            refuse_other_run(self._found[0], self._found[1]["identity"], identity, "calibration tokens")
+        self._found = self.steps.to_resume(resume, identity, "calibration tokens")
 
     @property
     def saves(self) -> int:
@@ -164,7 +140,7 @@ class CalibState:
             return 0, 0, 0.0
         folder, meta = self._found
         # every file of a calibration step is a stats shard (the RNG states are tensors in them)
-        rng = read_tensor_shards(folder, meta["files"], self._tensors_by_key())
+        rng = read_tensor_files(folder, meta["files"], self._tensors_by_key())
         for acc in stats.accumulators():
             acc.load_counters({k: meta["counters"][k] for k in acc.counters()})
         _set_rng_state(rng, meta["rng"])
@@ -176,7 +152,7 @@ class CalibState:
         if self.every and batches % self.every == 0:
             self._due = True
         # With gradient accumulation a partial group lives outside the sums: save at its boundary.
-        if self._due and not getattr(self.stats.grad, "_group_started", None):
+        if self._due and not (self.stats.grad is not None and self.stats.grad.window_open):
             self.save(batches, tokens, loss_sum)
 
     def end(self, batches: int, tokens: int, loss_sum: float) -> None:
@@ -197,7 +173,7 @@ class CalibState:
 
     def _write(self, folder: Path, batches: int, tokens: int, loss_sum: float) -> dict[str, Any]:
         rng_tensors, rng_meta = _rng_state()
-        write_tensor_shards(folder, {**rng_tensors, **self._tensors_by_key()})
+        write_tensor_files(folder, {**rng_tensors, **self._tensors_by_key()})
         config_sha256 = hashlib.sha256(json.dumps(self.identity["config"], sort_keys=True).encode())
         return {
             "batches_done": batches,
@@ -212,8 +188,3 @@ class CalibState:
     def clear(self) -> None:
         """Remove the state folder once the pruned checkpoint is safely in place."""
         self.steps.clear()
-
-
-def calib_state_for(cfg, model: torch.nn.Module, token_sha256: str | None):  # TODO(lead): remove
-    return CalibState(default_state_dir(cfg), cfg.save_state_every, cfg.resume, run_identity(
-        config_identity(cfg), model, token_sha256)) if cfg.save_state_every or cfg.resume else None  # fmt: skip

@@ -32,16 +32,16 @@ def _readable(value: str | None) -> str | None:
     return Path(s).name if s.startswith(("/", "~", ".")) else s
 
 
-def readable_config(cfg, report: dict[str, Any]) -> dict[str, Any]:
+def readable_config(settings: dict[str, Any]) -> dict[str, Any]:
     """The run's settings with names a user can read (base model id, file and folder names)."""
-    flat = cfg.to_flat()
+    flat = dict(settings)
     for key in ("model", "dataset", *LOCAL_KEYS):  # built-ins and Hub ids stay as they are
         if key in flat:
             flat[key] = _readable(flat[key])
     return flat
 
 
-def front_matter(cfg, report: dict[str, Any]) -> dict[str, Any]:
+def front_matter(report: dict[str, Any]) -> dict[str, Any]:
     base = report.get("base_model") or {}
     meta: dict[str, Any] = {}
     if base.get("hub_id"):
@@ -85,14 +85,16 @@ def loading_snippet(model_id: str) -> list[str]:
     ]
 
 
-def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
-    """README.md for the output folder. `model_id`: what the loading snippet loads (the Hub repo when
-    pushed; by default the output folder's own name, loadable from the folder above it)."""
+def model_card(settings: dict[str, Any], report: dict[str, Any], model_id: str | None = None) -> str:
+    """README.md for the output folder. `settings`: the run's flat settings (what prune_config.yaml
+    holds); a library call's report lacks the job's keys (model, data set, seed), they come from there.
+    `model_id`: what the loading snippet loads (the Hub repo when pushed; by default the output folder's
+    own name, loadable from the folder above it)."""
     if report.get("structure"):
-        return structured_card(cfg, report, model_id)
+        return structured_card(settings, report, model_id)
     crit = CRITERIA.get(report["criterion"])
-    base = report.get("base_model") or {"name": _readable(cfg.model)}
-    model_id = model_id or Path(cfg.output_dir).name
+    base = report.get("base_model") or {"name": _readable(settings.get("model"))}
+    model_id = model_id or Path(settings.get("output_dir") or "pruned").name
     kind = (
         f"{report['pattern']} sparse"
         if report["pattern"] != "unstructured"
@@ -100,12 +102,11 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
     )
     params = ", ".join(f"{k}={v}" for k, v in report["criterion_params"].items())
     cal = report["calibration"]
-    # a library call's report lacks the job's keys: they come from the job config then
-    dataset = report.get("dataset") or {"name": cfg.dataset, "split": cfg.split}
+    dataset = report.get("dataset") or {"name": settings.get("dataset"), "split": settings.get("split")}
     data = _readable(dataset["name"])
     lines = [
         "---",
-        yaml.safe_dump(front_matter(cfg, report), sort_keys=False).strip(),
+        yaml.safe_dump(front_matter(report), sort_keys=False).strip(),
         "---",
         f"# {base['name']}, {kind} ({report['criterion']})",
         "",
@@ -122,7 +123,7 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
         f"allocation `{report['allocation_method']}`",
         f"- weight update `{report['mode']['reconstruct']}` ({report['mode']['executor'].replace('_', '-')} executor)",
         f"- calibration: {cal['batches']} micro-batches of {cal.get('batch_size', '?')} x {cal.get('seq_len', '?')} "
-        f"tokens ({cal['tokens']:,} tokens) of `{data}` (split `{dataset['split']}`), seed {report.get('seed', cfg.seed)}",
+        f"tokens ({cal['tokens']:,} tokens) of `{data}` (split `{dataset['split']}`), seed {report.get('seed', settings.get('seed'))}",
         "",
         "## Sparsity per layer and projection",
         "",
@@ -131,8 +132,8 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
     plots = (report.get("plots") or {}).get("files", [])
     if "sparsity.png" in plots:
         lines += ["", "![sparsity per layer and projection](sparsity.png)"]
-    lines += outcome_lines(cfg, report, data)
-    lines += usage_lines(cfg, report, model_id)
+    lines += outcome_lines(report, data)
+    lines += usage_lines(settings, model_id)
     lines += [
         "## What the zeros buy",
         "",
@@ -143,7 +144,7 @@ def model_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def outcome_lines(cfg, report: dict[str, Any], data: str) -> list[str]:
+def outcome_lines(report: dict[str, Any], data: str) -> list[str]:
     """Recovery, held-out perplexity, task scores and skipped plots: the same in every card."""
     lines: list[str] = []
     plots = (report.get("plots") or {}).get("files", [])
@@ -198,7 +199,7 @@ def outcome_lines(cfg, report: dict[str, Any], data: str) -> list[str]:
     return lines
 
 
-def usage_lines(cfg, report: dict[str, Any], model_id: str) -> list[str]:
+def usage_lines(settings: dict[str, Any], model_id: str) -> list[str]:
     """How to load the folder and how to repeat the run."""
     lines: list[str] = []
     lines += [
@@ -218,7 +219,7 @@ def usage_lines(cfg, report: dict[str, Any], model_id: str) -> list[str]:
         "<details><summary>the settings</summary>",
         "",
         "```yaml",
-        yaml.safe_dump(readable_config(cfg, report), sort_keys=False).strip(),
+        yaml.safe_dump(readable_config(settings), sort_keys=False).strip(),
         "```",
         "",
         "</details>",
@@ -236,16 +237,16 @@ SHAPE_NAMES = (("num_hidden_layers", "decoder layers"), ("intermediate_size", "M
                ("num_attention_heads", "query heads per layer"), ("num_key_value_heads", "key/value heads per layer"))  # fmt: skip
 
 
-def structured_card(cfg, report: dict[str, Any], model_id: str | None = None) -> str:
+def structured_card(settings: dict[str, Any], report: dict[str, Any], model_id: str | None = None) -> str:
     """README.md of a structured run's output: the new shape, parameters and file size before and after."""
-    base = report.get("base_model") or {"name": _readable(cfg.model)}
-    model_id = model_id or Path(cfg.output_dir).name
+    base = report.get("base_model") or {"name": _readable(settings.get("model"))}
+    model_id = model_id or Path(settings.get("output_dir") or "pruned").name
     imp, comp = report["importance"], report["compensation"]
     before, after = report["params_before"], report["params_after"]
-    dataset = report.get("dataset") or {"name": cfg.dataset, "split": cfg.split}
+    dataset = report.get("dataset") or {"name": settings.get("dataset"), "split": settings.get("split")}
     data = _readable(dataset["name"])
     cal = report.get("calibration") or {}
-    meta = front_matter(cfg, report)
+    meta = front_matter(report)
     form = f" ({imp['form']} form)" if imp.get("form") else ""
     refit = ("none (sliced only)" if comp["compensate"] == "none" else
              f"least-squares refit of down_proj / o_proj on {comp['refit_inputs']} calibration inputs")  # fmt: skip
@@ -291,9 +292,9 @@ def structured_card(cfg, report: dict[str, Any], model_id: str | None = None) ->
     ]
     if cal.get("tokens"):
         lines.append(f"- calibration: {cal['blocks']} blocks of {cal['seq_len']} tokens ({cal['tokens']:,} tokens) "
-                     f"of `{data}` (split `{dataset['split']}`), seed {report.get('seed', cfg.seed)}")  # fmt: skip
-    lines += outcome_lines(cfg, report, data)
-    lines += usage_lines(cfg, report, model_id)
+                     f"of `{data}` (split `{dataset['split']}`), seed {report.get('seed', settings.get('seed'))}")  # fmt: skip
+    lines += outcome_lines(report, data)
+    lines += usage_lines(settings, model_id)
     lines += ["## What removing units buys", "", STRUCTURED_PARAGRAPH, "",
               "`pruning_report.json` has the units removed per layer, the refit errors, versions and timings."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..errors import ConfigError
 from ..faults import pause_point
@@ -163,34 +164,51 @@ PENDING_CONFIG = "config.json.unverified"
 def save_pruned(
     model,
     tokenizer,
-    cfg,
     report: dict[str, Any],
     output_dir: str | Path,
+    *,
+    settings: dict[str, Any],
+    max_shard_bytes: int = 5 * 10**9,
     state_dict: dict | None = None,
     model_id: str | None = None,
 ) -> Path:
     """Write, verify and atomically install the checkpoint; returns its final path.
 
-    `model_id`: what the card's loading snippet loads (the Hub repo the job pushes to; default the folder).
-
-    `cfg` is the job's config (`JobConfig`), saved beside the weights as prune_config.yaml.
+    `settings`: the run's flat settings, saved beside the weights as prune_config.yaml (so
+    `--config prune_config.yaml` repeats the run) and shown in the card.
     `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
+    `model_id`: what the card's loading snippet loads (the Hub repo the job pushes to; default the folder).
     """
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_bytes, state_dict=state_dict)
+        model.save_pretrained(tmp, max_shard_size=max_shard_bytes, state_dict=state_dict)
         # Until it is verified the folder must not load: its config.json waits under another name.
         os.rename(tmp / "config.json", tmp / PENDING_CONFIG)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         pause_point("output-write")
-        cfg.save_yaml(tmp / "prune_config.yaml")
+        (tmp / "prune_config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         verify_report(tmp, report)
         report["verified"] = True
         report["file_bytes"] = sum(f.stat().st_size for f in safetensors_files(tmp))
         report["plots"] = write_plots(report, tmp)
         write_json(tmp / "pruning_report.json", report)
-        (tmp / "README.md").write_text(model_card(cfg, report, model_id=model_id))
+        (tmp / "README.md").write_text(model_card(settings, report, model_id=model_id))
         os.rename(tmp / PENDING_CONFIG, tmp / "config.json")
 
     return write_folder(output_dir, fill)[0]
+
+
+def read_report(folder: str | Path) -> dict[str, Any]:
+    """The report of an llm-gradprune output folder (what `recover` and `push` start from)."""
+    path = Path(folder) / "pruning_report.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{str(folder)!r} is not an llm-gradprune output (no pruning_report.json): recover takes one"
+        )
+    return json.loads(path.read_text())
+
+
+def tensor_shapes_of(model) -> dict[str, list[int]]:
+    """Every tensor's shape in the model's state dict: what a structured run's checkpoint must hold."""
+    return {k: list(v.shape) for k, v in model.state_dict().items()}

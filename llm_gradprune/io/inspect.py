@@ -223,7 +223,7 @@ def summarize(tensors: list[TensorStats]) -> dict[str, Any]:
     }
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(".safetensors")
 
 
@@ -254,7 +254,7 @@ def _hub_download(repo_id: str, revision: str | None) -> Path:
 def resolve_checkpoint(name: str, revision: str | None = None) -> Path:
     """A local path as is; anything else that is a valid Hub id is downloaded (shards and index only)."""
     path = Path(name).expanduser()
-    if path.exists() or _looks_local(name):
+    if path.exists() or looks_local(name):
         return path
     from huggingface_hub.errors import (
         HfHubHTTPError,

@@ -23,7 +23,7 @@ SHARD_BYTES = 1 << 30
 STATISTICS_VERSION = 1
 
 
-def write_tensor_shards(
+def write_tensor_files(
     folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int = SHARD_BYTES
 ) -> dict[str, int]:
     """Write `tensors` as stats-NNNNN.safetensors files of at most `shard_bytes`; {file name: size}."""
@@ -48,7 +48,7 @@ def write_tensor_shards(
     return files
 
 
-def read_tensor_shards(
+def read_tensor_files(
     folder: Path, files, targets: dict[str, torch.Tensor], extra_prefix: str = "rng."
 ) -> dict:
     """Copy every saved tensor into its target; tensors named `extra_prefix...` are returned instead."""
@@ -77,7 +77,7 @@ def save_statistics(folder: str | Path, stats: Statistics) -> Path:
     """Write one pass's statistics (sums, per-tensor counts, the pass's counters) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = write_tensor_shards(folder, {k: t for a in stats.accumulators() for k, t in a.tensors().items()})
+    files = write_tensor_files(folder, {k: t for a in stats.accumulators() for k, t in a.tensors().items()})
     meta = {"version": STATISTICS_VERSION, "needs": sorted(stats.needs), "files": files,
             "counters": accumulator_counters(stats), "pass": stats.counters}  # fmt: skip
     (folder / "statistics.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -96,7 +96,7 @@ def load_statistics(folder: str | Path, modules: dict[str, nn.Module]) -> Statis
             f"saved statistics {str(folder)!r} have version {meta.get('version')}, not {STATISTICS_VERSION}"
         )
     stats = make_statistics(set(meta["needs"]), modules)
-    read_tensor_shards(
+    read_tensor_files(
         folder, meta["files"], {k: t for a in stats.accumulators() for k, t in a.tensors().items()}
     )
     for acc in stats.accumulators():

@@ -76,6 +76,16 @@ class StepFolders:
                 return folder, meta
         return None
 
+    def to_resume(
+        self, resume: bool, identity: dict[str, Any], text: str
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """The newest step a resumed run continues (None when not resuming or nothing is saved); a step of
+        another run (other settings, model or `text`) is refused in one line."""
+        found = self.latest() if resume else None
+        if found is not None:
+            refuse_other_run(found[0], found[1]["identity"], identity, text)
+        return found
+
     def _complete_meta(self, folder: Path) -> dict[str, Any] | None:
         try:
             meta = json.loads((folder / META).read_text())

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..io.stats_files import read_tensor_shards, write_tensor_shards
-from ..io.steps import StepFolders, refuse_other_run
+from ..io.stats_files import read_tensor_files, write_tensor_files
+from ..io.steps import StepFolders
 
 # 2: state.json lists the tensor shards apart from `files`, which now sizes every file of the step
 STATE_VERSION = 2
@@ -28,9 +28,7 @@ class RecoverState:
         self.dir, self.every, self.resume, self.identity = Path(folder), every, resume, identity
         self.steps = StepFolders(self.dir, STATE_VERSION, pause="recover-save")
         self.resumed_from = 0
-        self._found = self.steps.latest() if resume else None
-        if self._found is not None:
-            refuse_other_run(self._found[0], self._found[1]["identity"], identity, "training tokens")
+        self._found = self.steps.to_resume(resume, identity, "training tokens")
 
     @property
     def saves(self) -> int:
@@ -41,7 +39,7 @@ class RecoverState:
         if self._found is None:
             return 0, []
         folder, meta = self._found
-        read_tensor_shards(folder, meta["shards"], tensors)
+        read_tensor_files(folder, meta["shards"], tensors)
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(meta["scheduler"])
         torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
@@ -54,7 +52,7 @@ class RecoverState:
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], optimizer, scheduler, log: list) -> Path:
         def write(folder: Path) -> dict[str, Any]:
-            shards = write_tensor_shards(folder, tensors)
+            shards = write_tensor_files(folder, tensors)
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(torch.get_rng_state(), folder / "rng.pt")
             return {"step": step, "shards": list(shards), "scheduler": scheduler.state_dict(), "log": log,

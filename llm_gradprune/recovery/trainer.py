@@ -198,7 +198,7 @@ def _prepare_teacher(parts: TrainingParts) -> None:
 
 
 def _held_out_ppl(model: nn.Module, eval_blocks: torch.Tensor, cfg: RecoverConfig, device) -> float:
-    """Perplexity on the first `eval_windows` held-out blocks; leaves the model in training mode."""
+    """Perplexity on the first `eval_windows` held-out token blocks; leaves the model in training mode."""
     model.eval()
     ppl = perplexity(model, eval_blocks[: cfg.eval_windows], batch_size=4, progress=False, device=device)[
         "ppl"
@@ -238,6 +238,11 @@ def _optimizer_step(parts: TrainingParts, cfg: RecoverConfig) -> None:
         apply_masks_(parts.stepped, parts.masks, None if masters is not None else local)
     if masters is not None:
         _masters_to_model(trained, masters, local)
+
+
+def _tokens_of_steps(batches: list[torch.Tensor], cfg: RecoverConfig, steps: int) -> int:
+    """Tokens the first `steps` optimizer steps train on (micro-batches are taken in order, cycling)."""
+    return sum(batches[i % len(batches)].numel() for i in range(steps * cfg.grad_accum)) if batches else 0
 
 
 def train_step(
@@ -370,7 +375,8 @@ def recover_(
     parts.model.train()
     bar = tqdm(total=steps, initial=start_step, desc="recovery", unit="step", disable=not (progress and main))
     try:
-        tokens = _train(
+        # a resumed run also trained on the steps before the resume: the report counts them too
+        tokens = _tokens_of_steps(batches, cfg, start_step) + _train(
             parts, batches, cfg, steps, start_step, log, held_out=held_out, state=state, bar=bar, t0=t0
         )
     finally:

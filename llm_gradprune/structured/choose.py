@@ -76,6 +76,97 @@ def _channels_for(budget: float, costs: UnitCosts, heads: int, kv: int, shape: S
     return (k // multiple) * multiple
 
 
+@dataclass
+class _Removal:
+    """What a shape costs: the estimated loss increase of the units it removes and the parameters it
+    keeps, from the per-layer removal curves. A shape is (layers removed, head option, channels kept)."""
+
+    shape: Shape
+    costs: UnitCosts
+    layer_order: list[int] | None  # layers, lowest score first (None: layers are not removed)
+    layer_curve: torch.Tensor | None
+    head_cost: dict[tuple[int, int], list[float]]  # head option (KV heads, queries per group) -> per layer
+    channel_curves: list[torch.Tensor] | None  # per layer (None: channels are not removed)
+
+    @classmethod
+    def of(cls, shape: Shape, costs: UnitCosts, scores: list[LayerScores], kinds, opts) -> _Removal:
+        layer_order = layer_curve = None
+        if "layers" in kinds:
+            layer_scores = torch.tensor([s.layer for s in scores], dtype=torch.float64)
+            layer_order = torch.sort(layer_scores, stable=True).indices.tolist()  # lowest first
+            layer_curve = removal_curve(layer_scores)
+        head_cost = {o: [0.0] * shape.layers for o in opts}
+        if "heads" in kinds:
+            for o in opts:
+                head_cost[o] = [plan_heads(s.groups, s.queries, *o)[2] for s in scores]
+        channel_curves = [removal_curve(s.channels) for s in scores] if "channels" in kinds else None
+        return cls(shape, costs, layer_order, layer_curve, head_cost, channel_curves)
+
+    def cost(self, n: int, opt: tuple[int, int], inter: int) -> float:
+        removed = set(self.layer_order[:n]) if n else set()
+        c = float(self.layer_curve[n]) if n else 0.0
+        for i in range(self.shape.layers):
+            if i in removed:
+                continue
+            c += self.head_cost[opt][i]
+            if self.channel_curves is not None:
+                c += float(self.channel_curves[i][self.shape.intermediate - inter])
+        return c
+
+    def params(self, n: int, opt: tuple[int, int], inter: int) -> int:
+        return (self.shape.layers - n) * self.costs.layer(inter, opt[0] * opt[1], opt[0])
+
+    def candidate(self, n: int, opt: tuple[int, int], inter: int) -> dict:
+        return {"layers_removed": n, "kv_heads": opt[0], "group": opt[1], "intermediate": inter,
+                "params": self.params(n, opt, inter), "cost": self.cost(n, opt, inter)}  # fmt: skip
+
+
+def _from_keeps(removal: _Removal, opts, keeps: dict[str, float], multiple: int) -> dict:
+    """The shape explicit keep ratios ask for."""
+    shape = removal.shape
+    n = shape.layers - max(1, int(shape.layers * keeps["layers"])) if "layers" in keeps else 0
+    opt = (shape.kv_heads, shape.heads // shape.kv_heads)
+    if "heads" in keeps:
+        want = shape.heads * keeps["heads"]
+        opt = min(opts, key=lambda o: (abs(o[0] * o[1] - want), removal.cost(0, o, shape.intermediate)))
+    inter = shape.intermediate
+    if "channels" in keeps:
+        inter = (int(shape.intermediate * keeps["channels"]) // multiple) * multiple
+        if inter < 1:
+            raise ConfigError(
+                f"keep_channels {keeps['channels']} keeps no channel of {shape.intermediate} "
+                f"(in multiples of {multiple})"
+            )
+    return removal.candidate(n, opt, inter)
+
+
+def _within(removal: _Removal, kinds, opts, budget: float, multiple: int) -> list[dict]:
+    """Every shape within `budget` parameters; with channels, each keeps as many as fit."""
+    shape, cands = removal.shape, []
+    for n in range(shape.layers) if "layers" in kinds else [0]:
+        for opt in opts:
+            inter = shape.intermediate
+            if "channels" in kinds:
+                per_layer = budget / (shape.layers - n)
+                inter = _channels_for(per_layer, removal.costs, opt[0] * opt[1], opt[0], shape, multiple)
+                if inter < 1:
+                    continue
+            if removal.params(n, opt, inter) <= budget:
+                cands.append(removal.candidate(n, opt, inter))
+    return cands
+
+
+def _unreachable(removal: _Removal, kinds, opts, dense: int, target: float, multiple: int, structure: str):
+    shape = removal.shape
+    least = multiple if "channels" in kinds else shape.intermediate
+    layers_removed = [shape.layers - 1] if "layers" in kinds else [0]
+    smallest = min(removal.params(n, o, least) for n in layers_removed for o in opts)
+    return ConfigError(
+        f"structure {structure!r} can remove at most {1 - smallest / dense:.1%} of the decoder parameters, "
+        f"but target_params {target:g} asks for {1 - target:.1%}: use another structure or a larger target"
+    )
+
+
 def choose(
     shape: Shape,
     costs: UnitCosts,
@@ -90,77 +181,20 @@ def choose(
 ) -> Choice:
     """The shape and the kept units of every layer, for a parameter `target` (fraction of decoder
     parameters kept) or explicit `keeps` ratios per kind."""
-    L, r_all = shape.layers, shape.heads // shape.kv_heads
-    dense = L * costs.layer(shape.intermediate, shape.heads, shape.kv_heads)
-    layer_order = None
-    if "layers" in kinds:
-        layer_scores = torch.tensor([s.layer for s in scores], dtype=torch.float64)
-        layer_order = torch.sort(layer_scores, stable=True).indices.tolist()  # lowest first
-        layer_curve = removal_curve(layer_scores)
-    opts = options if "heads" in kinds else [(shape.kv_heads, r_all)]
-    head_cost = {o: [0.0] * L for o in opts}
-    if "heads" in kinds:
-        for o in opts:
-            head_cost[o] = [plan_heads(s.groups, s.queries, *o)[2] for s in scores]
-    ch_curves = [removal_curve(s.channels) for s in scores] if "channels" in kinds else None
-
-    def cost_of(n: int, opt: tuple[int, int], inter: int) -> float:
-        removed = set(layer_order[:n]) if n else set()
-        c = float(layer_curve[n]) if n else 0.0
-        for i in range(L):
-            if i in removed:
-                continue
-            c += head_cost[opt][i]
-            if ch_curves is not None:
-                c += float(ch_curves[i][shape.intermediate - inter])
-        return c
-
-    def params(n: int, opt: tuple[int, int], inter: int) -> int:
-        return (L - n) * costs.layer(inter, opt[0] * opt[1], opt[0])
-
+    opts = options if "heads" in kinds else [(shape.kv_heads, shape.heads // shape.kv_heads)]
+    removal = _Removal.of(shape, costs, scores, kinds, opts)
     if keeps:
-        n = L - max(1, int(L * keeps["layers"])) if "layers" in keeps else 0
-        opt = (shape.kv_heads, r_all)
-        if "heads" in keeps:
-            want = shape.heads * keeps["heads"]
-            opt = min(opts, key=lambda o: (abs(o[0] * o[1] - want), cost_of(0, o, shape.intermediate)))
-        inter = shape.intermediate
-        if "channels" in keeps:
-            inter = (int(shape.intermediate * keeps["channels"]) // multiple) * multiple
-            if inter < 1:
-                raise ConfigError(
-                    f"keep_channels {keeps['channels']} keeps no channel of {shape.intermediate} "
-                    f"(in multiples of {multiple})"
-                )
-        best = {"layers_removed": n, "kv_heads": opt[0], "group": opt[1], "intermediate": inter,
-                "params": params(n, opt, inter), "cost": cost_of(n, opt, inter)}  # fmt: skip
-        return _finish(best, scores, layer_order, [best], shape)
-    budget = target * dense
-    cands = []
-    for n in range(L) if "layers" in kinds else [0]:
-        for opt in opts:
-            inter = shape.intermediate
-            if "channels" in kinds:
-                inter = _channels_for(budget / (L - n), costs, opt[0] * opt[1], opt[0], shape, multiple)
-                if inter < 1:
-                    continue
-            p = params(n, opt, inter)
-            if p > budget:
-                continue
-            cands.append({"layers_removed": n, "kv_heads": opt[0], "group": opt[1], "intermediate": inter,
-                          "params": p, "cost": cost_of(n, opt, inter)})  # fmt: skip
+        best = _from_keeps(removal, opts, keeps, multiple)
+        return _finish(best, scores, removal.layer_order, [best], shape)
+    dense = shape.layers * costs.layer(shape.intermediate, shape.heads, shape.kv_heads)
+    cands = _within(removal, kinds, opts, target * dense, multiple)
     if not cands:
-        least = multiple if "channels" in kinds else shape.intermediate
-        smallest = min(params(n, o, least) for n in ([L - 1] if "layers" in kinds else [0]) for o in opts)
-        raise ConfigError(
-            f"structure {structure!r} can remove at most {1 - smallest / dense:.1%} of the decoder parameters, "
-            f"but target_params {target:g} asks for {1 - target:.1%}: use another structure or a larger target"
-        )
+        raise _unreachable(removal, kinds, opts, dense, target, multiple, structure)
     if structure == "mixed":
         cands.sort(key=lambda c: (c["cost"], -c["params"]))
     else:
         cands.sort(key=lambda c: (-c["params"], c["cost"]))
-    return _finish(cands[0], scores, layer_order, cands[:8], shape)
+    return _finish(cands[0], scores, removal.layer_order, cands[:8], shape)
 
 
 def _finish(best: dict, scores: list[LayerScores], layer_order, cands: list[dict], shape: Shape) -> Choice:

@@ -1,4 +1,4 @@
-"""The per-token Fisher sums after the speed work: the same numbers as the formula, on a tiny Llama.
+"""The per-token Fisher hook gives the same sums as the formula, on a tiny Llama.
 
 Reference: every target's input x and output gradient d captured by independent hooks, and
 sum_t d_t,i^2 x_t,j^2 formed in fp64. Checked with the library's statistics (weights requiring grad,

@@ -1,12 +1,9 @@
 """The fast least-squares refit (conjugate gradients through H^-1) gives the direct solve's answer.
 
 Against a per-row fp64 solve of the same damped problem and against the per-row Cholesky refit the
-library had before (kept in scripts/bench_lsq.py as the reference), on random layers of several shapes
-with uneven per-row kept counts, rows that keep everything or nothing, and 2:4 masks.
+library had before (both in tests/reference_lsq.py), on random layers of several shapes with uneven
+per-row kept counts, rows that keep everything or nothing, and 2:4 masks.
 """
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +11,7 @@ import torch
 from llm_gradprune.reconstruction.lsq import lsq_update_
 from llm_gradprune.reconstruction.obs import damped_hessian
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_lsq", ROOT / "scripts" / "bench_lsq.py")
-bench_lsq = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_lsq)
+from .reference_lsq import direct64, old_lsq_update_
 
 
 def layer(out, inp, n=512, seed=0):
@@ -42,17 +36,6 @@ def nm_mask(W):
     return torch.zeros(W.numel() // 4, 4, dtype=torch.bool).scatter_(1, drop, True).view_as(W)
 
 
-def direct64(W0, H, mask, percdamp):
-    Hd = damped_hessian(H, percdamp)[0].double()
-    W = W0.double().clone()
-    for r in range(W.shape[0]):
-        keep, drop = ~mask[r], mask[r]
-        if keep.any() and drop.any():
-            W[r, keep] += torch.linalg.solve(Hd[keep][:, keep], Hd[keep][:, drop] @ W[r, drop])
-        W[r, drop] = 0
-    return W.float()
-
-
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -64,7 +47,7 @@ def test_refit_equals_the_direct_solve_and_the_previous_refit(shape, kind):
     mask = uneven_mask(*shape, seed=shape[0]) if kind == "uneven" else nm_mask(W0)
     truth = direct64(W0, H, mask, 0.01)
     old = W0.clone()
-    bench_lsq.old_lsq_update_(old, H, mask)
+    old_lsq_update_(old, H, mask)
     # the default split, every row by the iteration, every row directly: one answer
     for direct_max in (None, 0, shape[1]):
         W = W0.clone()

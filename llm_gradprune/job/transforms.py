@@ -1,0 +1,249 @@
+"""What each command does between the two evaluations: the only part of a job that differs.
+
+- `Prune`: calibrate and zero weights (`prune_`), or `rounds > 1` of it (`prune_in_rounds_`);
+- `Shrink`: structured pruning, whole units removed (`shrink_`), a smaller dense model;
+- `Keep`: nothing (`llm-gradprune recover`: a pruned folder in, recovery training is the point).
+
+Each answers the same questions the skeleton asks: what to check when the run is planned, which text
+to read, where the model goes, what the report holds, which model is the teacher's base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..calibration.assets import resolve_model
+from ..calibration.data import micro_batches, round_robin_windows, token_hash
+from ..config import JobConfig
+from ..errors import ConfigError
+from ..executors import prune_
+from ..io.calib_state import CalibState, check_state_dir, resolve_state_dir, run_identity
+from ..io.checkpoint import read_report, tensor_shapes_of
+from ..parallel.fsdp import shard_model, uses_fsdp
+from ..plan import calibration_record
+from ..rounds import prune_in_rounds_
+from ..status import set_stage
+from ..support import SupportQuery, check_support
+from .inputs import calibration_blocks, check_context, with_training_seq_len
+from .preflight import weight_bytes
+from .recovery import settings_identity
+
+
+class Transform:
+    """Defaults shared by the transforms; each overrides what it does differently."""
+
+    given = "dense"  # what the model is before the transform (the first evaluation's name)
+    result: str | None = "pruned"  # what it is after; None: the transform leaves it as it is
+    keeps_report = False  # the report comes from the input folder (recover)
+
+    def adjust(self, cfg: JobConfig) -> JobConfig:
+        return cfg
+
+    def check(self, cfg: JobConfig, accelerator) -> bool:
+        """Transform-specific refusals when the run is planned; returns whether rows are sharded."""
+        return False
+
+    def check_outputs(self, cfg: JobConfig) -> None:
+        pass
+
+    def check_model(self, job) -> None:
+        if job.cfg.needs_data:
+            check_context(job.model, job.cfg.seq_len)
+
+    def read_text(self, job) -> None:
+        job.blocks = calibration_blocks(job.cfg, job.tokenizer) if job.cfg.needs_data else None
+
+    def place(self, job) -> None:
+        job.device = torch.device(job.cfg.device) if job.cfg.device else job.accelerator.device
+        job.model.to(job.device)
+
+    def apply(self, job) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def eval_record(self, job, report, before, after) -> dict[str, Any] | None:
+        from .evaluation import eval_section
+
+        return None if after is None else eval_section(job.cfg, before, after, job.held_out)
+
+    def base_model(self, job, report) -> str | None:
+        return job.cfg.model
+
+    def before_save(self, job, report) -> None:
+        pass
+
+
+class Prune(Transform):
+    """Zero the least important weights (in one pass, or in `rounds` recalibrated on the pruned model)."""
+
+    def check(self, cfg: JobConfig, accelerator) -> bool:
+        sharded = uses_fsdp(cfg.fsdp, accelerator)
+        check_support(SupportQuery(cfg.prune, processes=accelerator.num_processes, sharded=sharded,
+                          resume=bool(cfg.save_state_every or cfg.resume), fsdp_asked=cfg.fsdp, eval=cfg.eval,
+                          eval_tasks=bool(cfg.eval_tasks), recover=bool(cfg.recover.steps)))  # fmt: skip
+        return sharded
+
+    def check_outputs(self, cfg: JobConfig) -> None:
+        # a saved calibration is never silently overwritten
+        check_state_dir(
+            resolve_state_dir(cfg.state_dir, cfg.output_dir), cfg.output_dir, cfg.save_state_every, cfg.resume
+        )
+
+    def read_text(self, job) -> None:
+        super().read_text(job)
+        job.batches = None
+        if job.blocks is not None:
+            job.batches = micro_batches(job.blocks, job.cfg.batch_size)
+            if not job.sharded:  # replicated model: each rank its round-robin share of whole micro-batches
+                acc = job.accelerator
+                job.batches = round_robin_windows(
+                    job.batches, job.cfg.prune.grad_accum, acc.process_index, acc.num_processes
+                )
+
+    def place(self, job) -> None:
+        from accelerate.utils import DistributedType
+
+        cfg, acc = job.cfg, job.accelerator
+        job.device = torch.device(cfg.device) if cfg.device else acc.device
+        if job.sharded:  # FSDP2: every rank holds some rows of every weight; see parallel/fsdp.py
+            job.model = shard_model(job.model, acc, job.device)
+        elif acc.distributed_type == DistributedType.NO and cfg.device is None:
+            # prepare() wraps in DDP for any multi-device type, even for one process launched by torchrun
+            # (`--num_processes 1` with a multi-GPU config): only a plain single process gets it
+            job.model = acc.prepare(job.model)  # device placement only: no optimizer, no DDP with one process
+        else:
+            job.model.to(job.device)  # several processes: no DDP wrapper, see calibration/loop.py
+
+    def calibration_state(self, job) -> CalibState | None:
+        """The resumable calibration state asked for (None without --save-state-every / --resume); the
+        support table has refused it already on the paths where it does not work."""
+        cfg = job.cfg
+        if job.blocks is None or not (cfg.save_state_every or cfg.resume):
+            return None
+        identity = run_identity(settings_identity(cfg), job.model, token_hash(job.blocks))
+        return CalibState(
+            resolve_state_dir(cfg.state_dir, cfg.output_dir), cfg.save_state_every, cfg.resume, identity
+        )
+
+    def apply(self, job) -> dict[str, Any]:
+        cfg, batches = job.cfg, job.batches
+        if cfg.prune.rounds > 1:
+            result = prune_in_rounds_(job.model, batches, cfg.prune, recover=cfg.recover, accelerator=job.accelerator,
+                                      recover_batches=job.train[0] if job.train else None)  # fmt: skip
+        else:
+            state = self.calibration_state(job)
+            if state is not None:
+                job.saved_states.append(state)
+            result = prune_(job.model, batches, cfg.prune, accelerator=job.accelerator, return_masks=False,
+                            num_batches=len(batches) if batches is not None else None, calib_state=state)  # fmt: skip
+        report = result.report
+        job.timings.update(report.pop("timings_s"))
+        report["calibration"].update(calibration_input(cfg, job.blocks))
+        return report
+
+
+class Shrink(Transform):
+    """Remove whole channels, heads or layers: a smaller dense model. One process."""
+
+    result = "smaller"
+
+    def check(self, cfg: JobConfig, accelerator) -> bool:
+        if accelerator.num_processes > 1:
+            raise ConfigError(
+                f"structure runs in one process, but this launch has {accelerator.num_processes}: launch without "
+                "--num_processes (or with 1)"
+            )
+        return False
+
+    def check_model(self, job) -> None:
+        from ..structured import find_units
+
+        find_units(
+            job.model
+        )  # a model outside the supported families is refused here, before any text is read
+        super().check_model(job)
+
+    def apply(self, job) -> dict[str, Any]:
+        from ..structured import shrink_
+
+        cfg = job.cfg
+        bytes_before = weight_bytes(job.model)
+        set_stage("removing units")
+        batches = micro_batches(job.blocks, cfg.batch_size) if job.blocks is not None else None
+        report = shrink_(job.model, batches, cfg.structured, progress=cfg.prune.progress)
+        job.timings.update({f"structure_{k}": v for k, v in report.pop("timings").items()})
+        passes = report.pop("calibration")
+        tokens = 0 if job.blocks is None else job.blocks.numel()
+        report["calibration"] = {
+            **calibration_record(passes=passes, tokens=tokens, threads=torch.get_num_threads()),
+            **calibration_input(cfg, job.blocks),
+        }
+        report["file_bytes_before"] = bytes_before
+        return report
+
+    def before_save(self, job, report) -> None:
+        report["tensor_shapes"] = tensor_shapes_of(job.model)
+
+
+class Keep(Transform):
+    """`recover`: the pruned folder's model as it is; its report comes along and gains a recovery section."""
+
+    given = "pruned"
+    result = None
+    keeps_report = True
+
+    def adjust(self, cfg: JobConfig) -> JobConfig:
+        return with_training_seq_len(cfg)
+
+    def check(self, cfg: JobConfig, accelerator) -> bool:
+        self.folder = Path(resolve_model(cfg.model)).expanduser()
+        self.report = read_report(self.folder)
+        if not cfg.recover.steps:
+            raise ConfigError("recover steps 0 trains nothing: give --recover-steps N")
+        return False
+
+    def check_model(self, job) -> None:
+        pass
+
+    def read_text(self, job) -> None:
+        job.blocks = None
+
+    def apply(self, job) -> dict[str, Any]:
+        report = self.report
+        report["pruning_timings_s"] = report.pop("timings_s", None)
+        return report
+
+    def eval_record(self, job, report, before, after) -> dict[str, Any] | None:
+        from .evaluation import eval_section
+
+        old = report.get("eval")
+        if before is None:
+            return old
+        record = eval_section(job.cfg, None, before, job.held_out)
+        if (
+            old and old.get("token_sha256") == record["token_sha256"]
+        ):  # the dense score holds for these windows
+            record["dense_ppl"], record["dense_nll"] = old.get("dense_ppl"), old.get("dense_nll")
+        return record
+
+    def base_model(self, job, report) -> str | None:
+        return report.get("model")
+
+    def before_save(self, job, report) -> None:
+        report["recovered_from"] = self.folder.name
+
+
+def calibration_input(cfg: JobConfig, blocks) -> dict[str, Any]:
+    """The part of the `calibration` record that describes its text: the same for every transform."""
+    return {
+        "blocks": 0 if blocks is None else blocks.shape[0],
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size,
+        "token_sha256": None if blocks is None else token_hash(blocks),
+    }
+
+
+def transform_for(cfg: JobConfig) -> Transform:
+    return Shrink() if cfg.structured is not None else Prune()
