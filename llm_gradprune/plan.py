@@ -89,7 +89,9 @@ def make_plan(
 ) -> Plan:
     """Decide the run: targets, statistics, update rule and executor; refuse what is not supported."""
     collective = collective or Collective()
-    run = SupportQuery(cfg, processes=collective.processes, sharded=collective.rows_sharded, resume=resume)
+    run = SupportQuery(
+        cfg, processes=collective.processes, sharded=collective.rows_sharded, job={"resume": resume}
+    )
     check_support(run)
     crit = CRITERIA.get(cfg.criterion)
     targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)

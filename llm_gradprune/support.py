@@ -11,8 +11,9 @@ An option is a predicate over the settings plus, per path, None (supported) or t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import PruneConfig
 from .errors import ConfigError
@@ -43,11 +44,16 @@ class SupportQuery:
     prune: PruneConfig
     processes: int = 1
     sharded: bool = False
-    resume: bool = False  # save_state_every / resume asked
-    fsdp_asked: bool = False  # fsdp: true
-    eval: bool = False  # held-out perplexity before and after
-    eval_tasks: bool = False  # lm-eval task scores before and after
-    recover: bool = False  # masked recovery training after pruning
+    job: Mapping[str, Any] = field(default_factory=dict)  # the job's flat settings (JobConfig.to_flat())
+
+    def asks(self, key: str) -> bool:
+        """Is the job setting `key` on (true, non-zero, non-empty)? A new job option needs no field here:
+        its support row reads it by name."""
+        return bool(self.job.get(key))
+
+    @property
+    def resume(self) -> bool:
+        return self.asks("save_state_every") or self.asks("resume")
 
     @property
     def path(self) -> str:
@@ -116,14 +122,14 @@ OPTIONS: list[Option] = [
             "layer_wise": "only the whole-model calibration is resumable, not a layer-wise pass",
             "sharded": ONE_PROCESS},
            {"criterion": "fisher", "save_state_every": 2}),
-    Option("eval (perplexity before and after)", lambda r: r.eval, {}, {"eval": True, "eval_num_samples": 2}),
-    Option("eval tasks (lm-eval)", lambda r: r.eval_tasks,
+    Option("eval (perplexity before and after)", lambda r: r.asks("eval"), {}, {"eval": True, "eval_num_samples": 2}),
+    Option("eval tasks (lm-eval)", lambda r: r.asks("eval_tasks"),
            {"sharded": "lm-eval scores a whole model in one process: run llm-gradprune eval --tasks on the output"},
            {"eval_tasks": "tiny_mc", "eval_tasks_include_path": "{tasks}"}),
     Option("pruning in rounds", lambda r: r.prune.rounds > 1, {}, {"rounds": 2}),
-    Option("recovery training", lambda r: r.recover, {},
+    Option("recovery training", lambda r: r.asks("recover_steps"), {},
            {"recover_steps": 2, "recover_batch_size": 1, "recover_lr": 1e-3}),
-    Option("fsdp", lambda r: r.fsdp_asked,
+    Option("fsdp", lambda r: r.asks("fsdp"),
            {p: "fsdp shards the weights over several processes: launch with accelerate launch --num_processes N"
             for p in ("whole_model", "layer_wise")},
            {"fsdp": True}),

@@ -80,11 +80,10 @@ def blocks_for(name: str, n: int, seq_len: int) -> torch.Tensor:
         from transformers import AutoTokenizer
 
         from llm_gradprune.calibration.assets import resolve_model
-        from llm_gradprune.calibration.data import load_blocks
-        from llm_gradprune.config import JobConfig
+        from llm_gradprune.calibration.data import TextSource, load_blocks
 
         tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m"))
-        return load_blocks(JobConfig(num_samples=n, seq_len=seq_len), tok)
+        return load_blocks(TextSource("builtin:imdb"), tok, n, seq_len)
     return torch.randint(0, 32000, (n, seq_len), generator=torch.Generator().manual_seed(0))
 
 

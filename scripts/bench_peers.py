@@ -134,12 +134,13 @@ def prepare_blocks() -> tuple[Path, str, str]:
 
     from llm_gradprune import JobConfig
     from llm_gradprune.calibration.assets import resolve_model
-    from llm_gradprune.calibration.data import load_blocks, token_hash
+    from llm_gradprune.calibration.data import token_hash
+    from llm_gradprune.job.inputs import calibration_blocks
 
     folder = resolve_model(MODEL)
     job = JobConfig.from_flat({"model": MODEL, "dataset": "builtin:imdb", "num_samples": 64, "seq_len": 512,
                                "seed": 0, "progress": False})  # fmt: skip
-    blocks = load_blocks(job, AutoTokenizer.from_pretrained(folder))
+    blocks = calibration_blocks(job, AutoTokenizer.from_pretrained(folder))
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / "calib_blocks.pt"
     torch.save(blocks, path)

@@ -26,6 +26,7 @@ configs first, e.g. `llm-gradprune prune --config configs/recipe_50.yaml`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -37,9 +38,10 @@ import torch
 from benchjson import command_line, record, result_of
 from protocol import ROOT, Protocol
 
-from llm_gradprune import JobConfig, PruneConfig, prune_
-from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
+from llm_gradprune import PruneConfig, prune_
+from llm_gradprune.calibration.data import TextSource, load_blocks, micro_batches, token_hash
 from llm_gradprune.evaluate import perplexity
+from llm_gradprune.job.inputs import text_source
 from llm_gradprune.recovery.config import RecoverConfig
 from llm_gradprune.recovery.trainer import recover_
 from llm_gradprune.rounds import prune_in_rounds_
@@ -83,14 +85,15 @@ def one_row(row: str, args) -> dict:
     torch.set_num_threads(args.threads)
     proto = Protocol()
     model = proto.model
-    ood = load_blocks(JobConfig(dataset=str(ood_text(LICENSES))), proto.tokenizer, split="all", num_blocks=32,
-                      seq_len=512)  # fmt: skip
+    ood = load_blocks(TextSource(str(ood_text(LICENSES)), split="all"), proto.tokenizer, 32, 512)  # fmt: skip
     rec = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=1, seq_len=512, seed=1, eval_every=0,
                         distill_alpha=1.0 if row.endswith("+kd") else 0.0, lora_r=16 if row.endswith("+lora") else 0,
                         round_steps=args.round_steps)  # fmt: skip
-    job = JobConfig.from_flat({**proto.job.to_flat(), "recover": rec.to_dict(), "progress": False})
+    job = dataclasses.replace(
+        proto.job, recover=rec, prune=dataclasses.replace(proto.job.prune, progress=False)
+    )
     n_train = max(args.steps, args.round_steps * 3)
-    train = micro_batches(load_blocks(job, proto.tokenizer, num_blocks=n_train, seed=1, seq_len=512), 1)
+    train = micro_batches(load_blocks(text_source(job, seed=1), proto.tokenizer, n_train, 512), 1)
     out: dict = {"row": row, "train_tokens_sha256": token_hash(torch.cat(train)), "steps": 0}
     t0 = time.perf_counter()
     if row.startswith("r50"):
@@ -126,7 +129,7 @@ def one_row(row: str, args) -> dict:
         if rec.distills:
             from llm_gradprune.models import load_model
 
-            teacher, _, _ = load_model(JobConfig(model="builtin:smollm2-135m"))
+            teacher, _, _ = load_model("builtin:smollm2-135m")
         t = time.perf_counter()
         model, report = recover_(model, train, rec, teacher=teacher, targets=proto.targets, progress=True)
         out.update(steps=report["steps"], train_s=time.perf_counter() - t, train_tokens=report["tokens"],

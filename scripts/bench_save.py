@@ -49,7 +49,9 @@ def worker(args) -> dict:
         before_save = vm_kb("VmRSS")
         reset_peak()
         t = time.perf_counter()
-        out = save_pruned(model, None, cfg, report, cfg.output_dir)
+        out = save_pruned(
+            model, None, report, cfg.output_dir, settings=cfg.to_flat(), max_shard_bytes=cfg.max_shard_bytes
+        )
         save_s = time.perf_counter() - t
         save_peak = vm_kb("VmHWM")
         files = sorted(p.name for p in out.glob("*.safetensors"))

@@ -19,7 +19,7 @@ from llm_gradprune import JobConfig
 from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
 from llm_gradprune.calibration.loop import gather_statistics
 from llm_gradprune.io.stats_files import load_statistics, save_statistics
-from llm_gradprune.models import load_model
+from llm_gradprune.job.inputs import calibration_blocks, load, text_source
 from llm_gradprune.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,17 +40,19 @@ class Protocol:
 
     def __init__(self, eval_seed: int = 0, eval_samples: int = 64):
         self.job = JobConfig.from_flat({**JOB, "progress": False})
-        self.model, self.tokenizer, _ = load_model(self.job)
+        self.model, self.tokenizer, _ = load(self.job)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.targets = find_targets(self.model)
         self.dense = {n: m.weight.detach().clone() for n, m in self.targets.items()}
-        self.calib = load_blocks(self.job, self.tokenizer)
+        self.calib = calibration_blocks(self.job, self.tokenizer)
         self.eval_blocks = self.held_out(eval_seed, eval_samples)
 
     def held_out(self, seed: int, n: int = 64) -> torch.Tensor:
-        return load_blocks(self.job, self.tokenizer, split="test", num_blocks=n, seed=seed)
+        return load_blocks(
+            text_source(self.job, split="test", seed=seed), self.tokenizer, n, self.job.seq_len
+        )
 
     def batches(self) -> list[torch.Tensor]:
         return micro_batches(self.calib, 1)

@@ -61,7 +61,7 @@ def load_teacher(cfg: JobConfig, base: str | None):
     name = cfg.recover.teacher or base
     if not name:
         raise ConfigError(
-            "recover distill_alpha needs a teacher: give recover teacher (the dense base model)"
+            "recover_distill_alpha needs a teacher: give recover_teacher (--recover-teacher, the dense base model)"
         )
     set_stage("loading the teacher")
     return load(cfg, name)[0]

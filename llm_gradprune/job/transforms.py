@@ -80,9 +80,9 @@ class Prune(Transform):
 
     def check(self, cfg: JobConfig, accelerator) -> bool:
         sharded = uses_fsdp(cfg.fsdp, accelerator)
-        check_support(SupportQuery(cfg.prune, processes=accelerator.num_processes, sharded=sharded,
-                          resume=bool(cfg.save_state_every or cfg.resume), fsdp_asked=cfg.fsdp, eval=cfg.eval,
-                          eval_tasks=bool(cfg.eval_tasks), recover=bool(cfg.recover.steps)))  # fmt: skip
+        check_support(
+            SupportQuery(cfg.prune, processes=accelerator.num_processes, sharded=sharded, job=cfg.to_flat())
+        )
         return sharded
 
     def check_outputs(self, cfg: JobConfig) -> None:
