@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_gradprune import JobConfig, prune_  # noqa: E402
-from llm_gradprune.calibration.data import micro_batches, round_robin, round_robin_windows  # noqa: E402
+from llm_gradprune.calibration.data import micro_batches, round_robin, round_robin_chunks  # noqa: E402
 from llm_gradprune.calibration.loop import (  # noqa: E402
     calibrate,
     causal_lm_loss,
@@ -68,12 +68,10 @@ def all_stats(model, batches, accelerator, grad_accum: int = 1):
     params = {f"{n}.weight": m.weight for n, m in targets.items()}
     for p in model.parameters():
         p.requires_grad_(False)
-    gs = GradStats(params, ("grad_sum", "grad_abs_sum", "grad_sq_sum"))
+    gs = GradStats(params, ("grad_sum", "grad_abs_sum", "grad_sq_sum"), grad_accum=grad_accum)
     acts = ActStats(targets)
     stats = Statistics({"grad": gs, "act": acts})
-    counters = calibrate(
-        model, batches, stats, accelerator=accelerator, progress=False, grad_accum=grad_accum
-    )
+    counters = calibrate(model, batches, stats, accelerator=accelerator, progress=False)
     reduce_statistics_(stats, Collective(), chunk_elems=700)
     reduce_counters_(counters, Collective())
     out = {f"{s}/{n}": t.clone() for s, per in gs.sums.items() for n, t in per.items()}
@@ -122,7 +120,7 @@ def main(out_dir: str) -> None:
 
     stats, counts = all_stats(tiny(), mine, accelerator if size > 1 else None)
     result["stats"], result["counts"] = stats, counts
-    ga2 = round_robin_windows(mbs, 2, rank, size)  # grad_accum 2: whole groups of 2 micro-batches per rank
+    ga2 = round_robin_chunks(mbs, 2, rank, size)  # grad_accum 2: whole groups of 2 micro-batches per rank
     result["stats_ga2"], result["counts_ga2"] = all_stats(tiny(), ga2, accelerator if size > 1 else None, 2)
 
     result["masks"], result["reports"] = {}, {}

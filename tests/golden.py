@@ -150,13 +150,13 @@ def run_case(name: str) -> dict:
 def run_dist_cases(accelerator) -> dict[str, dict]:
     """Replicated model, each rank its round-robin share of whole micro-batches (as the CLI shards)."""
     from llm_gradprune import prune_
-    from llm_gradprune.calibration.data import round_robin_windows
+    from llm_gradprune.calibration.data import round_robin_chunks
 
     out = {}
     for name in DIST_CASES + LAYER_WISE_DIST_CASES:
         cfg = config(name)
         model = tiny_model()
-        mine = round_robin_windows(
+        mine = round_robin_chunks(
             tiny_batches(), cfg.grad_accum, accelerator.process_index, accelerator.num_processes
         )
         prune_(model, mine, cfg, accelerator=accelerator, return_masks=False)

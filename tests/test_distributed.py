@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_gradprune.calibration.data import micro_batches, round_robin, round_robin_windows
+from llm_gradprune.calibration.data import micro_batches, round_robin, round_robin_chunks
 from llm_gradprune.parallel import RowShards, all_reduce_sum_, rank_offsets
 from llm_gradprune.selection.masks import iter_masks
 
@@ -38,7 +38,8 @@ def test_shard_reads_every_block_once_with_single_process_batches(n_blocks, batc
     blocks = torch.arange(n_blocks).view(-1, 1)
     single = [mb.view(-1).tolist() for mb in micro_batches(blocks, batch)]
     shares = [
-        [mb.view(-1).tolist() for mb in round_robin(micro_batches(blocks, batch), r, world)] for r in range(world)
+        [mb.view(-1).tolist() for mb in round_robin(micro_batches(blocks, batch), r, world)]
+        for r in range(world)
     ]
     read = [b for share in shares for mb in share for b in mb]
     assert sorted(read) == list(range(n_blocks))  # none missed, none twice
@@ -57,9 +58,9 @@ def test_round_robin_uneven_hand_worked():
 
 def test_shard_samples_keeps_grad_accum_groups_whole():
     items = list(range(7))  # grad_accum 2: samples (0, 1), (2, 3), (4, 5), (6,)
-    assert round_robin_windows(items, 2, 0, 2) == [0, 1, 4, 5]
-    assert round_robin_windows(items, 2, 1, 2) == [2, 3, 6]  # the short last sample stays last on its rank
-    assert round_robin_windows(items, 1, 1, 2) == round_robin(items, 1, 2)
+    assert round_robin_chunks(items, 2, 0, 2) == [0, 1, 4, 5]
+    assert round_robin_chunks(items, 2, 1, 2) == [2, 3, 6]  # the short last sample stays last on its rank
+    assert round_robin_chunks(items, 1, 1, 2) == round_robin(items, 1, 2)
 
 
 # -- collectives without a process group are the identity ----------------------------------------

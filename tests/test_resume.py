@@ -36,12 +36,12 @@ class Crash(Exception):
     pass
 
 
-def _stats(model):
+def _stats(model, grad_accum: int = 1):
     targets = find_targets(model)
     params = {f"{n}.weight": m.weight for n, m in targets.items()}
     for p in model.parameters():
         p.requires_grad_(False)
-    return GradStats(params, {"grad_sq_sum", "grad_sum"}), ActStats(targets)
+    return GradStats(params, {"grad_sq_sum", "grad_sum"}, grad_accum=grad_accum), ActStats(targets)
 
 
 def _identity(model, cfg=None):
@@ -133,7 +133,7 @@ def test_changed_config_model_or_data_is_refused_naming_the_difference(tmp_path)
 
 
 def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
-    """Interplay with gradient accumulation / host staging in GradStats: while an accumulation window is
+    """Interplay with gradient accumulation / host staging in GradStats: while an accumulation is
     open its partial sum lives outside the sums, so no save; `flush()` folds a deferred gradient."""
     model = make_tiny_llama()
     gs, acts = _stats(model)
@@ -141,11 +141,11 @@ def test_saves_wait_for_a_group_boundary_and_flush_deferred_folds(tmp_path):
     gs.flush = lambda: flushed.append(True)
     ckpt = CalibState(tmp_path / "s", 2, False, _identity(model))
     ckpt.restore(Statistics({"grad": gs, "act": acts}))
-    gs._window_open = {"partial"}  # mid-window at the due batch: no save yet
-    assert gs.window_open
+    gs._accumulating = {"partial"}  # mid-window at the due batch: no save yet
+    assert gs.accumulating
     ckpt.after_batch(2, 32, 1.0)
     assert latest_state(tmp_path / "s") is None and not flushed
-    gs._window_open = set()  # the window closed one batch later: the due save happens now
+    gs._accumulating = set()  # the window closed one batch later: the due save happens now
     ckpt.after_batch(3, 48, 1.5)
     assert latest_state(tmp_path / "s")[1]["batches_done"] == 3 and flushed == [True]
 
@@ -156,7 +156,7 @@ def test_resume_with_grad_accum_and_host_staging_is_bit_identical(tmp_path, stag
     batches = [blocks[i : i + 1] for i in range(7)]
 
     def run(ckpt=None, crash_at=None):
-        gs, acts = _stats(model)
+        gs, acts = _stats(model, grad_accum=2)
         gs.stage_on_host = stage_on_host
         seen = []
 
@@ -167,7 +167,7 @@ def test_resume_with_grad_accum_and_host_staging_is_bit_identical(tmp_path, stag
             return causal_lm_loss(m, b)
 
         c = calibrate(model, batches, Statistics({"grad": gs, "act": acts}), loss_fn=loss_fn, progress=False,
-                      grad_accum=2, calib_state=ckpt)  # fmt: skip
+                      calib_state=ckpt)  # fmt: skip
         return gs, c
 
     ref, ref_c = run()

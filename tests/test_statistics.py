@@ -102,12 +102,12 @@ def test_activation_sums_by_hand():
 
 def test_a_window_stays_open_until_its_mean_is_folded():
     p = torch.nn.Parameter(torch.zeros(3))
-    stats = GradStats({"p": p}, ("grad_sum",), window=2)
+    stats = GradStats({"p": p}, ("grad_sum",), grad_accum=2)
     stats.receive("p", torch.ones(3))
-    assert stats.window_open and stats.counts["p"] == 0  # a saved state would miss this gradient
+    assert stats.accumulating and stats.counts["p"] == 0  # a saved state would miss this gradient
     stats.receive("p", torch.full((3,), 3.0))
-    stats.end_window(2)
-    assert not stats.window_open and stats.counts["p"] == 1
+    stats.end_accumulation(2)
+    assert not stats.accumulating and stats.counts["p"] == 1
     torch.testing.assert_close(stats.mean("grad_sum", "p"), torch.full((3,), 2.0))
 
 
@@ -208,7 +208,7 @@ def test_grad_accum_folds_window_means():
     batches = list(make_blocks(5, 16).split(1))
     names = list(params)
     ref = reference_grads(model, batches, names)
-    stats = GradStats(params, ALL, window=2)
+    stats = GradStats(params, ALL, grad_accum=2)
     counters = calibrate(model, batches, grad_only(stats), progress=False)
     assert counters["batches"] == 5 and counters["samples"] == 3
     for n in names:
@@ -226,10 +226,10 @@ def test_host_staged_statistics_equal_direct():
     batches = list(make_blocks(3, 16).split(1))
     direct = GradStats(params, ALL)
     calibrate(model, batches, grad_only(direct), progress=False)
-    staged = GradStats(params, ALL, device="cpu", window=2)
+    staged = GradStats(params, ALL, device="cpu", grad_accum=2)
     staged.stage_on_host = True  # the pinned-buffer path a GPU model takes, run on the CPU
     calibrate(model, batches, grad_only(staged), progress=False)
-    plain2 = GradStats(params, ALL, window=2)
+    plain2 = GradStats(params, ALL, grad_accum=2)
     calibrate(model, batches, grad_only(plain2), progress=False)
     for stat in ALL:
         for n in params:

@@ -273,7 +273,7 @@ def round_robin(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
-def round_robin_windows(items: list, group: int, rank: int, world: int) -> list:
+def round_robin_chunks(items: list, group: int, rank: int, world: int) -> list:
     """Round-robin share of whole groups of `group` consecutive items (with grad_accum, one gradient
     sample is a group of micro-batches: a rank must get all of a group or none of it)."""
     groups = [items[i : i + group] for i in range(0, len(items), group)]

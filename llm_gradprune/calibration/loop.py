@@ -83,8 +83,8 @@ class _Tally:
     batches: int = 0
     tokens: int = 0
     loss_sum: float = 0.0
-    samples: int = 0  # gradient samples: accumulation windows closed
-    in_window: int = 0  # micro-batches run in the window still open
+    samples: int = 0  # gradients: accumulations closed
+    accumulated: int = 0  # micro-batches run in the accumulation still open
 
     def counters(self, seconds: float, recomputed: int) -> dict[str, Any]:
         return {
@@ -108,7 +108,7 @@ class _Pass:
     accelerator: Any
     loss_fn: LossFn
     device: torch.device
-    window: int  # micro-batches per gradient sample
+    grad_accum: int  # micro-batches per gradient sample
 
     def __post_init__(self) -> None:
         self.forward_hooked = self.stats.forward_hooked()
@@ -130,9 +130,9 @@ class _Pass:
         tally.loss_sum += float(loss.detach()) * share if share != 1.0 else float(loss.detach())
         tally.batches += 1
         tally.tokens += count_tokens(piece) if share else 0
-        tally.in_window += 1
-        if tally.in_window == self.window:
-            self.end_window(tally)
+        tally.accumulated += 1
+        if tally.accumulated == self.grad_accum:
+            self.end_accumulation(tally)
 
     def _backward(self, piece: Any, share: float) -> torch.Tensor:
         loss = self.loss_fn(self.model, piece)
@@ -149,16 +149,16 @@ class _Pass:
             grad.collect_()
         return loss
 
-    def end_window(self, tally: _Tally) -> None:
-        """Close the accumulation window: its micro-batches' gradients become one sample."""
+    def end_accumulation(self, tally: _Tally) -> None:
+        """Close the accumulation: its micro-batches' gradients become one sample."""
         grad = self.stats.grad
-        if grad is not None and self.window > 1:
-            grad.end_window(tally.in_window)
+        if grad is not None and self.grad_accum > 1:
+            grad.end_accumulation(tally.accumulated)
         tally.samples += 1
-        tally.in_window = 0
+        tally.accumulated = 0
 
 
-def _accumulation_window(stats: Statistics, collective: Collective, grad_accum: int | None) -> int:
+def _grad_accum(stats: Statistics, collective: Collective, grad_accum: int | None) -> int:
     grad = stats.grad
     if grad is None:
         return 1 if grad_accum is None else grad_accum
@@ -166,11 +166,12 @@ def _accumulation_window(stats: Statistics, collective: Collective, grad_accum: 
         raise ValueError(
             "the gradient statistics were built for another collective: make_statistics(collective=)"
         )
-    if grad_accum is not None and grad_accum != grad.window:
-        # the old way, the window given to the loop: until tests/test_resume.py and tests/dist_worker.py
-        # build GradStats(window=)
-        grad.window = grad_accum
-    return grad.window
+    if grad_accum is not None and grad_accum != grad.grad_accum:
+        raise ValueError(
+            f"grad_accum {grad_accum} given to the loop, but the gradient statistics accumulate "
+            f"{grad.grad_accum}: build them with GradStats(grad_accum=) / make_statistics(grad_accum=)"
+        )
+    return grad.grad_accum
 
 
 def _attach(model: nn.Module, stats: Statistics, checkpointing: bool):
@@ -183,10 +184,10 @@ def _attach(model: nn.Module, stats: Statistics, checkpointing: bool):
     return undo, recomputed
 
 
-def _resume(calib_state, stats: Statistics, tally: _Tally, batches: Iterable[Any], window: int):
+def _resume(calib_state, stats: Statistics, tally: _Tally, batches: Iterable[Any], grad_accum: int):
     """Continue a saved pass (io.calib_state): its sums and counts loaded, the batches it ran skipped."""
     tally.batches, tally.tokens, tally.loss_sum = calib_state.restore(stats)
-    tally.samples = -(-tally.batches // window)
+    tally.samples = -(-tally.batches // grad_accum)
     return itertools.islice(batches, tally.batches, None)
 
 
@@ -207,16 +208,16 @@ def calibrate(
 ) -> dict[str, Any]:
     """Forward (+ backward when a statistic needs it) every batch once, folding statistics in. Returns counters.
 
-    One gradient sample is the mean gradient of an accumulation window of consecutive micro-batches
-    (a last, shorter window counts as one sample too); the window is the gradient statistics' own
-    (`GradStats(window=)`), `grad_accum` without them. `checkpointing` recomputes layer activations in
+    One gradient sample is the mean gradient of an accumulation of consecutive micro-batches
+    (a last, shorter one counts too); its length is the gradient statistics' own
+    (`GradStats(grad_accum=)`), `grad_accum` without them. `checkpointing` recomputes layer activations in
     backward (see recompute.py); `calib_state` (io.calib_state) saves and restores partial sums.
     """
     collective = collective or Collective()
     if device is None:
         device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    window = _accumulation_window(stats, collective, grad_accum)
-    one = _Pass(model, stats, collective, accelerator, loss_fn, device, window)
+    grad_accum = _grad_accum(stats, collective, grad_accum)
+    one = _Pass(model, stats, collective, accelerator, loss_fn, device, grad_accum)
     was_training = model.training
     model.eval()  # calibration measures the deployed model: no dropout
     undo_checkpointing, recomputed = _attach(model, stats, checkpointing)
@@ -224,7 +225,7 @@ def calibrate(
     main = (accelerator is None or accelerator.is_local_main_process) and collective.rank == 0
     try:
         if calib_state is not None:
-            batches = _resume(calib_state, stats, tally, batches, window)
+            batches = _resume(calib_state, stats, tally, batches, grad_accum)
             total = None if total is None else total - tally.batches
         start = time.perf_counter()
         for batch in tqdm(
@@ -237,8 +238,8 @@ def calibrate(
             if calib_state is not None:
                 calib_state.after_batch(tally.batches, tally.tokens, tally.loss_sum)
             pause_point("batch", tally.batches)
-        if tally.in_window:
-            one.end_window(tally)
+        if tally.accumulated:
+            one.end_accumulation(tally)
         if calib_state is not None:
             # the complete sums too: a crash during selection or saving then recalibrates nothing
             calib_state.end(tally.batches, tally.tokens, tally.loss_sum)
@@ -314,7 +315,7 @@ def gather_statistics(
     collective = collective or Collective()
     for p in model.parameters():
         p.requires_grad_(False)
-    stats = make_statistics(needs, modules, device=stats_device, window=grad_accum, collective=collective)
+    stats = make_statistics(needs, modules, device=stats_device, grad_accum=grad_accum, collective=collective)
     if not needs:
         return stats, empty_counters()
     if batches is None:

@@ -11,9 +11,9 @@ plus, per tensor, the number of gradient samples folded in. Each gradient is fol
 post-accumulate-grad hook the moment autograd finishes it and is released right there, so a full set
 of gradients never exists. Squares are taken after the cast to fp32: no half-precision underflow.
 
-With an accumulation `window` > 1 (`grad_accum`) one sample is the mean gradient of that many
+With `grad_accum` > 1 one gradient is the mean gradient of that many
 consecutive micro-batches: they are summed in an fp32 buffer per target (on the statistics' device) and
-folded in by `end_window()`; this buffer is the one extra model-sized cost of the knob.
+folded in by `end_accumulation()`; this buffer is the one extra model-sized cost of the knob.
 
 Statistics may live on another device than the weights (`device="cpu"` while the model is on a GPU):
 each gradient is then copied into one of two reused pinned host buffers with a non-blocking copy, and
@@ -61,7 +61,7 @@ def all_finite(g: torch.Tensor) -> bool:
 class GradStats:
     """Per-weight fp32 gradient sums for the named parameters.
 
-    `window`: micro-batches per gradient sample (gradient accumulation). `collective`: with row shards
+    `grad_accum`: micro-batches per gradient sample (gradient accumulation). `collective`: with row shards
     (FSDP2) the sums hold this rank's rows, gradients are collected after backward (`collect_`) instead
     of by hooks, a non-finite one is skipped by every rank together, and the sums are never added
     across ranks (`row_sharded`).
@@ -73,16 +73,18 @@ class GradStats:
         needs: set[str] | tuple[str, ...],
         device=None,
         *,
-        window: int = 1,
+        grad_accum: int = 1,
         collective: Collective | None = None,
     ):
         unknown = set(needs) - set(GRAD_STATS)
         if unknown:
             raise ValueError(f"unknown gradient statistics {sorted(unknown)}: allowed {GRAD_STATS}")
-        if window < 1:
-            raise ValueError(f"an accumulation window holds at least one micro-batch, not {window}")
+        if grad_accum < 1:
+            raise ValueError(f"an accumulation holds at least one micro-batch, not {grad_accum}")
         self.params = params
-        self.window = window  # micro-batches per gradient sample; > 1: summed, folded by end_window()
+        self.grad_accum = (
+            grad_accum  # micro-batches per gradient sample; > 1: summed, folded by end_accumulation()
+        )
         self.row_sharded = collective is not None and collective.rows_sharded
         # this rank's rows of a tensor (row shards); the sums take their shape
         self.local: Callable[[torch.Tensor, str], torch.Tensor] | None = (
@@ -105,8 +107,8 @@ class GradStats:
         self.counts = {n: 0 for n in params}
         self.skipped = {n: 0 for n in params}
         self._handles: list = []
-        self._window_sums: dict[str, torch.Tensor] = {}  # kept across windows: no re-allocation
-        self._window_open: set[str] = set()  # targets whose window sum holds gradients not yet folded
+        self._accum_sums: dict[str, torch.Tensor] = {}  # kept across accumulations: no re-allocation
+        self._accumulating: set[str] = set()  # targets whose accumulated sum holds gradients not yet folded
         self._scratch: dict[torch.device, torch.Tensor] = {}  # fp32 conversion buffer per device
         self._staging: list[torch.Tensor] = []  # two pinned host buffers (GPU grads, host statistics)
         self._pending: tuple | None = None  # (name, host view, event) of a copy not yet folded
@@ -114,10 +116,10 @@ class GradStats:
         self.stage_on_host = False  # tests: force the staged path without a GPU
 
     @property
-    def window_open(self) -> bool:
-        """Does an accumulation window hold gradients not yet folded into the sums? (A saved state
-        would miss them: it waits for the window's end.)"""
-        return bool(self._window_open)
+    def accumulating(self) -> bool:
+        """Does an accumulation hold gradients not yet folded into the sums? (A saved state
+        would miss them: it waits for the accumulation's end.)"""
+        return bool(self._accumulating)
 
     def attach(self) -> GradStats:
         """Fold each gradient as autograd finishes it, or with row shards leave them for `collect_`."""
@@ -132,7 +134,7 @@ class GradStats:
         names = [n for n, p in self.params.items() if p.grad is not None]
         local = self.local if self.local is not None else (lambda t, n: t)
         items = [(n, local(self.params[n].grad, n)) for n in names]
-        if self.window == 1:
+        if self.grad_accum == 1:
             self.fold_many_(items)
         else:
             for n, g in items:
@@ -142,8 +144,8 @@ class GradStats:
 
     def detach(self) -> None:
         self.flush()
-        self._window_sums.clear()
-        self._window_open.clear()
+        self._accum_sums.clear()
+        self._accumulating.clear()
         self._scratch.clear()
         for h in self._handles:
             h.remove()
@@ -202,26 +204,26 @@ class GradStats:
             self._finish(pending)
 
     def _consume(self, name: str, g: torch.Tensor) -> None:
-        if self.window == 1:
+        if self.grad_accum == 1:
             self.fold(name, g)
             return
-        acc = self._window_sums.get(name)
+        acc = self._accum_sums.get(name)
         if acc is None:
-            acc = self._window_sums[name] = torch.empty(
+            acc = self._accum_sums[name] = torch.empty(
                 g.shape, dtype=torch.float32, device=self._device(name)
             )
-        if name in self._window_open:
+        if name in self._accumulating:
             acc.add_(g.to(acc.device))
         else:
             acc.copy_(g)
-            self._window_open.add(name)
+            self._accumulating.add(name)
 
-    def end_window(self, size: int) -> None:
+    def end_accumulation(self, size: int) -> None:
         """Fold each target's summed gradient of the `size` micro-batches just run, as one sample (their mean)."""
         self.flush()
-        names = [n for n in self.params if n in self._window_open]  # the same order on every rank
-        self.fold_many_([(n, self._window_sums[n].div_(size)) for n in names])
-        self._window_open.clear()
+        names = [n for n in self.params if n in self._accumulating]  # the same order on every rank
+        self.fold_many_([(n, self._accum_sums[n].div_(size)) for n in names])
+        self._accumulating.clear()
 
     def fold(self, name: str, g: torch.Tensor) -> None:
         """Add one micro-batch gradient of parameter `name` into the sums (or skip it if not finite)."""
@@ -494,13 +496,13 @@ def make_statistics(
     modules: dict[str, nn.Module],
     device=None,
     *,
-    window: int = 1,
+    grad_accum: int = 1,
     collective: Collective | None = None,
 ) -> Statistics:
     """Allocate exactly the accumulators `stats` (mean statistic names) read, for these modules' weights.
 
-    `device` places the fp32 gradient statistics (None: beside each weight); `window` is the gradient
-    accumulation window; `collective` (row shards) makes the gradient sums hold this rank's rows.
+    `device` places the fp32 gradient statistics (None: beside each weight); `grad_accum` is the gradient
+    accumulation; `collective` (row shards) makes the gradient sums hold this rank's rows.
     """
     params = {f"{n}.weight": m.weight for n, m in modules.items()}
     by_source: dict[str, set[str]] = {}
@@ -508,7 +510,9 @@ def make_statistics(
         s = STATISTICS.get(name)
         by_source.setdefault(s.source, set()).add(s.accumulator)
     build = {  # in this order, so hooks attach in it
-        "grad": lambda sums: GradStats(params, sums, device=device, window=window, collective=collective),
+        "grad": lambda sums: GradStats(
+            params, sums, device=device, grad_accum=grad_accum, collective=collective
+        ),
         "token": lambda sums: _token_stats(modules, device),
         "act": lambda sums: ActStats(modules),
         "hessian": lambda sums: Hessians(modules),

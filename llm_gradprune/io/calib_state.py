@@ -152,7 +152,7 @@ class CalibState:
         if self.every and batches % self.every == 0:
             self._due = True
         # With gradient accumulation a partial group lives outside the sums: save at its boundary.
-        if self._due and not (self.stats.grad is not None and self.stats.grad.window_open):
+        if self._due and not (self.stats.grad is not None and self.stats.grad.accumulating):
             self.save(batches, tokens, loss_sum)
 
     def end(self, batches: int, tokens: int, loss_sum: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..calibration.assets import resolve_model
-from ..calibration.data import micro_batches, round_robin_windows, token_hash
+from ..calibration.data import micro_batches, round_robin_chunks, token_hash
 from ..config import JobConfig
 from ..errors import ConfigError
 from ..executors import prune_
@@ -98,7 +98,7 @@ class Prune(Transform):
             job.batches = micro_batches(job.blocks, job.cfg.batch_size)
             if not job.sharded:  # replicated model: each rank its round-robin share of whole micro-batches
                 acc = job.accelerator
-                job.batches = round_robin_windows(
+                job.batches = round_robin_chunks(
                     job.batches, job.cfg.prune.grad_accum, acc.process_index, acc.num_processes
                 )
 
