@@ -1,6 +1,6 @@
 """Settings are declared once, as dataclass fields made by `setting(...)`, and checked once, by `validate`.
 
-A field's metadata holds a `Setting`: its help text and help group; the values it accepts (its type from
+A field's metadata holds a `Setting`: its help text and help section; the values it accepts (its type from
 the annotation, `choices`, a `range` such as `"[0, 1)"` or `">= 1"`, None where the annotation is
 optional, `unless`: refused when changed from its default while a condition fails); and where it applies
 (`commands` that take it as a flag, `run_control`: it steers the run without changing its result, so a
@@ -70,7 +70,7 @@ class Setting:
     """The metadata of one setting (see the module docstring)."""
 
     help: str
-    group: str
+    section: str  # the --help section it is listed in
     choices: Callable[[], tuple[str, ...]] | None = None
     range: Range | None = None
     unless: tuple[Callable[[Any], bool], str] | None = None  # (condition on the config, the refusal's words)
@@ -82,7 +82,7 @@ class Setting:
 def setting(
     default: Any,
     help: str,
-    group: str,
+    section: str,
     *,
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     range: str | None = None,
@@ -97,7 +97,7 @@ def setting(
         raise ValueError(f"commands {sorted(unknown)} are not among {FLAG_COMMANDS}")
     if choices is not None and not callable(choices):
         choices = functools.partial(tuple, choices)
-    meta = {"setting": Setting(help, group, choices, None if range is None else Range.parse(range), unless,
+    meta = {"setting": Setting(help, section, choices, None if range is None else Range.parse(range), unless,
                                tuple(commands), run_control, structured)}  # fmt: skip
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)

@@ -2,12 +2,12 @@
 
 `make_plan` turns a config and a model into a `Plan`: the targets, the criterion and its parameters,
 the statistics gathered over the whole model (gradients, per-token Fisher, the dense activations an
-allocation reads) and those gathered per group (a block's or stage's activations and Hessians), the
+allocation reads) and those gathered per stage (a block's or stage's activations and Hessians), the
 update rule, and which executor runs it. It checks the support table before anything is calibrated.
 
 `resolve_budgets` turns the sparsity into one budget per tensor (uniform, an allocation such as OWL, or
 the exact per-tensor counts of the global scope) and refuses a budget that would zero a whole tensor.
-`prune_stage` prunes a group of tensors: score -> select -> update -> record. The executors differ only
+`prune_stage` prunes a stage (tensors pruned together): score -> select -> update -> record. The executors differ only
 in the groups they hand it (all targets, one block, one stage) and the collective they give it.
 `build_report` writes the one report every path returns.
 """
@@ -57,7 +57,7 @@ class Plan:
     targets: dict[str, nn.Module]  # module name -> module
     shapes: dict[str, tuple[int, int]]  # weight name -> global (rows, row length)
     whole_stats: set[str]  # mean statistics gathered over the whole (dense) model first
-    stage_stats: set[str]  # mean statistics gathered per group (layer-wise: per block or stage)
+    stage_stats: set[str]  # mean statistics gathered per stage (layer-wise: per block or stage)
     notes: list[str] = field(default_factory=list)
     # pruning in rounds: weights pruned by earlier rounds (always pruned again), and an N:M pattern the
     # later rounds must stay able to reach (at most M-N pruned in any group of M)
@@ -103,12 +103,12 @@ def make_plan(
     executor = "sharded" if collective.rows_sharded else ("layer_wise" if cfg.layer_wise else "whole_model")
     reads = set(crit.needs)
     if executor == "layer_wise":  # per-block statistics are gathered on the blocks' own inputs
-        group = {s for s in reads if STATISTICS.get(s).per_block}
+        per_stage = {s for s in reads if STATISTICS.get(s).per_block}
         if update.needs_hessian or crit.adaptive:
-            group.add("hessian")
-        whole = reads - group
+            per_stage.add("hessian")
+        whole = reads - per_stage
     else:
-        group, whole = set(), reads
+        per_stage, whole = set(), reads
     whole |= crit.statistics(cfg.criterion_params) - set(crit.needs)  # e.g. sparsegpt's prior: dense model
     whole |= set(alloc.needs)
     notes = list(cfg.notes)
@@ -125,13 +125,13 @@ def make_plan(
     for note in warned:
         log.warning("warning: %s", note)
     notes += warned
-    return Plan(cfg, crit, alloc, update, executor, collective, targets, shapes, whole, group, notes)
+    return Plan(cfg, crit, alloc, update, executor, collective, targets, shapes, whole, per_stage, notes)
 
 
 # -- scores and budgets ------------------------------------------------------------------------------
 def make_score_fn(plan: Plan, weights: dict[str, torch.Tensor], *sources: Statistics) -> Callable:
     """score_fn(weight name) -> the criterion's scores, reading each statistic from the first source
-    that holds it (a group's own statistics before the whole model's)."""
+    that holds it (a stage's own statistics before the whole model's)."""
     crit, kw = plan.criterion, plan.cfg.criterion_params
 
     def score_fn(pname: str) -> torch.Tensor:
@@ -254,18 +254,18 @@ def prune_stage(
     scope: str,
     record: Record,
     *,
-    group: Statistics | None = None,
+    stage: Statistics | None = None,
     whole: Statistics | None = None,
     progress: Callable[[], None] | None = None,
 ) -> None:
-    """score -> select -> update -> record, for each tensor of one group (all targets, a block, a stage)."""
-    sources = [s for s in (group, whole) if s is not None]
+    """score -> select -> update -> record, for each tensor of one stage (all targets, a block, a stage)."""
+    sources = [s for s in (stage, whole) if s is not None]
     score_fn = None if plan.criterion.adaptive else make_score_fn(plan, weights, *sources)
     for name in names:
-        hessian = group.mean("hessian", name) if group is not None and group.has("hessian") else None
+        hessian = stage.mean("hessian", name) if stage is not None and stage.has("hessian") else None
         mask, info = prune_tensor(plan, name, weights[name], budgets[name], scope, score_fn, hessian, whole)
         if hessian is not None:
-            record.hessian_bytes[name] = group.by_source["hessian"].nbytes(name.removesuffix(".weight"))
+            record.hessian_bytes[name] = stage.by_source["hessian"].nbytes(name.removesuffix(".weight"))
         summary = mask_summary(mask, plan.cfg.nm) if mask.numel() else {"numel": 0, "masked": 0}
         record.per_tensor[name] = {
             **summary,

@@ -1,7 +1,7 @@
 """CLI flags generated from the config dataclasses, so a YAML key and its flag can never drift apart.
 
 One flag per setting a command takes (`num_samples` <-> `--num-samples`, `recover_lr` <-> `--recover-lr`),
-grouped by its help group, with its help, choices and default from its `fields.Setting`; plus one flag
+in its help section, with its help, choices and default from its `fields.Setting`; plus one flag
 per registered criterion or allocation parameter (`--gblm-alpha`, `--owl-lambda`). Defaults are shown but
 not set, so only the flags given override a YAML file. Bad values are left for the config's own
 validation, which names them in one line.
@@ -20,7 +20,7 @@ from ..registry import Param
 from ..scoring.allocation import ALLOCATIONS
 from ..scoring.criteria import CRITERIA
 
-GROUP_ORDER = ("model and data", "method", "method parameters", "calibration", "layer-wise", "structure",
+SECTION_ORDER = ("model and data", "method", "method parameters", "calibration", "layer-wise", "structure",
                "evaluation", "recovery", "output", "distributed", "resume")  # fmt: skip
 
 
@@ -44,21 +44,21 @@ def add_field_flags(
 ) -> None:
     """A flag for each setting `command` takes and, with `params`, each registered parameter.
     `rename` gives a setting another flag in this command (eval's `--tasks` for `eval_tasks`)."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    sections: dict[str, argparse._ArgumentGroup] = {}
 
-    def group(title: str):
-        if title not in groups:
-            groups[title] = parser.add_argument_group(title)
-        return groups[title]
+    def section(title: str):  # argparse calls it an argument group
+        if title not in sections:
+            sections[title] = parser.add_argument_group(title)
+        return sections[title]
 
     chosen = fields_of(command)
-    for title in GROUP_ORDER:
+    for title in SECTION_ORDER:
         if title == "method parameters" and params:
-            _add_param_flags(group(title))
-        for d in (d for d in chosen if d.spec.group == title):
+            _add_param_flags(section(title))
+        for d in (d for d in chosen if d.spec.section == title):
             flag = (rename or {}).get(d.key) or "--" + d.key.replace("_", "-")
             kw: dict[str, Any] = {"dest": d.key, "default": argparse.SUPPRESS, "help": _help(d)}
-            target = group(title)
+            target = section(title)
             if d.kind is bool:
                 target.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             elif d.kind is list:
@@ -72,7 +72,7 @@ def add_field_flags(
                 )
 
 
-def _add_param_flags(group) -> None:
+def _add_param_flags(section) -> None:
     for key, (kind, owner, param) in param_aliases().items():
         registry = CRITERIA if kind == "criterion" else ALLOCATIONS
         p: Param = registry.get(owner).params[param]
@@ -80,7 +80,7 @@ def _add_param_flags(group) -> None:
         typ = str if p.choices is not None else float
         if p.choices is not None:
             help_text += f" [{', '.join(p.choices)}]"
-        group.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=argparse.SUPPRESS,
+        section.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=argparse.SUPPRESS,
                            help=help_text, metavar=param.upper())  # fmt: skip
 
 

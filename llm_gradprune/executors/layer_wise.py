@@ -127,7 +127,7 @@ class _LayerPruning:
             reduce_statistics_(stats, plan.collective, chunk_elems=plan.cfg.select_chunk_elems)
         with self.timer("prune"):
             names = [f"{n}.weight" for n in modules]
-            prune_stage(plan, names, self.weights, self.budgets, self.scope, self.record, group=stats,
+            prune_stage(plan, names, self.weights, self.budgets, self.scope, self.record, stage=stats,
                         whole=self.whole)  # fmt: skip
             if "hessian" in stats.by_source:
                 stats.by_source["hessian"].free()

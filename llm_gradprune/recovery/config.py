@@ -13,7 +13,7 @@ TEACHER_DEVICES = ("same", "cpu")
 
 
 # every training setting is taken by `prune` (after pruning) and by `recover` (on a pruned folder)
-TRAINING: dict[str, Any] = {"group": "recovery", "commands": ("prune", "recover")}
+TRAINING: dict[str, Any] = {"section": "recovery", "commands": ("prune", "recover")}
 
 
 @dataclass
