@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ..report import BaseModel, Dataset, Report, TensorCount, as_report
 from ..scoring.criteria import CRITERIA
 from .plots import layer_projection_table
 
@@ -41,32 +42,45 @@ def readable_config(settings: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def front_matter(report: dict[str, Any]) -> dict[str, Any]:
-    base = report.get("base_model") or {}
+def front_matter(report: Report | dict[str, Any]) -> dict[str, Any]:
+    r = as_report(report)
+    base = r.base_model or BaseModel()
     meta: dict[str, Any] = {}
-    if base.get("hub_id"):
-        meta["base_model"] = base["hub_id"]
-    if base.get("license"):
-        meta["license"] = base["license"]
-    if report.get("calibration_dataset"):
-        meta["datasets"] = [report["calibration_dataset"]]
+    if base.hub_id:
+        meta["base_model"] = base.hub_id
+    if base.license:
+        meta["license"] = base.license
+    if r.calibration_dataset:
+        meta["datasets"] = [r.calibration_dataset]
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "text-generation"
-    if report.get("structure"):
-        tags = [
-            "pruned",
-            "structured-pruning",
-            "llm-gradprune",
-            report["structure"],
-            report["importance"]["name"],
-        ]
+    if r.structured:
+        shrunk = r.shrinking
+        tags = ["pruned", "structured-pruning", "llm-gradprune", shrunk.structure, shrunk.importance.name]
     else:
-        tags = ["pruned", "sparse", "llm-gradprune", report["pattern"], report["criterion"]]
+        tags = ["pruned", "sparse", "llm-gradprune", r.sparsity.pattern, r.sparsity.criterion]
     meta["tags"] = list(dict.fromkeys(tags))
     return meta
 
 
-def sparsity_table(per_tensor: dict[str, dict[str, Any]]) -> list[str]:
+def _base(r: Report, settings: dict[str, Any]) -> BaseModel:
+    """The base model's readable names; a library call's report lacks them: the settings' model."""
+    return r.base_model or BaseModel(name=_readable(settings.get("model")))
+
+
+def _dataset(r: Report, settings: dict[str, Any]) -> Dataset:
+    return r.dataset or Dataset(name=settings.get("dataset"), split=settings.get("split"))
+
+
+def _seed(r: Report, settings: dict[str, Any]) -> Any:
+    return r.seed if r.seed is not None else settings.get("seed")
+
+
+def _plot_files(r: Report) -> list[str]:
+    return r.plots.files if r.plots else []
+
+
+def sparsity_table(per_tensor: dict[str, TensorCount]) -> list[str]:
     layers, projections, cells = layer_projection_table(per_tensor)
     lines = ["| layer | " + " | ".join(projections) + " |", "|---" * (len(projections) + 1) + "|"]
     for layer in layers:
@@ -85,54 +99,50 @@ def loading_snippet(model_id: str) -> list[str]:
     ]
 
 
-def model_card(settings: dict[str, Any], report: dict[str, Any], model_id: str | None = None) -> str:
+def model_card(settings: dict[str, Any], report: Report | dict[str, Any], model_id: str | None = None) -> str:
     """README.md for the output folder. `settings`: the run's flat settings (what prune_config.yaml
     holds); a library call's report lacks the job's keys (model, data set, seed), they come from there.
     `model_id`: what the loading snippet loads (the Hub repo when pushed; by default the output folder's
     own name, loadable from the folder above it)."""
-    if report.get("structure"):
-        return structured_card(settings, report, model_id)
-    crit = CRITERIA.get(report["criterion"])
-    base = report.get("base_model") or {"name": _readable(settings.get("model"))}
+    r = as_report(report)
+    if r.structured:
+        return structured_card(settings, r, model_id)
+    sp, cal = r.sparsity, r.calibration
+    crit = CRITERIA.get(sp.criterion)
+    base = _base(r, settings)
     model_id = model_id or Path(settings.get("output_dir") or "pruned").name
-    kind = (
-        f"{report['pattern']} sparse"
-        if report["pattern"] != "unstructured"
-        else f"{report['overall_sparsity']:.0%} sparse"
-    )
-    params = ", ".join(f"{k}={v}" for k, v in report["criterion_params"].items())
-    cal = report["calibration"]
-    dataset = report.get("dataset") or {"name": settings.get("dataset"), "split": settings.get("split")}
-    data = _readable(dataset["name"])
+    kind = f"{sp.pattern} sparse" if sp.pattern != "unstructured" else f"{sp.overall_sparsity:.0%} sparse"
+    params = ", ".join(f"{k}={v}" for k, v in sp.criterion_params.items())
+    dataset = _dataset(r, settings)
+    data = _readable(dataset.name)
     lines = [
         "---",
-        yaml.safe_dump(front_matter(report), sort_keys=False).strip(),
+        yaml.safe_dump(front_matter(r), sort_keys=False).strip(),
         "---",
-        f"# {base['name']}, {kind} ({report['criterion']})",
+        f"# {base.name}, {kind} ({sp.criterion})",
         "",
-        f"`{base.get('hub_id') or base['name']}` pruned by [llm-gradprune](https://pypi.org/project/llm-gradprune/): "
-        f"{report['overall_sparsity']:.2%} of the weights of its {report['targets']} target matrices "
-        f"({report['target_weights']:,} weights: every Linear inside the decoder layers) are exactly zero. "
+        f"`{base.hub_id or base.name}` pruned by [llm-gradprune](https://pypi.org/project/llm-gradprune/): "
+        f"{sp.overall_sparsity:.2%} of the weights of its {sp.targets} target matrices "
+        f"({sp.target_weights:,} weights: every Linear inside the decoder layers) are exactly zero. "
         "Embeddings, norms and the language-model head are untouched.",
         "",
         "## Method",
         "",
-        f"- criterion `{report['criterion']}`: {crit.help}; score {crit.formula}"
+        f"- criterion `{sp.criterion}`: {crit.help}; score {crit.formula}"
         + (f" ({params})" if params else ""),
-        f"- target sparsity {report['target_sparsity']:g}, scope `{report['scope']}`, pattern `{report['pattern']}`, "
-        f"allocation `{report['allocation_method']}`",
-        f"- weight update `{report['mode']['reconstruct']}` ({report['mode']['executor'].replace('_', '-')} executor)",
-        f"- calibration: {cal['batches']} micro-batches of {cal.get('batch_size', '?')} x {cal.get('seq_len', '?')} "
-        f"tokens ({cal['tokens']:,} tokens) of `{data}` (split `{dataset['split']}`), seed {report.get('seed', settings.get('seed'))}",
+        f"- target sparsity {sp.target_sparsity:g}, scope `{sp.scope}`, pattern `{sp.pattern}`, "
+        f"allocation `{sp.allocation_method}`",
+        f"- weight update `{sp.mode.reconstruct}` ({sp.mode.executor.replace('_', '-')} executor)",
+        f"- calibration: {cal.batches} micro-batches of {_known(cal.batch_size)} x {_known(cal.seq_len)} "
+        f"tokens ({cal.tokens:,} tokens) of `{data}` (split `{dataset.split}`), seed {_seed(r, settings)}",
         "",
         "## Sparsity per layer and projection",
         "",
-        *sparsity_table(report["per_tensor"]),
+        *sparsity_table(sp.per_tensor),
     ]
-    plots = (report.get("plots") or {}).get("files", [])
-    if "sparsity.png" in plots:
+    if "sparsity.png" in _plot_files(r):
         lines += ["", "![sparsity per layer and projection](sparsity.png)"]
-    lines += outcome_lines(report, data)
+    lines += outcome_lines(r, data)
     lines += usage_lines(settings, model_id)
     lines += [
         "## What the zeros buy",
@@ -144,58 +154,78 @@ def model_card(settings: dict[str, Any], report: dict[str, Any], model_id: str |
     return "\n".join(lines) + "\n"
 
 
-def outcome_lines(report: dict[str, Any], data: str) -> list[str]:
+def _known(value: Any) -> Any:
+    """A calibration size as the card shows it: '?' when the run did not record it (a library call)."""
+    return "?" if value is None else value
+
+
+def outcome_lines(report: Report | dict[str, Any], data: str) -> list[str]:
     """Recovery, held-out perplexity, task scores and skipped plots: the same in every card."""
-    lines: list[str] = []
-    plots = (report.get("plots") or {}).get("files", [])
-    rec = report.get("recovery")
-    if rec:
-        kind = f"LoRA rank {rec['lora_r']} merged through the mask" if rec["lora_r"] else "the target weights"
-        loss = f"{rec['distill_alpha']:g} x KL(teacher || student) + {1 - rec['distill_alpha']:g} x next-token loss" \
-            if rec["distill_alpha"] else "next-token loss"  # fmt: skip
-        lines += ["", "## Recovery training", "",
-                  f"After pruning, {rec['steps']} AdamW steps ({rec['tokens']:,} tokens, lr {rec['lr']:g}, "
-                  f"{rec['schedule']}) trained {kind} on {loss}"
-                  + (f" from `{_readable(rec['teacher'])}`" if rec.get("teacher") else "")
-                  + f", text `{_readable(rec['data']['name'])}` split `{rec['data']['split']}`. "
-                  + ("The removed units are gone from the shapes; the weights that were exactly zero stayed zero."
-                     if report.get("structure") else
-                     "Every pruned weight stayed exactly zero (gradients masked, masks re-applied after each step).")]  # fmt: skip
-        if "recovery_loss.png" in plots:
-            lines += ["", "![recovery loss](recovery_loss.png)"]
-    ev = report.get("eval")
-    if ev:
-        lines += ["", "## Held-out perplexity", "", "| model | perplexity |", "|---|---|"]
-        if ev.get("dense_ppl") is not None:
-            lines.append(f"| dense | {ev['dense_ppl']:.2f} |")
-        lines.append(f"| pruned | {ev['pruned_ppl']:.2f} |")
-        if ev.get("recovered_ppl") is not None:
-            lines.append(f"| pruned + recovery | {ev['recovered_ppl']:.2f} |")
-        lines += ["", f"{ev['windows']} windows of {ev['seq_len']} tokens ({ev['tokens']:,} scored tokens) of "
-                  f"`{data}` split `{ev['split']}`, never seen in calibration."]  # fmt: skip
-        if "perplexity.png" in plots:
-            lines += ["", "![held-out perplexity](perplexity.png)"]
-    tasks = report.get("eval_tasks")
-    if tasks:
-        lines += [
-            "",
-            "## Task scores (lm-evaluation-harness)",
-            "",
-            "| task | metric | dense | pruned |",
-            "|---|---|---|---|",
-        ]
-        for task, metrics in tasks["pruned"].items():
-            for metric, value in metrics.items():
-                if metric in ("samples",) or metric.endswith("_stderr"):
-                    continue
-                dense = tasks.get("dense", {}).get(task, {}).get(metric)
-                lines.append(f"| {task} | {metric} | {dense:.4f} | {value:.4f} |" if dense is not None
-                             else f"| {task} | {metric} | - | {value:.4f} |")  # fmt: skip
-        lines += ["", f"lm-eval {tasks['lm_eval_version']}, {tasks['num_fewshot']} shots; `acc` is the accuracy of the "
-                  "highest log-likelihood choice, `acc_norm` the same with the log-likelihood divided by the "
-                  "choice's length in bytes."]  # fmt: skip
-    if (report.get("plots") or {}).get("skipped"):
-        lines += ["", f"(Plots skipped: {report['plots']['skipped']}.)"]
+    r = as_report(report)
+    lines = recovery_lines(r) + eval_lines(r, data) + task_lines(r)
+    if r.plots and r.plots.skipped:
+        lines += ["", f"(Plots skipped: {r.plots.skipped}.)"]
+    return lines
+
+
+def recovery_lines(r: Report) -> list[str]:
+    rec = r.recovery
+    if not rec:
+        return []
+    kind = f"LoRA rank {rec.lora_r} merged through the mask" if rec.lora_r else "the target weights"
+    loss = f"{rec.distill_alpha:g} x KL(teacher || student) + {1 - rec.distill_alpha:g} x next-token loss" \
+        if rec.distill_alpha else "next-token loss"  # fmt: skip
+    lines = ["", "## Recovery training", "",
+             f"After pruning, {rec.steps} AdamW steps ({rec.tokens:,} tokens, lr {rec.lr:g}, "
+             f"{rec.schedule}) trained {kind} on {loss}"
+             + (f" from `{_readable(rec.teacher)}`" if rec.teacher else "")
+             + f", text `{_readable(rec.data.name)}` split `{rec.data.split}`. "
+             + ("The removed units are gone from the shapes; the weights that were exactly zero stayed zero."
+                if r.structured else
+                "Every pruned weight stayed exactly zero (gradients masked, masks re-applied after each step).")]  # fmt: skip
+    if "recovery_loss.png" in _plot_files(r):
+        lines += ["", "![recovery loss](recovery_loss.png)"]
+    return lines
+
+
+def eval_lines(r: Report, data: str) -> list[str]:
+    ev = r.eval
+    if not ev:
+        return []
+    lines = ["", "## Held-out perplexity", "", "| model | perplexity |", "|---|---|"]
+    if ev.dense_ppl is not None:
+        lines.append(f"| dense | {ev.dense_ppl:.2f} |")
+    lines.append(f"| pruned | {ev.pruned_ppl:.2f} |")
+    if ev.recovered_ppl is not None:
+        lines.append(f"| pruned + recovery | {ev.recovered_ppl:.2f} |")
+    lines += ["", f"{ev.windows} windows of {ev.seq_len} tokens ({ev.tokens:,} scored tokens) of "
+              f"`{data}` split `{ev.split}`, never seen in calibration."]  # fmt: skip
+    if "perplexity.png" in _plot_files(r):
+        lines += ["", "![held-out perplexity](perplexity.png)"]
+    return lines
+
+
+def task_lines(r: Report) -> list[str]:
+    tasks = r.eval_tasks
+    if not tasks:
+        return []
+    lines = [
+        "",
+        "## Task scores (lm-evaluation-harness)",
+        "",
+        "| task | metric | dense | pruned |",
+        "|---|---|---|---|",
+    ]
+    for task, metrics in tasks.pruned.items():
+        for metric, value in metrics.items():
+            if metric in ("samples",) or metric.endswith("_stderr"):
+                continue
+            dense = (tasks.dense or {}).get(task, {}).get(metric)
+            lines.append(f"| {task} | {metric} | {dense:.4f} | {value:.4f} |" if dense is not None
+                         else f"| {task} | {metric} | - | {value:.4f} |")  # fmt: skip
+    lines += ["", f"lm-eval {tasks.lm_eval_version}, {tasks.num_fewshot} shots; `acc` is the accuracy of the "
+              "highest log-likelihood choice, `acc_norm` the same with the log-likelihood divided by the "
+              "choice's length in bytes."]  # fmt: skip
     return lines
 
 
@@ -237,64 +267,72 @@ SHAPE_NAMES = (("num_hidden_layers", "decoder layers"), ("intermediate_size", "M
                ("num_attention_heads", "query heads per layer"), ("num_key_value_heads", "key/value heads per layer"))  # fmt: skip
 
 
-def structured_card(settings: dict[str, Any], report: dict[str, Any], model_id: str | None = None) -> str:
+def structured_card(
+    settings: dict[str, Any], report: Report | dict[str, Any], model_id: str | None = None
+) -> str:
     """README.md of a structured run's output: the new shape, parameters and file size before and after."""
-    base = report.get("base_model") or {"name": _readable(settings.get("model"))}
+    r = as_report(report)
+    shrunk, cal = r.shrinking, r.calibration
+    base = _base(r, settings)
     model_id = model_id or Path(settings.get("output_dir") or "pruned").name
-    imp, comp = report["importance"], report["compensation"]
-    before, after = report["params_before"], report["params_after"]
-    dataset = report.get("dataset") or {"name": settings.get("dataset"), "split": settings.get("split")}
-    data = _readable(dataset["name"])
-    cal = report.get("calibration") or {}
-    meta = front_matter(report)
-    form = f" ({imp['form']} form)" if imp.get("form") else ""
-    refit = ("none (sliced only)" if comp["compensate"] == "none" else
-             f"least-squares refit of down_proj / o_proj on {comp['refit_inputs']} calibration inputs")  # fmt: skip
+    imp, comp = shrunk.importance, shrunk.compensation
+    before, after = shrunk.params_before, shrunk.params_after
+    dataset = _dataset(r, settings)
+    data = _readable(dataset.name)
+    form = f" ({imp.form} form)" if imp.form else ""
+    refit = ("none (sliced only)" if comp.compensate == "none" else
+             f"least-squares refit of down_proj / o_proj on {comp.refit_inputs} calibration inputs")  # fmt: skip
+    units = shrunk.structure if shrunk.structure != "mixed" else "channels, heads and layers"
     lines = [
         "---",
-        yaml.safe_dump(meta, sort_keys=False).strip(),
+        yaml.safe_dump(front_matter(r), sort_keys=False).strip(),
         "---",
-        f"# {base['name']}, {report['decoder_kept']:.0%} of the decoder ({report['structure']}, {imp['name']})",
+        f"# {base.name}, {shrunk.decoder_kept:.0%} of the decoder ({shrunk.structure}, {imp.name})",
         "",
-        f"`{base.get('hub_id') or base['name']}` made smaller by [llm-gradprune](https://pypi.org/project/llm-gradprune/) "
-        f"structured pruning: whole {report['structure'] if report['structure'] != 'mixed' else 'channels, heads and layers'} "
-        f"removed, keeping {after['decoder']:,} of {before['decoder']:,} decoder parameters "
-        f"({report['decoder_kept']:.1%}); {after['total']:,} parameters in all (was {before['total']:,}).",
+        f"`{base.hub_id or base.name}` made smaller by [llm-gradprune](https://pypi.org/project/llm-gradprune/) "
+        f"structured pruning: whole {units} "
+        f"removed, keeping {after.decoder:,} of {before.decoder:,} decoder parameters "
+        f"({shrunk.decoder_kept:.1%}); {after.total:,} parameters in all (was {before.total:,}).",
         "",
-        "## Shape",
-        "",
-        "| | before | after |",
-        "|---|---|---|",
+        *shape_table(r),
     ]
-    for key, label in SHAPE_NAMES:
-        lines.append(f"| {label} | {report['shape_before'][key]} | {report['shape_after'][key]} |")
-    lines.append(f"| parameters | {before['total']:,} | {after['total']:,} |")
-    if report.get("file_bytes_before") and report.get("file_bytes"):
-        lines.append(f"| safetensors bytes | {report['file_bytes_before']:,} | {report['file_bytes']:,} |")
-    elif report.get("file_bytes"):
-        lines.append(f"| safetensors bytes | - | {report['file_bytes']:,} |")
-    plots = (report.get("plots") or {}).get("files", [])
-    if "shape.png" in plots:
+    if "shape.png" in _plot_files(r):
         lines += ["", "![kept share of each kind of unit](shape.png)"]
-    removed = report["removed"]
+    removed = shrunk.removed
     lines += [
         "",
         "## Method",
         "",
-        f"- importance `{imp['name']}`{form}, ranked over the whole model under one width per layer (the "
+        f"- importance `{imp.name}`{form}, ranked over the whole model under one width per layer (the "
         "shape a stock config describes)",
-        f"- removed: {'layers ' + str(removed['layers']) if removed['layers'] else 'no layers'}, "
-        f"{removed['channels_per_layer']} MLP "
-        f"channels and {removed['query_heads_per_layer']} query heads ({removed['kv_heads_per_layer']} key/value "
+        f"- removed: {'layers ' + str(removed.layers) if removed.layers else 'no layers'}, "
+        f"{removed.channels_per_layer} MLP "
+        f"channels and {removed.query_heads_per_layer} query heads ({removed.kv_heads_per_layer} key/value "
         "heads) per layer",
         f"- compensation: {refit}"
-        + ("; the removed units' mean output added as a bias" if comp["mean_bias"] else ""),
+        + ("; the removed units' mean output added as a bias" if comp.mean_bias else ""),
     ]
-    if cal.get("tokens"):
-        lines.append(f"- calibration: {cal['blocks']} blocks of {cal['seq_len']} tokens ({cal['tokens']:,} tokens) "
-                     f"of `{data}` (split `{dataset['split']}`), seed {report.get('seed', settings.get('seed'))}")  # fmt: skip
-    lines += outcome_lines(report, data)
+    if cal.tokens:
+        lines.append(f"- calibration: {cal.blocks} blocks of {cal.seq_len} tokens ({cal.tokens:,} tokens) "
+                     f"of `{data}` (split `{dataset.split}`), seed {_seed(r, settings)}")  # fmt: skip
+    lines += outcome_lines(r, data)
     lines += usage_lines(settings, model_id)
     lines += ["## What removing units buys", "", STRUCTURED_PARAGRAPH, "",
               "`pruning_report.json` has the units removed per layer, the refit errors, versions and timings."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def shape_table(r: Report) -> list[str]:
+    """The shape, parameters and file bytes before and after a structured run."""
+    shrunk = r.shrinking
+    lines = ["## Shape", "", "| | before | after |", "|---|---|---|"]
+    for key, label in SHAPE_NAMES:
+        lines.append(
+            f"| {label} | {getattr(shrunk.shape_before, key)} | {getattr(shrunk.shape_after, key)} |"
+        )
+    lines.append(f"| parameters | {shrunk.params_before.total:,} | {shrunk.params_after.total:,} |")
+    if shrunk.file_bytes_before and r.file_bytes:
+        lines.append(f"| safetensors bytes | {shrunk.file_bytes_before:,} | {r.file_bytes:,} |")
+    elif r.file_bytes:
+        lines.append(f"| safetensors bytes | - | {r.file_bytes:,} |")
+    return lines

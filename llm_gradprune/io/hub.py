@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, unreachable
+from ..report import Report, as_report
 from .checkpoint import VerificationError, verify_report
 
 REPORT = "pruning_report.json"
@@ -77,18 +78,7 @@ def check_pushable(folder: str | Path) -> dict[str, Any]:
         report = json.loads((path / REPORT).read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{label!r}: a JSON file does not parse ({err})") from None
-    per_tensor = report.get("per_tensor") if isinstance(report, dict) else None
-    shapes = report.get("tensor_shapes") if isinstance(report, dict) and report.get("structure") else None
-    if shapes is not None:
-        if not isinstance(shapes, dict) or not shapes:
-            raise ConfigError(f"{label!r}: {REPORT} holds no tensor shapes: it cannot be verified")
-    elif (
-        not isinstance(per_tensor, dict)
-        or not per_tensor
-        or not all(isinstance(v, dict) and isinstance(v.get("zeros"), int) for v in per_tensor.values())
-    ):
-        raise ConfigError(f"{label!r}: {REPORT} holds no per-tensor zero counts: it cannot be verified")
-    if report.get("verified") is not True:
+    if check_verifiable(report, label).verified is not True:
         raise ConfigError(f"{label!r}: {REPORT} does not say the checkpoint was verified when saved")
     try:
         verify_report(path, report)
@@ -98,6 +88,22 @@ def check_pushable(folder: str | Path) -> dict[str, Any]:
             "pruning? run prune again)"
         ) from None
     return report
+
+
+def check_verifiable(report: Any, label: str) -> Report:
+    """The report, if it holds what verification re-reads: tensor shapes (structured) or zero counts (sparse)."""
+    try:
+        r = Report.from_dict(report)
+    except (AttributeError, TypeError) as err:  # not an object of sections: JSON of another shape
+        raise ConfigError(f"{label!r}: {REPORT} is not a report llm-gradprune reads ({err})") from None
+    if r.structured:
+        if not isinstance(r.shrinking.tensor_shapes, dict) or not r.shrinking.tensor_shapes:
+            raise ConfigError(f"{label!r}: {REPORT} holds no tensor shapes: it cannot be verified")
+    elif not r.sparsity.per_tensor or not all(
+        isinstance(t.zeros, int) for t in r.sparsity.per_tensor.values()
+    ):
+        raise ConfigError(f"{label!r}: {REPORT} holds no per-tensor zero counts: it cannot be verified")
+    return r
 
 
 def upload_files(folder: str | Path) -> list[dict[str, Any]]:
@@ -111,15 +117,15 @@ def upload_files(folder: str | Path) -> list[dict[str, Any]]:
     return [{"path": rel, "bytes": found[rel].stat().st_size} for rel in kept]
 
 
-def default_commit_message(report: dict[str, Any]) -> str:
-    if report.get("structure"):
-        return (f"Upload structured-pruned checkpoint ({report['structure']}, {report['importance']['name']}, "
-                f"{100 * float(report['decoder_kept']):.1f}% of the decoder kept) with llm-gradprune")  # fmt: skip
-    pattern = report.get("pattern")
-    how = (
-        f"pattern {pattern}" if pattern else f"{100 * float(report.get('overall_sparsity', 0)):.1f}% sparsity"
-    )
-    return f"Upload pruned checkpoint ({report.get('criterion', '?')}, {how}) with llm-gradprune"
+def default_commit_message(report: Report | dict[str, Any]) -> str:
+    r = as_report(report)
+    if r.structured:
+        shrunk = r.shrinking
+        return (f"Upload structured-pruned checkpoint ({shrunk.structure}, {shrunk.importance.name}, "
+                f"{100 * float(shrunk.decoder_kept):.1f}% of the decoder kept) with llm-gradprune")  # fmt: skip
+    sp = r.sparsity
+    how = f"pattern {sp.pattern}" if sp.pattern else f"{100 * float(sp.overall_sparsity):.1f}% sparsity"
+    return f"Upload pruned checkpoint ({sp.criterion or '?'}, {how}) with llm-gradprune"
 
 
 def _masked(text: str) -> str:

@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..report import Report, TensorCount, as_report
 from ..scoring.allocation import layer_key
 
 
-def layer_projection_table(per_tensor: dict[str, dict[str, Any]]) -> tuple[list[str], list[str], dict]:
+def layer_projection_table(per_tensor: dict[str, TensorCount]) -> tuple[list[str], list[str], dict]:
     """(layers in order, projection names in order, {(layer, projection): sparsity}) from report counts.
 
     A projection is the module's own name (`q_proj`, `mlp.up_proj` -> `up_proj`), a layer its index."""
@@ -24,11 +25,11 @@ def layer_projection_table(per_tensor: dict[str, dict[str, Any]]) -> tuple[list[
             layers.append(layer)
         if proj not in projections:
             projections.append(proj)
-        cells[layer, proj] = t["zeros"] / t["numel"] if t["numel"] else 0.0
+        cells[layer, proj] = t.zeros / t.numel if t.numel else 0.0
     return layers, projections, cells
 
 
-def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
+def write_plots(report: Report | dict[str, Any], folder: Path) -> dict[str, Any]:
     """Write sparsity.png (and perplexity.png when measured) into `folder`; {"files": [...]} or {"skipped": why}."""
     try:
         import matplotlib
@@ -37,17 +38,14 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Any]:
         import matplotlib.pyplot as plt
     except ImportError:
         return {"skipped": "matplotlib is not installed (pip install 'llm-gradprune[plot]')"}
-    files = []
-    if report.get("structure"):
-        files.append(_shape_plot(plt, report, folder))
-    else:
-        files.append(_sparsity_plot(plt, report, folder))
-    files += _eval_and_recovery_plots(plt, report, folder)
+    r = as_report(report)
+    files = [_shape_plot(plt, r, folder) if r.structured else _sparsity_plot(plt, r, folder)]
+    files += _eval_and_recovery_plots(plt, r, folder)
     return {"files": files}
 
 
-def _sparsity_plot(plt, report: dict[str, Any], folder: Path) -> str:
-    layers, projections, cells = layer_projection_table(report["per_tensor"])
+def _sparsity_plot(plt, r: Report, folder: Path) -> str:
+    layers, projections, cells = layer_projection_table(r.sparsity.per_tensor)
     grid = [[cells.get((layer, p), float("nan")) for p in projections] for layer in layers]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(projections), 1.2 + 0.28 * len(layers)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
@@ -55,7 +53,7 @@ def _sparsity_plot(plt, report: dict[str, Any], folder: Path) -> str:
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("projection")
     ax.set_ylabel("decoder layer")
-    ax.set_title(f"sparsity per layer x projection (overall {report['overall_sparsity']:.1%})")
+    ax.set_title(f"sparsity per layer x projection (overall {r.sparsity.overall_sparsity:.1%})")
     fig.colorbar(image, ax=ax, label="fraction of weights zero")
     fig.tight_layout()
     fig.savefig(folder / "sparsity.png", dpi=110)
@@ -63,20 +61,21 @@ def _sparsity_plot(plt, report: dict[str, Any], folder: Path) -> str:
     return "sparsity.png"
 
 
-def _shape_plot(plt, report: dict[str, Any], folder: Path) -> str:
+def _shape_plot(plt, r: Report, folder: Path) -> str:
     """Kept share of each kind of unit and of the parameters, after a structured run."""
-    old, new = report["shape_before"], report["shape_after"]
+    shrunk = r.shrinking
+    old, new = shrunk.shape_before, shrunk.shape_after
     kinds = [("layers", "num_hidden_layers"), ("MLP channels", "intermediate_size"),
              ("query heads", "num_attention_heads"), ("kv heads", "num_key_value_heads")]  # fmt: skip
     names = [k for k, _ in kinds] + ["decoder params", "all params"]
-    kept = [new[key] / old[key] for _, key in kinds] + [
-        report["decoder_kept"], report["params_after"]["total"] / report["params_before"]["total"]]  # fmt: skip
+    kept = [getattr(new, key) / getattr(old, key) for _, key in kinds] + [
+        shrunk.decoder_kept, shrunk.params_after.total / shrunk.params_before.total]  # fmt: skip
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     bars = ax.bar(names, kept, color=["#4f81bd"] * len(kinds) + ["#9bbb59", "#9bbb59"])
     ax.bar_label(bars, fmt="%.2f")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("kept / before")
-    ax.set_title(f"structure {report['structure']}: kept share")
+    ax.set_title(f"structure {shrunk.structure}: kept share")
     ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     fig.savefig(folder / "shape.png", dpi=110)
@@ -84,23 +83,23 @@ def _shape_plot(plt, report: dict[str, Any], folder: Path) -> str:
     return "shape.png"
 
 
-def _eval_and_recovery_plots(plt, report: dict[str, Any], folder: Path) -> list[str]:
+def _eval_and_recovery_plots(plt, r: Report, folder: Path) -> list[str]:
     files = []
-    ev = report.get("eval")
+    ev = r.eval
     if ev:
         fig, ax = plt.subplots(figsize=(4.2, 3.2))
-        named = [("dense", ev.get("dense_ppl"), "#777777"), ("pruned", ev.get("pruned_ppl"), "#c0504d"),
-                 ("recovered", ev.get("recovered_ppl"), "#4f81bd")]  # fmt: skip
+        named = [("dense", ev.dense_ppl, "#777777"), ("pruned", ev.pruned_ppl, "#c0504d"),
+                 ("recovered", ev.recovered_ppl, "#4f81bd")]  # fmt: skip
         named = [x for x in named if x[1] is not None]
         bars = ax.bar([x[0] for x in named], [x[1] for x in named], color=[x[2] for x in named])
         ax.bar_label(bars, fmt="%.2f")
         ax.set_ylabel("held-out perplexity")
-        ax.set_title(f"{ev['windows']} windows, {ev['tokens']:,} tokens")
+        ax.set_title(f"{ev.windows} windows, {ev.tokens:,} tokens")
         fig.tight_layout()
         fig.savefig(folder / "perplexity.png", dpi=110)
         plt.close(fig)
         files.append("perplexity.png")
-    log = (report.get("recovery") or {}).get("log") or []
+    log = r.recovery.log if r.recovery else []
     if any("loss" in e for e in log):
         fig, ax = plt.subplots(figsize=(6, 3.4))
         steps = [e["step"] for e in log if "loss" in e]
