@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from ..config import JobConfig, read_yaml
+from ..report import Report
 from .flags import add_field_flags, given
 
 HELP = "calibrate, prune and save a checkpoint"
@@ -30,46 +31,52 @@ def run(args: argparse.Namespace) -> int:
     report = prune_job(config_from_args(args))
     if "output_dir" not in report:
         return 0  # not the main process
-    if report.get("structure"):
-        before, after, shape = report["params_before"], report["params_after"], report["shape_after"]
+    r = Report.from_dict(report)
+    print("\n".join(format_text(r)))
+    if r.push is not None and r.push.error:
         print(
-            f"removed {report['structure']} by {report['importance']['name']}: {after['decoder']:,} of "
-            f"{before['decoder']:,} decoder parameters kept ({report['decoder_kept']:.2%}), {after['total']:,} in all; "
-            f"shape {shape['num_hidden_layers']} layers, intermediate {shape['intermediate_size']}, "
-            f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads; "
-            f"{report['file_bytes_before']:,} -> {report['file_bytes']:,} bytes"
-        )
-    else:
-        print(
-            f"pruned {report['targets']} tensors: {report['overall_sparsity']:.4%} of "
-            f"{report['target_weights']:,} target weights are zero "
-            f"(criterion {report['criterion']}, scope {report['scope']}, pattern {report['pattern']})"
-        )
-    if report.get("eval"):
-        ev = report["eval"]
-        print(
-            f"held-out perplexity: dense {ev['dense_ppl']:.3f}, pruned {ev['pruned_ppl']:.3f}"
-            + (f", recovered {ev['recovered_ppl']:.3f}" if ev.get("recovered_ppl") is not None else "")
-            + " "
-            f"({ev['windows']} windows, {ev['tokens']:,} tokens of {ev['split']})"
-        )
-    for note in report.get("notes", []):
-        print(f"note: {note}")
-    out = report["output_dir"]
-    print(f"checkpoint: {out} (verified; loads with AutoModelForCausalLM.from_pretrained)")
-    print(f"model card: {out}/README.md")
-    print(f"wall time: {report['timings_s']['before_save'] + report['timings_s']['save_and_verify']:.1f} s")
-    push = report.get("push")
-    if push is None:
-        print(
-            f"push it with: llm-gradprune push {shlex.quote(out)} --repo-id <you>/<name> --dry-run (then without --dry-run)"
-        )
-        return 0
-    if "error" in push:
-        print(
-            f"llm-gradprune: error: the checkpoint is saved, but the push failed: {push['error']}",
+            f"llm-gradprune: error: the checkpoint is saved, but the push failed: {r.push.error}",
             file=sys.stderr,
         )
         return 2
-    print(f"pushed: {push['url']} ({len(push['files'])} files, {push['total_bytes']:,} bytes)")
     return 0
+
+
+def outcome_line(r: Report) -> str:
+    """What was removed or zeroed, in one line."""
+    if r.structured:
+        s = r.shrinking
+        before, after, shape = s.params_before, s.params_after, s.shape_after
+        return (f"removed {s.structure} by {s.importance.name}: {after.decoder:,} of {before.decoder:,} decoder "
+                f"parameters kept ({s.decoder_kept:.2%}), {after.total:,} in all; shape {shape.num_hidden_layers} "
+                f"layers, intermediate {shape.intermediate_size}, {shape.num_attention_heads}/"
+                f"{shape.num_key_value_heads} heads; {s.file_bytes_before:,} -> {r.file_bytes:,} bytes")  # fmt: skip
+    p = r.sparsity
+    return (f"pruned {p.targets} tensors: {p.overall_sparsity:.4%} of {p.target_weights:,} target weights are zero "
+            f"(criterion {p.criterion}, scope {p.scope}, pattern {p.pattern})")  # fmt: skip
+
+
+def eval_line(ev) -> str:
+    """Held-out perplexity before and after (and after recovery), on the same windows."""
+    scores = [(n, v) for n, v in (("dense", ev.dense_ppl), ("pruned", ev.pruned_ppl), ("recovered", ev.recovered_ppl))
+              if v is not None]  # fmt: skip
+    shown = ", ".join(f"{n} {v:.3f}" for n, v in scores)
+    return f"held-out perplexity: {shown} ({ev.windows} windows, {ev.tokens:,} tokens of {ev.split})"
+
+
+def format_text(r: Report) -> list[str]:
+    """The summary `prune` prints: what changed, its quality, where it is, how to push it."""
+    lines = [outcome_line(r)]
+    if r.eval is not None:
+        lines.append(eval_line(r.eval))
+    lines += [f"note: {note}" for note in r.notes]
+    out = r.output_dir
+    lines += [f"checkpoint: {out} (verified; loads with AutoModelForCausalLM.from_pretrained)",
+              f"model card: {out}/README.md",
+              f"wall time: {r.timings_s['before_save'] + r.timings_s['save_and_verify']:.1f} s"]  # fmt: skip
+    if r.push is None:
+        lines.append(f"push it with: llm-gradprune push {shlex.quote(out)} --repo-id <you>/<name> --dry-run "
+                     "(then without --dry-run)")  # fmt: skip
+    elif not r.push.error:
+        lines.append(f"pushed: {r.push.url} ({len(r.push.files)} files, {r.push.total_bytes:,} bytes)")
+    return lines

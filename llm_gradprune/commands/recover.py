@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..config import JobConfig
+from ..report import Report
 from .flags import add_field_flags, given
+from .prune import eval_line
 
 HELP = "retrain a pruned checkpoint with its pruned weights kept at exactly zero"
 
@@ -31,16 +33,17 @@ def run(args: argparse.Namespace) -> int:
     report = recover_job(config_from_args(args))
     if "output_dir" not in report:
         return 0
-    rec = report["recovery"]
-    what = (
-        f"{report['targets']} tensors" if "targets" in report else f"the {report['structure']}-pruned model"
-    )
-    print(f"recovered {what} in {rec['steps']} steps ({rec['tokens']:,} tokens, "
-          f"{rec['seconds']:.0f} s): final loss {rec['final_loss']:.4f}; pruned weights kept at zero: "
-          f"{rec['pruned_kept_zero']}")  # fmt: skip
-    if report.get("eval"):
-        ev = report["eval"]
-        print(f"held-out perplexity: pruned {ev['pruned_ppl']:.3f}, recovered {ev['recovered_ppl']:.3f} "
-              f"({ev['windows']} windows, {ev['tokens']:,} tokens of {ev['split']})")  # fmt: skip
-    print(f"checkpoint: {report['output_dir']} (verified; loads with AutoModelForCausalLM.from_pretrained)")
+    print("\n".join(format_text(Report.from_dict(report))))
     return 0
+
+
+def format_text(r: Report) -> list[str]:
+    """The summary `recover` prints: what was trained, how long, the perplexities, where it is."""
+    rec = r.recovery
+    what = f"the {r.shrinking.structure}-pruned model" if r.structured else f"{r.sparsity.targets} tensors"
+    lines = [f"recovered {what} in {rec.steps} steps ({rec.tokens:,} tokens, {rec.seconds:.0f} s): final loss "
+             f"{rec.final_loss:.4f}; pruned weights kept at zero: {rec.pruned_kept_zero}"]  # fmt: skip
+    if r.eval is not None:
+        lines.append(eval_line(r.eval))
+    lines.append(f"checkpoint: {r.output_dir} (verified; loads with AutoModelForCausalLM.from_pretrained)")
+    return lines

@@ -23,6 +23,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..faults import pause_point
+from ..report import Report, as_report
 from .atomic import write_folder, write_json
 from .card import model_card
 from .plots import write_plots
@@ -150,12 +151,13 @@ def verify_shapes(folder: str | Path, expected: dict[str, list[int]]) -> None:
             raise VerificationError(f"{name} has shape {shape} written but the report says {expected[name]}")
 
 
-def verify_report(folder: str | Path, report: dict[str, Any]) -> None:
+def verify_report(folder: str | Path, report: Report | dict[str, Any]) -> None:
     """Zero counts (unstructured runs) or tensor shapes (structured runs) re-read from the files."""
-    if report.get("structure"):
-        verify_shapes(folder, report["tensor_shapes"])
+    r = as_report(report)
+    if r.structured:
+        verify_shapes(folder, r.shrinking.tensor_shapes)
     else:
-        verify_zeros(folder, report["per_tensor"])
+        verify_zeros(folder, {n: {"zeros": t.zeros} for n, t in r.sparsity.per_tensor.items()})
 
 
 PENDING_CONFIG = "config.json.unverified"

@@ -15,6 +15,7 @@ from ..io.calib_state import run_identity
 from ..parallel import collective_for
 from ..recovery.state import RecoverState
 from ..recovery.trainer import recover_
+from ..report import as_report
 from ..status import set_stage
 from ..targets import find_targets
 from .inputs import load_teacher
@@ -64,6 +65,6 @@ def recovery_step(cfg: JobConfig, model, data, report: dict[str, Any], *, base: 
     if state is not None:
         rec["state_folder"] = str(state.dir)
     report["recovery"] = rec
-    if "per_tensor" in report:  # a structured run records shapes instead, which training does not change
+    if not as_report(report).structured:  # a structured run records shapes instead, which training keeps
         recount_zeros_(report, model)
     return model, state

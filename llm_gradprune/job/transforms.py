@@ -23,7 +23,7 @@ from ..executors import prune_
 from ..io.calib_state import CalibState, check_state_dir, resolve_state_dir, run_identity
 from ..io.checkpoint import read_report, tensor_shapes_of
 from ..parallel.fsdp import shard_model, uses_fsdp
-from ..plan import calibration_record
+from ..report import calibration_record
 from ..rounds import prune_in_rounds_
 from ..status import set_stage
 from ..support import SupportQuery, check_support
