@@ -284,8 +284,38 @@ class GradStats:
         self.skipped = {n: int(v) for n, v in values["grad_skipped"].items()}
 
 
-class ActStats(ForwardHooked):
+class TokenSums(ForwardHooked):
+    """Per-module fp32 sums over tokens fed by forward hooks: `mean` divides by the tokens counted.
+    A subclass names its statistic (`STAT`), its keys in a saved state (`KEY`) and what it records."""
+
+    STAT = KEY = RECORDS = ""
+    sums: dict[str, torch.Tensor]
+    tokens: dict[str, int]
+
+    def holds(self, stat: str) -> bool:
+        return stat == self.STAT
+
+    def mean(self, stat: str, name: str) -> torch.Tensor:
+        """The mean over tokens of the module's sums (`name`: the module, or its weight)."""
+        name = name.removesuffix(".weight")
+        if self.tokens.get(name, 0) == 0:
+            raise RuntimeError(f"no {self.RECORDS} were recorded for {name}")
+        return self.sums[name] / self.tokens[name]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{self.KEY}.{n}": t for n, t in self.sums.items()}
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {f"{self.KEY}_tokens": dict(self.tokens)}
+
+    def load_counters(self, values: dict[str, dict[str, int]]) -> None:
+        self.tokens = {n: int(v) for n, v in values[f"{self.KEY}_tokens"].items()}
+
+
+class ActStats(TokenSums):
     """Per-input-channel fp32 sums of squared layer inputs over all tokens, via forward hooks."""
+
+    STAT, KEY, RECORDS = "act_sq_sum", "act", "activations"
 
     def __init__(self, modules: dict[str, nn.Module], device=None):
         self.modules = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
@@ -310,28 +340,10 @@ class ActStats(ForwardHooked):
 
     def mean_sq(self, name: str) -> torch.Tensor:
         """mean over tokens of x_j^2, per input channel j."""
-        if self.tokens.get(name, 0) == 0:
-            raise RuntimeError(f"no activations were recorded for {name}")
-        return self.sums[name] / self.tokens[name]
-
-    def holds(self, stat: str) -> bool:
-        return stat == "act_sq_sum"
-
-    def mean(self, stat: str, name: str) -> torch.Tensor:
-        """`mean_sq` of a module, or of the module of weight `name`."""
-        return self.mean_sq(name.removesuffix(".weight"))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"act.{n}": t for n, t in self.sums.items()}
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        return {"act_tokens": dict(self.tokens)}
-
-    def load_counters(self, values: dict[str, dict[str, int]]) -> None:
-        self.tokens = {n: int(v) for n, v in values["act_tokens"].items()}
+        return self.mean(self.STAT, name)
 
 
-class TokenGradStats(ForwardHooked):
+class TokenGradStats(TokenSums):
     """Per-weight fp32 sums over tokens of the per-token gradient squared, (dL/dy_t,i * x_t,j)^2.
 
     The weight gradient of a Linear layer is a sum over tokens, g = sum_t d_t x_t^T; GradStats sees only
@@ -347,6 +359,8 @@ class TokenGradStats(ForwardHooked):
     than the arithmetic), and x^2 is computed once for layers that read the very same input tensor
     (q/k/v, gate/up): the sums are exactly those of `addmm_(d.square().T, x.square())` per layer.
     """
+
+    STAT, KEY, RECORDS = "token_grad_sq_sum", "tok", "output gradients"
 
     def __init__(self, modules: dict[str, nn.Module], device=None):
         self.modules = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
@@ -401,28 +415,6 @@ class TokenGradStats(ForwardHooked):
             output.register_hook(lambda grad: self._fold(name, x, grad))
 
         return hook
-
-    def holds(self, stat: str) -> bool:
-        return stat == "token_grad_sq_sum"
-
-    def mean(self, stat: str, name: str | None = None) -> torch.Tensor:
-        """The mean over tokens of a module's per-token squared gradients (or of the module of weight
-        `name`). The old one-argument form `mean(module)` stays until tests/test_criteria.py moves on."""
-        if name is None:
-            stat, name = "token_grad_sq_sum", stat
-        name = name.removesuffix(".weight")
-        if self.tokens.get(name, 0) == 0:
-            raise RuntimeError(f"no output gradients were recorded for {name}")
-        return self.sums[name] / self.tokens[name]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"tok.{n}": t for n, t in self.sums.items()}
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        return {"tok_tokens": dict(self.tokens)}
-
-    def load_counters(self, values: dict[str, dict[str, int]]) -> None:
-        self.tokens = {n: int(v) for n, v in values["tok_tokens"].items()}
 
 
 # -- the registry of statistics criteria read, and the container of one pass -----------------------
