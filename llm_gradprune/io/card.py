@@ -99,6 +99,11 @@ def loading_snippet(model_id: str) -> list[str]:
     ]
 
 
+def _heading(r: Report, title: str) -> list[str]:
+    """The front matter the Hub reads, then the title."""
+    return ["---", yaml.safe_dump(front_matter(r), sort_keys=False).strip(), "---", f"# {title}", ""]
+
+
 def model_card(settings: dict[str, Any], report: Report | dict[str, Any], model_id: str | None = None) -> str:
     """README.md for the output folder. `settings`: the run's flat settings (what prune_config.yaml
     holds); a library call's report lacks the job's keys (model, data set, seed), they come from there.
@@ -116,11 +121,7 @@ def model_card(settings: dict[str, Any], report: Report | dict[str, Any], model_
     dataset = _dataset(r, settings)
     data = _readable(dataset.name)
     lines = [
-        "---",
-        yaml.safe_dump(front_matter(r), sort_keys=False).strip(),
-        "---",
-        f"# {base.name}, {kind} ({sp.criterion})",
-        "",
+        *_heading(r, f"{base.name}, {kind} ({sp.criterion})"),
         f"`{base.hub_id or base.name}` pruned by [llm-gradprune](https://pypi.org/project/llm-gradprune/): "
         f"{sp.overall_sparsity:.2%} of the weights of its {sp.targets} target matrices "
         f"({sp.target_weights:,} weights: every Linear inside the decoder layers) are exactly zero. "
@@ -284,11 +285,9 @@ def structured_card(
              f"least-squares refit of down_proj / o_proj on {comp.refit_inputs} calibration inputs")  # fmt: skip
     units = shrunk.structure if shrunk.structure != "mixed" else "channels, heads and layers"
     lines = [
-        "---",
-        yaml.safe_dump(front_matter(r), sort_keys=False).strip(),
-        "---",
-        f"# {base.name}, {shrunk.decoder_kept:.0%} of the decoder ({shrunk.structure}, {imp.name})",
-        "",
+        *_heading(
+            r, f"{base.name}, {shrunk.decoder_kept:.0%} of the decoder ({shrunk.structure}, {imp.name})"
+        ),
         f"`{base.hub_id or base.name}` made smaller by [llm-gradprune](https://pypi.org/project/llm-gradprune/) "
         f"structured pruning: whole {units} "
         f"removed, keeping {after.decoder:,} of {before.decoder:,} decoder parameters "
