@@ -84,11 +84,8 @@ class PruneConfig:
         {}, "parameters of the criterion (or flags --<criterion>-<param>)", "method"
     )
     sparsity: float | None = setting(
-        None,
-        "fraction of target weights set to zero, in [0, 1) (default 0.5; N:M fixes it at (M-N)/M)",
-        "method",
-        range="[0, 1)",
-    )
+        None, "fraction of target weights set to zero, in [0, 1) (default 0.5; N:M fixes it at (M-N)/M)",
+        "method", range="[0, 1)")  # fmt: skip
     scope: str | None = setting(
         None,
         "weights that compete for one budget (default row; N:M patterns and sparsegpt choose their own)",

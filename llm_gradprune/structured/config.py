@@ -47,11 +47,8 @@ class StructureConfig:
         range="(0, 1]",
     )
     keep_channels: float | None = setting(
-        None,
-        "fraction of MLP intermediate channels kept in every layer (instead of target_params)",
-        "structure",
-        range="(0, 1]",
-    )
+        None, "fraction of MLP intermediate channels kept in every layer (instead of target_params)", "structure",
+        range="(0, 1]")  # fmt: skip
     keep_heads: float | None = setting(
         None,
         "fraction of query heads kept in every layer (instead of target_params), rounded to the nearest "
