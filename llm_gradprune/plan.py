@@ -354,7 +354,7 @@ def build_report(
             batches=counters["batches"],
             tokens=counters["tokens"],
             grad_accum=cfg.grad_accum,
-            gradient_samples=counters.get("samples", 0) if stats.needs_backward else 0,
+            gradients=counters.get("samples", 0) if stats.needs_backward else 0,
             stats_device=cfg.stats_device,
             gradient_checkpointing=cfg.gradient_checkpointing,
             recomputed_layers=counters.get("recomputed_layers", 0),

@@ -20,9 +20,9 @@ from typing import Any
 
 CALIBRATION_RECORD = {
     # what the calibration read (the job fills these in; a library call leaves them None)
-    "blocks": None, "seq_len": None, "batch_size": None, "token_sha256": None,
+    "samples": None, "seq_len": None, "batch_size": None, "token_sha256": None,
     # what it did: gradient passes (unstructured) or structured passes
-    "batches": 0, "tokens": 0, "grad_accum": None, "gradient_samples": 0, "stats_device": None,
+    "batches": 0, "tokens": 0, "grad_accum": None, "gradients": 0, "stats_device": None,
     "gradient_checkpointing": None, "recomputed_layers": 0, "mean_loss": None, "statistics": [],
     "skipped_nonfinite": {}, "processes": 1, "sharding": None, "reduce": None, "resumed_from_batch": None,
     "state_saves": 0, "passes": None, "threads": None,
@@ -56,18 +56,21 @@ def _parse(cls, d: dict[str, Any] | None, **nested: Callable[[Any], Any]):
     return cls(**values)
 
 
+LEGACY_CALIBRATION_KEYS = {"blocks": "samples", "gradient_samples": "gradients"}
+
+
 @dataclass(frozen=True)
 class Calibration:
     """What the calibration read and did; the same fields for every kind of run (CALIBRATION_RECORD)."""
 
-    blocks: int | None = None
+    samples: int | None = None  # token sequences of seq_len read
     seq_len: int | None = None
     batch_size: int | None = None
     token_sha256: str | None = None
     batches: int = 0
     tokens: int = 0
     grad_accum: int | None = None
-    gradient_samples: int = 0
+    gradients: int = 0  # one per accumulation of grad_accum micro-batches
     stats_device: str | None = None
     gradient_checkpointing: bool | None = None
     recomputed_layers: int = 0
@@ -84,7 +87,11 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Calibration:
-        return _parse(cls, d) if d is not None else cls()
+        if d is None:
+            return cls()
+        # reports saved before the names settled: "blocks" were samples, "gradient_samples" gradients
+        renamed = {LEGACY_CALIBRATION_KEYS.get(k, k): v for k, v in d.items()}
+        return _parse(cls, renamed)
 
 
 @dataclass(frozen=True)

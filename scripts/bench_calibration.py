@@ -80,10 +80,10 @@ def blocks_for(name: str, n: int, seq_len: int) -> torch.Tensor:
         from transformers import AutoTokenizer
 
         from llm_gradprune.calibration.assets import resolve_model
-        from llm_gradprune.calibration.data import TextSource, load_blocks
+        from llm_gradprune.calibration.data import TextSource, load_samples
 
         tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m"))
-        return load_blocks(TextSource("builtin:imdb"), tok, n, seq_len)
+        return load_samples(TextSource("builtin:imdb"), tok, n, seq_len)
     return torch.randint(0, 32000, (n, seq_len), generator=torch.Generator().manual_seed(0))
 
 

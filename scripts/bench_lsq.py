@@ -61,12 +61,12 @@ def real_layers(blocks: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llm_gradprune.calibration.assets import resolve_model
-    from llm_gradprune.calibration.data import TextSource, load_blocks
+    from llm_gradprune.calibration.data import TextSource, load_samples
     from llm_gradprune.calibration.hessians import Hessians
 
     path = resolve_model("builtin:smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    data = load_blocks(TextSource("builtin:imdb"), AutoTokenizer.from_pretrained(path), blocks, 512)
+    data = load_samples(TextSource("builtin:imdb"), AutoTokenizer.from_pretrained(path), blocks, 512)
     names = [f"model.layers.{i}.{m}" for i in REAL_LAYERS for m in REAL_MODULES]
     modules = {n: model.get_submodule(n) for n in names}
     hs = Hessians(modules).attach()

@@ -135,12 +135,12 @@ def prepare_blocks() -> tuple[Path, str, str]:
     from llm_gradprune import JobConfig
     from llm_gradprune.calibration.assets import resolve_model
     from llm_gradprune.calibration.data import token_hash
-    from llm_gradprune.job.inputs import calibration_blocks
+    from llm_gradprune.job.inputs import calibration_samples
 
     folder = resolve_model(MODEL)
     job = JobConfig.from_flat({"model": MODEL, "dataset": "builtin:imdb", "num_samples": 64, "seq_len": 512,
                                "seed": 0, "progress": False})  # fmt: skip
-    blocks = calibration_blocks(job, AutoTokenizer.from_pretrained(folder))
+    blocks = calibration_samples(job, AutoTokenizer.from_pretrained(folder))
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / "calib_blocks.pt"
     torch.save(blocks, path)

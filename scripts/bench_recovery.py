@@ -39,7 +39,7 @@ from benchjson import command_line, record, result_of
 from protocol import ROOT, Protocol
 
 from llm_gradprune import PruneConfig, prune_
-from llm_gradprune.calibration.data import TextSource, load_blocks, micro_batches, token_hash
+from llm_gradprune.calibration.data import TextSource, load_samples, micro_batches, token_hash
 from llm_gradprune.evaluate import perplexity
 from llm_gradprune.job.inputs import text_source
 from llm_gradprune.recovery.config import RecoverConfig
@@ -85,7 +85,7 @@ def one_row(row: str, args) -> dict:
     torch.set_num_threads(args.threads)
     proto = Protocol()
     model = proto.model
-    ood = load_blocks(TextSource(str(ood_text(LICENSES)), split="all"), proto.tokenizer, 32, 512)  # fmt: skip
+    ood = load_samples(TextSource(str(ood_text(LICENSES)), split="all"), proto.tokenizer, 32, 512)  # fmt: skip
     rec = RecoverConfig(steps=args.steps, lr=args.lr, batch_size=1, seq_len=512, seed=1, eval_every=0,
                         distill_alpha=1.0 if row.endswith("+kd") else 0.0, lora_r=16 if row.endswith("+lora") else 0,
                         round_steps=args.round_steps)  # fmt: skip
@@ -93,7 +93,7 @@ def one_row(row: str, args) -> dict:
         proto.job, recover=rec, prune=dataclasses.replace(proto.job.prune, progress=False)
     )
     n_train = max(args.steps, args.round_steps * 3)
-    train = micro_batches(load_blocks(text_source(job, seed=1), proto.tokenizer, n_train, 512), 1)
+    train = micro_batches(load_samples(text_source(job, seed=1), proto.tokenizer, n_train, 512), 1)
     out: dict = {"row": row, "train_tokens_sha256": token_hash(torch.cat(train)), "steps": 0}
     t0 = time.perf_counter()
     if row.startswith("r50"):

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from llm_gradprune import JobConfig
-from llm_gradprune.calibration.data import load_blocks, micro_batches, token_hash
+from llm_gradprune.calibration.data import load_samples, micro_batches, token_hash
 from llm_gradprune.calibration.loop import gather_statistics
 from llm_gradprune.io.stats_files import load_statistics, save_statistics
-from llm_gradprune.job.inputs import calibration_blocks, load, text_source
+from llm_gradprune.job.inputs import calibration_samples, load, text_source
 from llm_gradprune.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +46,11 @@ class Protocol:
             p.requires_grad_(False)
         self.targets = find_targets(self.model)
         self.dense = {n: m.weight.detach().clone() for n, m in self.targets.items()}
-        self.calib = calibration_blocks(self.job, self.tokenizer)
+        self.calib = calibration_samples(self.job, self.tokenizer)
         self.eval_blocks = self.held_out(eval_seed, eval_samples)
 
     def held_out(self, seed: int, n: int = 64) -> torch.Tensor:
-        return load_blocks(
+        return load_samples(
             text_source(self.job, split="test", seed=seed), self.tokenizer, n, self.job.seq_len
         )
 

@@ -92,11 +92,9 @@ def shown(name: str, report: dict) -> bool:
             and len({round(v["sparsity"], 6) for v in report["allocation"].values()}) > 1
         ),
         "grad_accum > 1": lambda: (
-            cal["grad_accum"] == 2 and cal["gradient_samples"] == math.ceil(cal["batches"] / 2)
+            cal["grad_accum"] == 2 and cal["gradients"] == math.ceil(cal["batches"] / 2)
         ),
-        "stats_device cpu": lambda: (
-            cal["stats_device"] == "cpu" and cal["gradient_samples"] == cal["batches"]
-        ),
+        "stats_device cpu": lambda: cal["stats_device"] == "cpu" and cal["gradients"] == cal["batches"],
         "gradient_checkpointing": lambda: cal["recomputed_layers"] == 2,
         "scores_dir": lambda: mode["scores_on_disk"] and report["scope"] == "global",
         "pattern N:M": lambda: (

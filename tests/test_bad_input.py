@@ -137,11 +137,11 @@ def _saved_state(ws, a):
     cfg = JobConfig.from_flat({"model": str(model_dir), "dataset": str(text), "num_samples": 4, "seq_len": 16,
                                "output_dir": str(ws / "out"), "save_state_every": 2, "progress": False})  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    from llm_gradprune.job.inputs import calibration_blocks
+    from llm_gradprune.job.inputs import calibration_samples
 
-    blocks = calibration_blocks(cfg, AutoTokenizer.from_pretrained(model_dir))
+    blocks = calibration_samples(cfg, AutoTokenizer.from_pretrained(model_dir))
     plan = make_plan(model, cfg.prune, resume=True)
-    ckpt = Prune().calibration_state(SimpleNamespace(cfg=cfg, model=model, blocks=blocks))
+    ckpt = Prune().calibration_state(SimpleNamespace(cfg=cfg, model=model, samples=blocks))
     gather_statistics(model, micro_batches(blocks, 1)[:2], plan.whole_stats, plan.targets, calib_state=ckpt,
                       progress=False)  # fmt: skip
     return ["--model", str(model_dir), "--dataset", str(text), "--save-state-every", "2", "--resume"]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from llm_gradprune.calibration.data import iter_texts, micro_batches, pack_blocks, round_robin
+from llm_gradprune.calibration.data import iter_texts, micro_batches, pack_samples, round_robin
 from llm_gradprune.config import ConfigError
 
 
@@ -21,13 +21,13 @@ class CharTokenizer:
 
 
 def test_pack_joins_with_eos_and_cuts_exact_blocks():
-    blocks = pack_blocks(["ab", "cde", "f"], CharTokenizer(), num_blocks=2, seq_len=4)
+    blocks = pack_samples(["ab", "cde", "f"], CharTokenizer(), num_blocks=2, seq_len=4)
     assert blocks.tolist() == [[97, 98, 0, 99], [100, 101, 0, 102]]
 
 
 def test_pack_reports_how_many_blocks_fit():
     with pytest.raises(ConfigError, match="enough for 1 blocks of 4"):
-        pack_blocks(["abcdef"], CharTokenizer(), num_blocks=3, seq_len=4)
+        pack_samples(["abcdef"], CharTokenizer(), num_blocks=3, seq_len=4)
 
 
 def test_builtin_imdb_heldout_is_disjoint_and_seeded():

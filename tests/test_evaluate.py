@@ -112,14 +112,14 @@ def tiny_dir(tmp_path):
 def test_eval_cli_json_matches_library(tiny_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_gradprune.calibration.data import TextSource, load_blocks
+    from llm_gradprune.calibration.data import TextSource, load_samples
 
     argv = ["eval", str(tiny_dir), "--eval-num-samples", "3", "--eval-seq-len", "32", "--eval-batch-size", "2",
             "--json"]  # fmt: skip
     assert cli.main(argv) == 0
     got = json.loads(capsys.readouterr().out)
     source = TextSource("builtin:imdb", split="test")
-    blocks = load_blocks(source, AutoTokenizer.from_pretrained(tiny_dir), num_blocks=3, seq_len=32)
+    blocks = load_samples(source, AutoTokenizer.from_pretrained(tiny_dir), num_blocks=3, seq_len=32)
     want = perplexity(AutoModelForCausalLM.from_pretrained(tiny_dir), blocks, progress=False)
     assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
     assert got["tokens"] == 3 * 31 and got["dataset"]["split"] == "test"

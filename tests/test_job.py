@@ -80,7 +80,7 @@ def test_calibration_record_has_one_shape_for_every_kind_of_run(tmp_path):
     u = json.loads((tmp_path / "u" / "pruning_report.json").read_text())["calibration"]
     s = json.loads((tmp_path / "s" / "pruning_report.json").read_text())["calibration"]
     assert list(u) == list(s)
-    assert u["blocks"] == s["blocks"] == 4 and u["seq_len"] == s["seq_len"] == 16
+    assert u["samples"] == s["samples"] == 4 and u["seq_len"] == s["seq_len"] == 16
     assert u["token_sha256"] == s["token_sha256"]  # the same text read the same way
     assert u["tokens"] == s["tokens"] == 64 and u["passes"] is None and s["passes"]
 

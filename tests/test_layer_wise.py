@@ -144,7 +144,7 @@ def test_gradient_prior_and_gradient_masks_with_obs_run():
             model, ids, JobConfig.from_flat({"pattern": "2:4", "progress": False, **kw}).prune
         ).report
         assert "grad_sq_sum" in rep["calibration"]["statistics"]
-        assert rep["calibration"]["gradient_samples"] == 4 and rep["calibration"]["batches"] == 4
+        assert rep["calibration"]["gradients"] == 4 and rep["calibration"]["batches"] == 4
         for name in rep["per_tensor"]:  # every group of 4 holds exactly 2 zeros in the model
             assert ((model.get_parameter(name).reshape(-1, 4) == 0).sum(1) == 2).all()
 

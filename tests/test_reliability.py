@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_gradprune import commands as cli
-from llm_gradprune.calibration.data import TextSource, load_blocks, token_hash
+from llm_gradprune.calibration.data import TextSource, load_samples, token_hash
 from llm_gradprune.config import JobConfig
 from llm_gradprune.io.atomic import swap_dirs
 from llm_gradprune.job import prune_job
@@ -138,7 +138,7 @@ def test_same_seed_gives_byte_identical_checkpoints(assets, tmp_path):
     )
     from transformers import AutoTokenizer
 
-    blocks = load_blocks(
+    blocks = load_samples(
         TextSource(cfg.dataset, seed=cfg.seed), AutoTokenizer.from_pretrained(assets["model"]), 4, 16
     )
     assert ra["calibration"]["token_sha256"] == rb["calibration"]["token_sha256"] == token_hash(blocks)

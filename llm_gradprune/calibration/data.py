@@ -2,7 +2,7 @@
 
 Three sources share one interface, `iter_texts`: the packaged IMDB reviews (`builtin:imdb`, offline),
 local files (.txt, .jsonl/.json, .csv, .parquet through `datasets`' own loaders), and Hub data sets,
-streamed so a user never downloads more than the blocks need. `pack_blocks` tokenizes texts without
+streamed so a user never downloads more than the blocks need. `pack_samples` tokenizes texts without
 special tokens, joins them with EOS and cuts exactly `num_blocks` blocks of `seq_len` tokens: no
 padding, so every token counts.
 
@@ -203,7 +203,7 @@ def _check_column(columns: list[str], text_column: str, source: str) -> None:
         )
 
 
-def pack_blocks(
+def pack_samples(
     texts: Iterable[str], tokenizer, num_blocks: int, seq_len: int, source: str = "data set", batch: int = 64
 ) -> torch.Tensor:
     """Tokenize, join with EOS and cut exactly `num_blocks` x `seq_len` tokens (int64)."""
@@ -257,10 +257,10 @@ class TextSource:
         return f"{self.dataset}[{self.split}]"
 
 
-def load_blocks(source: TextSource, tokenizer, num_blocks: int, seq_len: int) -> torch.Tensor:
-    """`num_blocks` x `seq_len` tokens of `source`, packed (see `pack_blocks`)."""
+def load_samples(source: TextSource, tokenizer, num_blocks: int, seq_len: int) -> torch.Tensor:
+    """`num_blocks` x `seq_len` tokens of `source`, packed (see `pack_samples`)."""
     texts = iter_texts(source.dataset, source.split, source.text_column, source.seed, source.dataset_config)
-    return pack_blocks(texts, tokenizer, num_blocks, seq_len, source=source.name)
+    return pack_samples(texts, tokenizer, num_blocks, seq_len, source=source.name)
 
 
 def micro_batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

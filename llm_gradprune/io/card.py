@@ -312,7 +312,7 @@ def structured_card(
         + ("; the removed units' mean output added as a bias" if comp.mean_bias else ""),
     ]
     if cal.tokens:
-        lines.append(f"- calibration: {cal.blocks} blocks of {cal.seq_len} tokens ({cal.tokens:,} tokens) "
+        lines.append(f"- calibration: {cal.samples} samples of {cal.seq_len} tokens ({cal.tokens:,} tokens) "
                      f"of `{data}` (split `{dataset.split}`), seed {_seed(r, settings)}")  # fmt: skip
     lines += outcome_lines(r, data)
     lines += usage_lines(settings, model_id)

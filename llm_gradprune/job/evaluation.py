@@ -12,7 +12,7 @@ from ..config import JobConfig
 from ..evaluate import perplexity
 from ..status import set_stage
 from ..tasks import check_tasks, run_tasks
-from .inputs import eval_blocks, load
+from .inputs import held_out_samples, load
 from .preflight import check_device
 
 
@@ -76,7 +76,7 @@ def eval_job(cfg: JobConfig) -> dict[str, Any]:
     if cfg.eval_tasks:
         out = task_scores(cfg, model, tokenizer, "given", {})
         return {"model": cfg.model, **out, "load_s": load_s}
-    blocks = eval_blocks(cfg, tokenizer, model)
+    blocks = held_out_samples(cfg, tokenizer, model)
     result = held_out_perplexity(cfg, model, blocks)
     return {
         "model": cfg.model,

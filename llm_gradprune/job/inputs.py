@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..calibration.data import TextSource, load_blocks, micro_batches, round_robin, token_hash
+from ..calibration.data import TextSource, load_samples, micro_batches, round_robin, token_hash
 from ..config import JobConfig
 from ..errors import ConfigError
 from ..models import load_model
@@ -30,15 +30,15 @@ def check_context(model, seq_len: int, what: str = "seq_len") -> None:
         raise ConfigError(f"{what} {seq_len} is larger than the model's context of {context} tokens")
 
 
-def calibration_blocks(cfg: JobConfig, tokenizer) -> torch.Tensor:
-    return load_blocks(text_source(cfg), tokenizer, cfg.num_samples, cfg.seq_len)
+def calibration_samples(cfg: JobConfig, tokenizer) -> torch.Tensor:
+    return load_samples(text_source(cfg), tokenizer, cfg.num_samples, cfg.seq_len)
 
 
-def eval_blocks(cfg: JobConfig, tokenizer, model=None) -> torch.Tensor:
+def held_out_samples(cfg: JobConfig, tokenizer, model=None) -> torch.Tensor:
     """The held-out windows `cfg` describes (eval_split, eval_num_samples x eval_seq_len tokens)."""
     seq_len = cfg.eval_seq_len or cfg.seq_len
     check_context(model, seq_len, "eval_seq_len")
-    return load_blocks(text_source(cfg, split=cfg.eval_split), tokenizer, cfg.eval_num_samples, seq_len)
+    return load_samples(text_source(cfg, split=cfg.eval_split), tokenizer, cfg.eval_num_samples, seq_len)
 
 
 def training_batches(cfg: JobConfig, tokenizer, rank: int = 0, world: int = 1):
@@ -50,7 +50,7 @@ def training_batches(cfg: JobConfig, tokenizer, rank: int = 0, world: int = 1):
     if not steps:
         return None
     n = steps * rec.grad_accum * rec.batch_size * world
-    blocks = load_blocks(text_source(cfg, seed=rec.seed), tokenizer, n, rec.seq_len or cfg.seq_len)
+    blocks = load_samples(text_source(cfg, seed=rec.seed), tokenizer, n, rec.seq_len or cfg.seq_len)
     return round_robin(micro_batches(blocks, rec.batch_size), rank, world), token_hash(blocks)
 
 

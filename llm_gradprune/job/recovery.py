@@ -51,13 +51,13 @@ def recount_zeros_(report: dict[str, Any], model: nn.Module) -> None:
 
 
 def recovery_step(cfg: JobConfig, model, data, report: dict[str, Any], *, base: str | None, accelerator=None,
-                 eval_blocks=None) -> tuple[nn.Module, RecoverState | None]:  # fmt: skip
+                 held_out=None) -> tuple[nn.Module, RecoverState | None]:  # fmt: skip
     """Train, then fold the result into `report` (recovery section, zero counts): (model, saved state)."""
     batches, data_hash = data
     teacher = load_teacher(cfg, base)
     state = recovery_state(cfg, model, data_hash)
     set_stage("recovery training")
-    model, rec = recover_(model, batches, cfg.recover, teacher=teacher, eval_blocks=eval_blocks, accelerator=accelerator,
+    model, rec = recover_(model, batches, cfg.recover, teacher=teacher, held_out=held_out, accelerator=accelerator,
                           state=state, progress=cfg.prune.progress)  # fmt: skip
     rec["data"] = {"name": cfg.dataset, "split": cfg.split, "seed": cfg.recover.seed, "token_sha256": data_hash,
                    "seq_len": cfg.recover.seq_len or cfg.seq_len}  # fmt: skip

@@ -25,7 +25,7 @@ from ..parallel.fsdp import full_state_dict
 from ..status import set_stage
 from ..tasks import check_tasks
 from .evaluation import held_out_perplexity, task_scores, tasks_section
-from .inputs import check_context, eval_blocks, load, training_batches
+from .inputs import check_context, held_out_samples, load, training_batches
 from .preflight import check_device, quiet_hf_progress_bars, versions
 from .recovery import recovery_step
 
@@ -123,7 +123,7 @@ def read_text(job: Job) -> None:
     """The held-out windows and the training text (the transform reads its own calibration text)."""
     cfg, acc = job.cfg, job.accelerator
     job.transform.read_text(job)
-    job.held_out = eval_blocks(cfg, job.tokenizer, job.model) if cfg.eval else None
+    job.held_out = held_out_samples(cfg, job.tokenizer, job.model) if cfg.eval else None
     world = 1 if job.sharded else acc.num_processes
     job.train = training_batches(cfg, job.tokenizer, acc.process_index if world > 1 else 0, world)
 
@@ -156,7 +156,7 @@ def recover(job: Job, report: dict[str, Any]) -> None:
     """Masked recovery training, then the recovered model's perplexity and task scores."""
     t = time.perf_counter()
     job.model, state = recovery_step(job.cfg, job.model, job.train, report, base=job.transform.base_model(job, report),
-                                    accelerator=job.accelerator, eval_blocks=job.held_out if job.evaluates else None)  # fmt: skip
+                                    accelerator=job.accelerator, held_out=job.held_out if job.evaluates else None)  # fmt: skip
     if state is not None:
         job.saved_states.append(state)
     job.timings["recovery"] = time.perf_counter() - t

@@ -27,7 +27,7 @@ from ..report import calibration_record
 from ..rounds import prune_in_rounds_
 from ..status import set_stage
 from ..support import SupportQuery, check_support
-from .inputs import calibration_blocks, check_context, with_training_seq_len
+from .inputs import calibration_samples, check_context, with_training_seq_len
 from .preflight import weight_bytes
 from .recovery import settings_identity
 
@@ -54,7 +54,7 @@ class Transform:
             check_context(job.model, job.cfg.seq_len)
 
     def read_text(self, job) -> None:
-        job.blocks = calibration_blocks(job.cfg, job.tokenizer) if job.cfg.needs_data else None
+        job.samples = calibration_samples(job.cfg, job.tokenizer) if job.cfg.needs_data else None
 
     def place(self, job) -> None:
         job.device = torch.device(job.cfg.device) if job.cfg.device else job.accelerator.device
@@ -94,8 +94,8 @@ class Prune(Transform):
     def read_text(self, job) -> None:
         super().read_text(job)
         job.batches = None
-        if job.blocks is not None:
-            job.batches = micro_batches(job.blocks, job.cfg.batch_size)
+        if job.samples is not None:
+            job.batches = micro_batches(job.samples, job.cfg.batch_size)
             if not job.sharded:  # replicated model: each rank its round-robin share of whole micro-batches
                 acc = job.accelerator
                 job.batches = round_robin_chunks(
@@ -120,9 +120,9 @@ class Prune(Transform):
         """The resumable calibration state asked for (None without --save-state-every / --resume); the
         support table has refused it already on the paths where it does not work."""
         cfg = job.cfg
-        if job.blocks is None or not (cfg.save_state_every or cfg.resume):
+        if job.samples is None or not (cfg.save_state_every or cfg.resume):
             return None
-        identity = run_identity(settings_identity(cfg), job.model, token_hash(job.blocks))
+        identity = run_identity(settings_identity(cfg), job.model, token_hash(job.samples))
         return CalibState(
             resolve_state_dir(cfg.state_dir, cfg.output_dir), cfg.save_state_every, cfg.resume, identity
         )
@@ -140,7 +140,7 @@ class Prune(Transform):
                             num_batches=len(batches) if batches is not None else None, calib_state=state)  # fmt: skip
         report = result.report
         job.timings.update(report.pop("timings_s"))
-        report["calibration"].update(calibration_input(cfg, job.blocks))
+        report["calibration"].update(calibration_input(cfg, job.samples))
         return report
 
 
@@ -171,14 +171,14 @@ class Shrink(Transform):
         cfg = job.cfg
         bytes_before = weight_bytes(job.model)
         set_stage("removing units")
-        batches = micro_batches(job.blocks, cfg.batch_size) if job.blocks is not None else None
+        batches = micro_batches(job.samples, cfg.batch_size) if job.samples is not None else None
         report = shrink_(job.model, batches, cfg.structured, progress=cfg.prune.progress)
         job.timings.update({f"structure_{k}": v for k, v in report.pop("timings").items()})
         passes = report.pop("calibration")
-        tokens = 0 if job.blocks is None else job.blocks.numel()
+        tokens = 0 if job.samples is None else job.samples.numel()
         report["calibration"] = {
             **calibration_record(passes=passes, tokens=tokens, threads=torch.get_num_threads()),
-            **calibration_input(cfg, job.blocks),
+            **calibration_input(cfg, job.samples),
         }
         report["file_bytes_before"] = bytes_before
         return report
@@ -208,7 +208,7 @@ class Keep(Transform):
         pass
 
     def read_text(self, job) -> None:
-        job.blocks = None
+        job.samples = None
 
     def apply(self, job) -> dict[str, Any]:
         report = self.report
@@ -235,13 +235,13 @@ class Keep(Transform):
         report["recovered_from"] = self.folder.name
 
 
-def calibration_input(cfg: JobConfig, blocks) -> dict[str, Any]:
+def calibration_input(cfg: JobConfig, samples) -> dict[str, Any]:
     """The part of the `calibration` record that describes its text: the same for every transform."""
     return {
-        "blocks": 0 if blocks is None else blocks.shape[0],
+        "samples": 0 if samples is None else samples.shape[0],
         "seq_len": cfg.seq_len,
         "batch_size": cfg.batch_size,
-        "token_sha256": None if blocks is None else token_hash(blocks),
+        "token_sha256": None if samples is None else token_hash(samples),
     }
 
 

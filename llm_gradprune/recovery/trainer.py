@@ -197,12 +197,10 @@ def _prepare_teacher(parts: TrainingParts) -> None:
             p.requires_grad_(False)
 
 
-def _held_out_ppl(model: nn.Module, eval_blocks: torch.Tensor, cfg: RecoverConfig, device) -> float:
+def _held_out_ppl(model: nn.Module, held_out: torch.Tensor, cfg: RecoverConfig, device) -> float:
     """Perplexity on the first `eval_windows` held-out token blocks; leaves the model in training mode."""
     model.eval()
-    ppl = perplexity(model, eval_blocks[: cfg.eval_windows], batch_size=4, progress=False, device=device)[
-        "ppl"
-    ]
+    ppl = perplexity(model, held_out[: cfg.eval_windows], batch_size=4, progress=False, device=device)["ppl"]
     model.train()
     return ppl
 
@@ -279,7 +277,7 @@ def _train(
     start_step: int,
     log: list[dict[str, Any]],
     *,
-    held_out: Callable[[nn.Module], float] | None,
+    score_held_out: Callable[[nn.Module], float] | None,
     state,
     bar,
     t0: float,
@@ -287,16 +285,21 @@ def _train(
     """Steps `start_step`..`steps`, appending to `log` (and held-out perplexities every `eval_every`),
     saving the state when due. Returns the tokens trained on."""
     tokens = 0
-    if start_step == 0 and held_out is not None:
-        log.append({"step": 0, "ppl": held_out(parts.model)})
+    if start_step == 0 and score_held_out is not None:
+        log.append({"step": 0, "ppl": score_held_out(parts.model)})
     for step in range(start_step, steps):
         set_stage(f"recovery training, step {step + 1} of {steps}")
         losses, n = train_step(parts, batches, step, cfg)
         tokens += n
         entry = _log_entry(step + 1, losses, cfg, parts.scheduler.get_last_lr()[0],
                            tokens / (time.perf_counter() - t0))  # fmt: skip
-        if held_out is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-            entry["ppl"] = held_out(parts.model)
+        if (
+            score_held_out is not None
+            and cfg.eval_every
+            and (step + 1) % cfg.eval_every == 0
+            and step + 1 < steps
+        ):
+            entry["ppl"] = score_held_out(parts.model)
         log.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
@@ -348,7 +351,7 @@ def recover_(
     cfg: RecoverConfig,
     *,
     teacher: nn.Module | None = None,
-    eval_blocks: torch.Tensor | None = None,
+    held_out: torch.Tensor | None = None,
     accelerator=None,
     state=None,
     targets: dict[str, nn.Module] | None = None,
@@ -366,9 +369,9 @@ def recover_(
     pruned_before = sum(int(m.sum()) for m in parts.masks.values())
     start_step, log = _resume(parts, state)
     main = (accelerator is None or accelerator.is_main_process) and parts.collective.rank == 0
-    evaluates = eval_blocks is not None and (parts.collective.rows_sharded or main)
-    held_out = (
-        partial(_held_out_ppl, eval_blocks=eval_blocks, cfg=cfg, device=parts.device) if evaluates else None
+    evaluates = held_out is not None and (parts.collective.rows_sharded or main)
+    score_held_out = (
+        partial(_held_out_ppl, held_out=held_out, cfg=cfg, device=parts.device) if evaluates else None
     )
     _prepare_teacher(parts)
     t0 = time.perf_counter()
@@ -377,13 +380,22 @@ def recover_(
     try:
         # a resumed run also trained on the steps before the resume: the report counts them too
         tokens = _tokens_of_steps(batches, cfg, start_step) + _train(
-            parts, batches, cfg, steps, start_step, log, held_out=held_out, state=state, bar=bar, t0=t0
+            parts,
+            batches,
+            cfg,
+            steps,
+            start_step,
+            log,
+            score_held_out=score_held_out,
+            state=state,
+            bar=bar,
+            t0=t0,
         )
     finally:
         bar.close()
         _end_training(parts, cfg)
     model, weights = _merged(parts, cfg)
-    final_ppl = held_out(model) if held_out is not None else None
+    final_ppl = score_held_out(model) if score_held_out is not None else None
     if final_ppl is not None:
         log.append({"step": steps, "ppl": final_ppl})
     local = parts.local
