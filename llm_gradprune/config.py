@@ -120,7 +120,7 @@ class PruneConfig:
     # -- calibration ---------------------------------------------------------------------------
     grad_accum: int = setting(
         1,
-        "micro-batches summed into one gradient sample (sample = mean gradient of grad_accum x batch_size "
+        "micro-batches summed into one gradient (the mean gradient of grad_accum x batch_size "
         "blocks); > 1 costs one fp32 buffer per target weight",
         "calibration",
         range=">= 1",
@@ -261,7 +261,7 @@ class PruneConfig:
         )
         if self.grad_accum > 1 and not grads:
             raise ConfigError(
-                f"grad_accum {self.grad_accum} averages gradient samples, but {what} reads no gradient statistics"
+                f"grad_accum {self.grad_accum} averages gradients, but {what} reads no gradient statistics"
             )
         if self.stats_device != "same" and not backward:
             raise ConfigError(
@@ -327,15 +327,17 @@ class JobConfig:
     text_column: str = setting(
         "text", "column holding the text in tabular sources", "model and data", commands=FLAG_COMMANDS
     )
-    num_samples: int = setting(64, "calibration blocks of seq_len tokens", "model and data", range=">= 0")
+    num_samples: int = setting(
+        64, "calibration samples (token sequences) of seq_len tokens", "model and data", range=">= 0"
+    )
     seq_len: int = setting(
         512,
-        "tokens per calibration block (never defaults to the model's context)",
+        "tokens per calibration sample (never defaults to the model's context)",
         "model and data",
         range=">= 1",
     )
     batch_size: int = setting(
-        1, "blocks per micro-batch; one gradient sample = one micro-batch", "model and data", range=">= 1"
+        1, "samples per micro-batch; one gradient = one micro-batch", "model and data", range=">= 1"
     )
     seed: int = setting(
         0, "seed of the calibration block order", "model and data", range=">= 0", commands=PRUNE_EVAL

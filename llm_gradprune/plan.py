@@ -74,10 +74,11 @@ class Plan:
 
     @property
     def scope(self) -> str:
-        """The scope as the report shows it: n:m, block (adaptive per column block) or the config's."""
+        """The scope as the report shows it: n:m, adaptive (sparsegpt: an exact share of every OBS column
+        chunk, chosen as the weights are updated) or the config's."""
         if self.cfg.nm is not None:
             return "n:m"
-        return "block" if self.criterion.adaptive else self.cfg.scope
+        return "adaptive" if self.criterion.adaptive else self.cfg.scope
 
 
 def make_plan(

@@ -97,7 +97,7 @@ def tiny_batches() -> list[torch.Tensor]:
 # cases the first recording accepted but that set an option without any effect; now refused in one line.
 # Their recorded hash equals the case without the option (tests/test_golden.py checks it).
 REFUSED_NOW = {
-    "token_fisher/row/grad_accum2": ("token_fisher/row", "grad_accum 2 averages gradient samples, but criterion "
+    "token_fisher/row/grad_accum2": ("token_fisher/row", "grad_accum 2 averages gradients, but criterion "
                                      "'token_fisher' reads no gradient statistics"),
 }  # fmt: skip
 # keys of the first recording that the reshaped config spells otherwise (same meaning)

@@ -264,7 +264,7 @@ ROWS = [
     ("flag-typo", flags("--sparsityy", "0.3"), r"unrecognized arguments: --sparsityy 0\.3 \(did you mean --sparsity\?\)"),
     ("layer-wise-option-outside", flags("--blocksize", "64"), r"blocksize 64 applies to layer-wise mode only"),
     ("no-gradient-to-accumulate", flags("--criterion", "wanda", "--grad-accum", "2"),
-     r"grad_accum 2 averages gradient samples, but criterion 'wanda' reads no gradient statistics"),
+     r"grad_accum 2 averages gradients, but criterion 'wanda' reads no gradient statistics"),
 ]  # fmt: skip
 
 

@@ -297,7 +297,7 @@ def test_prune_with_scale_knobs_end_to_end(tmp_path):
         ({"scores_dir": "/tmp/x", "scope": "row"}, "scores_dir '/tmp/x'"),
         (
             {"criterion": "wanda", "grad_accum": 2},
-            "grad_accum 2 averages gradient samples, but criterion 'wanda' reads no",
+            "grad_accum 2 averages gradients, but criterion 'wanda' reads no",
         ),
         (
             {"criterion": "magnitude", "stats_device": "cpu"},

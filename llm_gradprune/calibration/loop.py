@@ -108,7 +108,7 @@ class _Pass:
     accelerator: Any
     loss_fn: LossFn
     device: torch.device
-    grad_accum: int  # micro-batches per gradient sample
+    grad_accum: int  # micro-batches per gradient
 
     def __post_init__(self) -> None:
         self.forward_hooked = self.stats.forward_hooked()
@@ -208,7 +208,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Forward (+ backward when a statistic needs it) every batch once, folding statistics in. Returns counters.
 
-    One gradient sample is the mean gradient of an accumulation of consecutive micro-batches
+    One gradient is the mean gradient of an accumulation of consecutive micro-batches
     (a last, shorter one counts too); its length is the gradient statistics' own
     (`GradStats(grad_accum=)`), `grad_accum` without them. `checkpointing` recomputes layer activations in
     backward (see recompute.py); `calib_state` (io.calib_state) saves and restores partial sums.
@@ -275,7 +275,7 @@ def reduce_statistics_(
 
 
 def reduce_counters_(counters: dict[str, Any], collective: Collective) -> None:
-    """Sum tokens and loss across processes; batches and gradient samples too, unless every rank saw
+    """Sum tokens and loss across processes; batches and gradients too, unless every rank saw
     every micro-batch (row shards)."""
     if collective.processes == 1:
         return

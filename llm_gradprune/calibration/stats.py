@@ -1,13 +1,13 @@
 """Calibration statistics: fp32 accumulators fed by hooks.
 
-A gradient "sample" is one micro-batch's gradient g_b of the mean loss over that micro-batch. For each
+A gradient is one micro-batch's gradient g_b of the mean loss over that micro-batch. For each
 target weight we keep only the sums the chosen criterion reads:
 
     grad_sum     = sum_b g_b          (taylor)
     grad_abs_sum = sum_b |g_b|        (gradient)
     grad_sq_sum  = sum_b g_b^2        (fisher, gblm)
 
-plus, per tensor, the number of gradient samples folded in. Each gradient is folded in by a
+plus, per tensor, the number of gradients folded in. Each gradient is folded in by a
 post-accumulate-grad hook the moment autograd finishes it and is released right there, so a full set
 of gradients never exists. Squares are taken after the cast to fp32: no half-precision underflow.
 
@@ -61,7 +61,7 @@ def all_finite(g: torch.Tensor) -> bool:
 class GradStats:
     """Per-weight fp32 gradient sums for the named parameters.
 
-    `grad_accum`: micro-batches per gradient sample (gradient accumulation). `collective`: with row shards
+    `grad_accum`: micro-batches per gradient (gradient accumulation). `collective`: with row shards
     (FSDP2) the sums hold this rank's rows, gradients are collected after backward (`collect_`) instead
     of by hooks, a non-finite one is skipped by every rank together, and the sums are never added
     across ranks (`row_sharded`).
@@ -82,9 +82,7 @@ class GradStats:
         if grad_accum < 1:
             raise ValueError(f"an accumulation holds at least one micro-batch, not {grad_accum}")
         self.params = params
-        self.grad_accum = (
-            grad_accum  # micro-batches per gradient sample; > 1: summed, folded by end_accumulation()
-        )
+        self.grad_accum = grad_accum  # micro-batches per gradient; > 1: summed, folded by end_accumulation()
         self.row_sharded = collective is not None and collective.rows_sharded
         # this rank's rows of a tensor (row shards); the sums take their shape
         self.local: Callable[[torch.Tensor, str], torch.Tensor] | None = (
@@ -267,7 +265,7 @@ class GradStats:
         return stat in self.sums
 
     def mean(self, stat: str, name: str) -> torch.Tensor:
-        """The sum `stat` of weight `name` over its gradient samples."""
+        """The sum `stat` of weight `name` over its gradients."""
         n = self.counts[name]
         if n == 0:
             raise RuntimeError(f"no finite gradient was folded in for {name}: cannot average {stat}")

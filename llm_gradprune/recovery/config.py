@@ -28,7 +28,7 @@ class RecoverConfig:
     warmup: float = setting(0.1, "share of the steps with a linear warm-up (then cosine decay to 0)", **TRAINING,
                             range="[0, 1]")  # fmt: skip
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay", **TRAINING, range=">= 0")
-    batch_size: int = setting(4, "blocks per micro-batch", **TRAINING, range=">= 1")
+    batch_size: int = setting(4, "samples per micro-batch", **TRAINING, range=">= 1")
     grad_accum: int = setting(1, "micro-batches per optimizer step", **TRAINING, range=">= 1")
     seq_len: int | None = setting(None, "tokens per training block (default: the calibration seq_len)", **TRAINING,
                                   range=">= 2")  # fmt: skip
