@@ -25,7 +25,7 @@ from ..parallel.fsdp import full_state_dict
 from ..status import set_stage
 from ..tasks import check_tasks
 from .evaluation import held_out_perplexity, task_scores, tasks_section
-from .inputs import check_context, held_out_samples, load, training_batches
+from .inputs import held_out_samples, load, training_batches
 from .preflight import check_device, quiet_hf_progress_bars, versions
 from .recovery import recovery_step
 
@@ -47,6 +47,8 @@ class Job:
     model: Any = None
     tokenizer: Any = None
     device: Any = None
+    samples: torch.Tensor | None = None  # the calibration text, when the transform reads one
+    batches: list | None = None  # this rank's micro-batches of it
     held_out: torch.Tensor | None = None
     train: tuple[list[torch.Tensor], str] | None = None
     saved_states: list[Any] = field(default_factory=list)  # cleared once the checkpoint is in place
@@ -202,4 +204,4 @@ def push(cfg: JobConfig, out: Path, report: dict[str, Any]) -> None:
         report["push"] = {"error": str(err)}
 
 
-__all__ = ["Job", "run_job", "check_context"]
+__all__ = ["Job", "run_job"]
