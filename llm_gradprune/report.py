@@ -13,29 +13,18 @@ removed, a smaller dense model).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
-
-CALIBRATION_RECORD = {
-    # what the calibration read (the job fills these in; a library call leaves them None)
-    "samples": None, "seq_len": None, "batch_size": None, "token_sha256": None,
-    # what it did: gradient passes (unstructured) or structured passes
-    "batches": 0, "tokens": 0, "grad_accum": None, "gradients": 0, "stats_device": None,
-    "gradient_checkpointing": None, "recomputed_layers": 0, "mean_loss": None, "statistics": [],
-    "skipped_nonfinite": {}, "processes": 1, "sharding": None, "reduce": None, "resumed_from_batch": None,
-    "state_saves": 0, "passes": None, "threads": None,
-}  # fmt: skip
 
 
 def calibration_record(**values: Any) -> dict[str, Any]:
-    """The report's `calibration` section: one set of keys for every kind of run (unknown keys refused,
-    so the two kinds cannot drift apart again)."""
-    unknown = set(values) - set(CALIBRATION_RECORD)
+    """The report's `calibration` section: the fields of `Calibration`, one set of keys for every kind of
+    run (unknown keys refused, so the kinds cannot drift apart again)."""
+    unknown = set(values) - {f.name for f in fields(Calibration)}
     if unknown:
         raise KeyError(f"not calibration record fields: {sorted(unknown)}")
-    return {**copy.deepcopy(CALIBRATION_RECORD), **values}  # no two reports share a default list
+    return asdict(Calibration(**values))  # a fresh copy: no two reports share a default list
 
 
 def _sub(cls) -> Callable[[Any], Any]:
@@ -61,7 +50,8 @@ LEGACY_CALIBRATION_KEYS = {"blocks": "samples", "gradient_samples": "gradients"}
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the calibration read and did; the same fields for every kind of run (CALIBRATION_RECORD)."""
+    """What the calibration read (the job fills samples, seq_len, batch_size and token_sha256; a library
+    call leaves them None) and did: gradient passes (unstructured) or structured passes (`passes`)."""
 
     samples: int | None = None  # token sequences of seq_len read
     seq_len: int | None = None
@@ -92,6 +82,9 @@ class Calibration:
         # reports saved before the names settled: "blocks" were samples, "gradient_samples" gradients
         renamed = {LEGACY_CALIBRATION_KEYS.get(k, k): v for k, v in d.items()}
         return _parse(cls, renamed)
+
+
+CALIBRATION_RECORD = asdict(Calibration())  # the keys and defaults, in order
 
 
 @dataclass(frozen=True)
