@@ -34,9 +34,10 @@ def test_block_by_block_replays_the_full_forward(offload):
     model = make_tiny_llama(layers=3)
     layers = model.get_submodule(block_list_prefix(model))
     ids = make_blocks(3, 16)
-    calls = capture_block_inputs(model, layers[0], list(ids.split(1)), store="cpu" if offload else None)
+    calls = capture_block_inputs(model, layers, list(ids.split(1)), store="cpu" if offload else None)
     assert len(calls) == 3 and "position_embeddings" in calls[0][1]  # captured, not hard-coded
-    for block in layers:
+    for index, block in enumerate(layers):
+        calls.use_block(index)
         run_block(block, calls, torch.device("cpu"), keep_outputs=True)
     for i, (args, _) in enumerate(calls):
         assert torch.allclose(args[0], last_block_output(model, layers, ids[i : i + 1]), atol=1e-5)
@@ -205,7 +206,7 @@ def test_true_sequential_finds_the_llama_stages_and_prunes_each_after_the_ones_b
     model = make_tiny_llama(layers=2)
     layers = model.get_submodule(block_list_prefix(model))
     ids = make_blocks(4, 16)
-    calls = capture_block_inputs(model, layers[0], list(ids.split(1)))
+    calls = capture_block_inputs(model, layers, list(ids.split(1)))
     mods = {n: m for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)}
     stages = call_stages(layers[0], mods, calls[:1], torch.device("cpu"))
     assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],

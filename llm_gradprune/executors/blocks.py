@@ -1,26 +1,35 @@
 """Running a model one decoder block at a time, for layer-wise mode, with no assumption on its blocks.
 
-The calibration batches run through the model until the first block is called; a forward pre-hook
-records that call's positional inputs and keyword arguments (hidden states, rotary embeddings,
-attention mask, position ids, ...) and raises a sentinel to stop the forward. Nothing is assumed about
-the block's signature; only a KV cache is dropped, since blocks are re-run. `call_stages` finds a
-block's stages (modules reading one input: q/k/v, then o, gate/up, down) by watching one forward.
+The calibration batches run through the model with a forward pre-hook on every decoder block; each hook
+records its block's own call (positional inputs and keyword arguments: hidden states, rotary embeddings,
+attention mask, position ids, ...), since blocks of one model may be called differently (Gemma's sliding
+and full attention layers get different masks, Gemma3's also different rotary embeddings). The first
+micro-batch runs through every block but the last; when every block got the same inputs besides the
+hidden states, later micro-batches of the same shapes stop at the first block, as a model of alike blocks
+needs no more. Equal inputs are kept once, whichever blocks share them. The replay (`run_block`) feeds
+each block its own recorded inputs (`BlockCalls.use_block`) and the hidden states the blocks before it
+computed; inputs other than the hidden states are those of the dense forward. Nothing is assumed about a
+block's signature; only a KV cache is dropped, since blocks are re-run. `call_stages` finds a block's
+stages (modules reading one input: q/k/v, then o, gate/up, down) by watching one forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..calibration.loop import LossFn, causal_lm_loss, to_device
 from ..errors import ConfigError
 
+Call = tuple[tuple, dict]  # the (args, kwargs) of one block call
+
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
+    """Raised by the capture hook once the blocks' inputs a micro-batch needs are recorded."""
 
 
 def _drop_cache(value: Any) -> Any:
@@ -35,30 +44,191 @@ def _move(obj: Any, device: torch.device | str) -> Any:
     return to_device(obj, torch.device(device))
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Whether two recorded inputs are equal: the same object, or equal values of the same structure."""
+    if a is b:
+        return True
+    (la, sa), (lb, sb) = tree_flatten(a), tree_flatten(b)
+    if sa != sb:
+        return False
+    for x, y in zip(la, lb, strict=True):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if (x.shape, x.dtype, x.device) != (y.shape, y.dtype, y.device) or not torch.equal(x, y):
+                return False
+        elif x is not y:
+            try:
+                if not bool(x == y):
+                    return False
+            except Exception:  # a value with no truth value for == is not known to be equal
+                return False
+    return True
+
+
+def _signature(call: Call) -> tuple:
+    """What a micro-batch's first block call looks like: structure, tensor shapes and plain values."""
+    leaves, spec = tree_flatten(call)
+    plain = (type(None), bool, int, float, str)
+    return spec, [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else x if isinstance(x, plain) else type(x)
+                  for x in leaves]  # fmt: skip
+
+
+def _share(calls: list[Call]) -> list[Call]:
+    """The blocks' calls with each input replaced by an equal one an earlier block got in the same place
+    (an argument position or keyword), so that equal inputs are one object and are stored once."""
+    kept: dict[int | str, list] = {}
+
+    def one(slot: int | str, value: Any) -> Any:
+        for earlier in kept.setdefault(slot, []):
+            if _same(earlier, value):
+                return earlier
+        kept[slot].append(value)
+        return value
+
+    return [
+        (tuple(one(p, v) for p, v in enumerate(args)), {k: one(k, v) for k, v in kwargs.items()})
+        for args, kwargs in calls
+    ]
+
+
+def _identical(a: Call, b: Call) -> bool:
+    return (len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0], strict=True))
+            and a[1].keys() == b[1].keys() and all(a[1][k] is b[1][k] for k in a[1]))  # fmt: skip
+
+
+def _mover(device: torch.device | str | None):
+    """A function moving inputs to `device` (None: leaving them), each input and each tensor in it once
+    however often it appears, so that what the blocks share stays one object (the originals are kept
+    too, so that their ids stay theirs)."""
+    if device is None:
+        return lambda value: value
+    moved: dict[int, tuple[Any, Any]] = {}
+
+    def once(x: Any, move) -> Any:
+        if id(x) not in moved:
+            moved[id(x)] = (x, move(x))
+        return moved[id(x)][1]
+
+    def tensor(x: Any) -> Any:
+        return once(x, lambda t: _move(t, device)) if isinstance(x, torch.Tensor) else x
+
+    return lambda value: once(value, lambda v: tree_map(tensor, v))
+
+
+def _map_call(f, call: Call) -> Call:
+    args, kwargs = call
+    return tuple(f(v) for v in args), {k: f(v) for k, v in kwargs.items()}
+
+
+def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a recorded decoder-block call passes (first positional, or by keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor | None) -> Call:
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+class BlockCalls(list):
+    """The recorded block calls, one (args, kwargs) per micro-batch, as the block being run takes them.
+
+    `run_block` replaces their hidden states by a block's outputs; `use_block(i)` swaps in block i's own
+    other inputs (mask, rotary embeddings, ...) and keeps the hidden states, so call it before running
+    block i. `own[j]` lists micro-batch j's calls per block without hidden states, or is None where every
+    block got the same inputs.
+    """
+
+    def __init__(self, calls: Iterable[Call] = (), own: list[list[Call] | None] | None = None):
+        super().__init__(calls)
+        self.own = own if own is not None else [None] * len(self)
+
+    @property
+    def alike(self) -> bool:
+        """Whether every block was called with the same inputs besides the hidden states."""
+        return all(o is None for o in self.own)
+
+    def use_block(self, index: int) -> None:
+        """Give every call block `index`'s own inputs besides the hidden states."""
+        for j, own in enumerate(self.own):
+            if own is not None:
+                self[j] = _with_hidden(*own[index], hidden_states_of(*self[j]))
+
+
+class _Recorder:
+    """Forward pre-hooks on the blocks: each records its block's call and stops the forward at the last
+    block, or at the first block once a micro-batch of that shape showed every block called alike."""
+
+    def __init__(self, n_blocks: int):
+        self.last = n_blocks - 1
+        self.seen: list[Call] = []  # this micro-batch's calls, hidden states left out
+        self.hidden: torch.Tensor | None = None
+        self.signature: tuple | None = None
+        self.alike_signatures: list[tuple] = []
+        self.blocks_differ = False
+
+    def hook(self, index: int):
+        def record(module, args, kwargs):
+            if index != len(self.seen):
+                raise RuntimeError(
+                    f"block {index} was called before block {len(self.seen)}: layer-wise mode replays the "
+                    "blocks in list order, each once"
+                )
+            kwargs = {k: _drop_cache(v) for k, v in kwargs.items()}
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            call = (tuple(args), kwargs)
+            if index == 0:
+                self.hidden, self.signature = hidden_states_of(*call), _signature(call)
+            self.seen.append(_with_hidden(*call, None))
+            if index == self.last or (index == 0 and self._known_alike()):
+                raise _StopForward
+
+        return record
+
+    def _known_alike(self) -> bool:
+        return not self.blocks_differ and any(self.signature == s for s in self.alike_signatures)
+
+    def finish(self, store: torch.device | str | None) -> tuple[Call, list[Call] | None]:
+        """This micro-batch's first block call, and the calls of every block where they differ."""
+        seen, self.seen = self.seen, []
+        own: list[Call] | None = None
+        if len(seen) > 1:
+            shared = _share(seen)
+            if all(_identical(c, shared[0]) for c in shared):
+                self.alike_signatures.append(self.signature)
+            else:
+                self.blocks_differ = True
+                own = [shared[0] if _identical(c, shared[0]) else c for c in shared]
+        move = _mover(store)
+        own = None if own is None else [_map_call(move, c) for c in own]
+        base = own[0] if own is not None else _map_call(move, seen[0])
+        hidden, self.hidden = move(self.hidden), None
+        return _with_hidden(*base, hidden), own
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
-    first_block: nn.Module,
+    layers: Sequence[nn.Module] | nn.Module,
     batches: Iterable[Any],
     *,
     loss_fn: LossFn = causal_lm_loss,
     device: torch.device | None = None,
     store: torch.device | str | None = None,
-) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of `first_block`'s call for every batch, moved to `store` (default: as they come)."""
+) -> BlockCalls:
+    """Every block's call for every batch, moved to `store` (default: left where they come).
+
+    `layers`: the decoder blocks in call order (one block: that block's calls only). The forward stops
+    at the last block's call, or at the first one's where the blocks are known to be called alike.
+    """
     device = device or next(model.parameters()).device
-    calls: list[tuple[tuple, dict]] = []
-
-    def hook(module, args, kwargs):
-        kwargs = {k: _drop_cache(v) for k, v in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        if store is not None:
-            args, kwargs = _move(args, store), _move(kwargs, store)
-        calls.append((tuple(args), kwargs))
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    blocks = list(layers) if isinstance(layers, nn.ModuleList | list | tuple) else [layers]
+    recorder = _Recorder(len(blocks))
+    handles = [b.register_forward_pre_hook(recorder.hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    calls = BlockCalls()
     config = getattr(model, "config", None)
     old_cache = getattr(config, "use_cache", None)
     if old_cache is not None:
@@ -68,24 +238,19 @@ def capture_block_inputs(
             try:
                 loss_fn(model, to_device(batch, device))
             except _StopForward:
+                first, own = recorder.finish(store)
+                calls.append(first)
+                calls.own.append(own)
                 continue
-            raise RuntimeError("the model finished a forward pass without calling its first block")
+            raise RuntimeError(
+                f"the model finished a forward pass without calling its block {len(recorder.seen)}"
+            )
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if old_cache is not None:
             config.use_cache = old_cache
     return calls
-
-
-def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a recorded decoder-block call passes (first positional, or by keyword)."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (h, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": h}
 
 
 @torch.no_grad()

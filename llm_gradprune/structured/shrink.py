@@ -221,17 +221,17 @@ def _apply(
     changed = [lu for lu in units.layers if lu.index in choice.channels or lu.index in choice.queries]
     sequential = refit and cfg.refit_inputs == "sequential" and bool(changed)
     device = units.layers[0].modules["down"].weight.device
-    calls = (
-        capture_block_inputs(model, units.layers[0].block, batches, loss_fn=loss_fn, device=device)
-        if sequential
-        else None
-    )
     blocks = model.get_submodule(units.prefix)
+    calls = (
+        capture_block_inputs(model, blocks, batches, loss_fn=loss_fn, device=device) if sequential else None
+    )
     kept = [i for i in range(units.shape.layers) if i not in choice.removed_layers]
     last = max(lu.index for lu in changed) if changed else -1
     info: dict[int, dict] = {}
     for new_idx, i in enumerate(kept):
         lu = units.layers[i]
+        if sequential:
+            calls.use_block(i)  # layer i's own mask and rotary embeddings, as the dense model called it
         inputs: dict[str, Any] = {}
         if refit and lu in changed:
             if sequential:
