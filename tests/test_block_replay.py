@@ -210,14 +210,7 @@ def test_any_block_signature_equal_values_count_as_alike(shifts, alike):
         torch.testing.assert_close(args[0], want)
 
 
-WIRING = pytest.mark.xfail(
-    strict=True, reason="executors/layer_wise.py does not call use_block yet (issue 22)"
-)
-
-
-@pytest.mark.parametrize(
-    "family", ["llama", pytest.param("gemma2", marks=WIRING), pytest.param("gemma3", marks=WIRING)]
-)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
 def test_layer_wise_wanda_masks_equal_whole_model_masks_behind_a_dense_first_block(family):
     """With block 0 left dense, block 1 reads the dense model's inputs in both modes: same wanda masks."""
     from llm_gradprune import PruneConfig, prune_

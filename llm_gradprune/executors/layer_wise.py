@@ -3,7 +3,9 @@
 1. Statistics that need the whole model (gradients, the per-token Fisher, the dense activations an
    allocation or SparseGPT's prior reads) are gathered first, in one pass of the calibration loop, and
    the per-tensor budgets are fixed from them (uniform, OWL, or the global scope's exact counts).
-2. The first decoder block's inputs are recorded (`blocks.capture_block_inputs`). For each decoder
+2. Every decoder block's own call is recorded (`blocks.capture_block_inputs`): blocks may be called
+   differently (Gemma's sliding and full attention layers). Before a block runs, its own mask and
+   rotary embeddings are swapped in (`BlockCalls.use_block`). For each decoder
    block, forward hooks gather what its targets need per group (Hessians for updates, activations for
    wanda-like scores) while the recorded inputs run through it; the group is pruned by
    `plan.prune_stage`; then the block runs again and its outputs, computed by the already-pruned block,
@@ -126,7 +128,7 @@ class _LayerPruning:
                     acc.detach()
             reduce_statistics_(stats, plan.collective, chunk_elems=plan.cfg.select_chunk_elems)
         with self.timer("prune"):
-            names = [f"{n}.weight" for n in modules]
+            names = [m.key for m in modules.values()]
             prune_stage(plan, names, self.weights, self.budgets, self.scope, self.record, stage=stats,
                         whole=self.whole)  # fmt: skip
             if "hessian" in stats.by_source:
@@ -140,7 +142,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     prefix, layers = _decoder_layers(model)
     per_layer = split_by_block(plan.targets, prefix, len(layers))
-    weights = {f"{n}.weight": m.weight.data for n, m in plan.targets.items()}
+    weights = {t.key: t.weight.data for t in plan.targets.values()}
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -154,7 +156,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     model.eval()
     with timer("capture_inputs"):
         store = torch.device("cpu") if cfg.offload_inputs else None
-        calls = capture_block_inputs(model, layers[0], batches, loss_fn=loss_fn, device=device, store=store)
+        calls = capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=store)
     if not counters["batches"]:
         _count_what_layers_read(counters, calls, batches, plan)
     pruning = _LayerPruning(
@@ -165,6 +167,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
         for index, layer in enumerate(tqdm(layers, desc="layer-wise pruning", unit="block",
                                            disable=not (cfg.progress and main))):  # fmt: skip
             set_stage(f"layer-wise pruning, block {index + 1} of {len(layers)}")
+            calls.use_block(index)  # this block's own mask and rotary embeddings, the current hidden states
             pruning.prune_layer_(layer, per_layer[index], calls)
     finally:
         model.train(was_training)
