@@ -27,6 +27,7 @@ from torch import nn
 from .calibration.stats import STATISTICS, Statistics
 from .config import PruneConfig
 from .errors import ConfigError
+from .expert_calls import probe_experts
 from .parallel import Collective
 from .reconstruction.obs import sparsegpt_
 from .reconstruction.rules import UPDATES, UpdateRule
@@ -35,7 +36,7 @@ from .scoring.allocation import ALLOCATIONS, Allocation, allocate
 from .scoring.criteria import CRITERIA, Criterion, sparsegpt_prior
 from .selection.masks import empty_tensors, global_sparsities, mask_summary, select_mask
 from .support import SupportQuery, check_support
-from .targets import check_nm_fits, find_targets, weight_rows
+from .targets import Target, all_matrices, as_targets, check_nm_fits, find_targets, weight_rows
 
 log = logging.getLogger("llm_gradprune")
 
@@ -54,7 +55,7 @@ class Plan:
     update: UpdateRule
     executor: str  # "whole_model", "layer_wise" or "sharded"
     collective: Collective
-    targets: dict[str, nn.Module]  # module name -> module
+    targets: dict[str, Target]  # target name -> Target (a Linear's weight, a Conv1D's, one expert's)
     shapes: dict[str, tuple[int, int]]  # weight name -> global (rows, row length)
     whole_stats: set[str]  # mean statistics gathered over the whole (dense) model first
     stage_stats: set[str]  # mean statistics gathered per stage (layer-wise: per block or stage)
@@ -63,10 +64,11 @@ class Plan:
     # later rounds must stay able to reach (at most M-N pruned in any group of M)
     already_pruned: dict[str, torch.Tensor] | None = None
     nm_cap: tuple[int, int] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # target_summary: what is pruned, what is not
 
     @property
     def names(self) -> list[str]:
-        return [f"{n}.weight" for n in self.targets]
+        return [t.key for t in self.targets.values()]
 
     @property
     def numel(self) -> dict[str, int]:
@@ -95,8 +97,12 @@ def make_plan(
     )
     check_support(run)
     crit = CRITERIA.get(cfg.criterion)
-    targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
-    params = {f"{n}.weight": m.weight for n, m in targets.items()}
+    targets = (
+        as_targets(model, targets) if targets is not None else find_targets(model, cfg.include, cfg.exclude)
+    )
+    check_views_supported(targets, collective)
+    probe_experts(model, targets)
+    params = {t.key: t.weight for t in targets.values()}
     check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
     shapes = {n: weight_rows(p) for n, p in params.items()}
     alloc = ALLOCATIONS.get(cfg.allocation)
@@ -126,7 +132,42 @@ def make_plan(
     for note in warned:
         log.warning("warning: %s", note)
     notes += warned
-    return Plan(cfg, crit, alloc, update, executor, collective, targets, shapes, whole, per_stage, notes)
+    return Plan(cfg, crit, alloc, update, executor, collective, targets, shapes, whole, per_stage, notes,
+                summary=target_summary(model, targets))  # fmt: skip
+
+
+def check_views_supported(targets: dict[str, Target], collective: Collective) -> None:
+    """Row shards (FSDP2) split a parameter's first dimension: the rows of a Linear weight, but the
+    experts of a fused parameter and the inputs of a Conv1D, so those are refused there."""
+    if not collective.rows_sharded:
+        return
+    other = next((t for t in targets.values() if t.expert is not None or t.transposed), None)
+    if other is not None:
+        what = "a fused expert matrix" if other.expert is not None else "a Conv1D matrix"
+        raise ConfigError(
+            f"{other.name} is {what}: FSDP row shards split its parameter along another dimension than its "
+            "rows; prune this model with one process or replicated processes"
+        )
+
+
+def target_summary(model: nn.Module, targets: dict[str, Target]) -> dict[str, Any]:
+    """What is pruned and what is not: matrices and weights per kind, routers and embeddings untouched."""
+    per_kind: dict[str, dict[str, int]] = {}
+    for t in targets.values():
+        k = per_kind.setdefault(t.kind, {"matrices": 0, "weights": 0})
+        k["matrices"] += 1
+        k["weights"] += t.weight.numel()
+    candidates, routers = all_matrices(model)
+    untargeted = [t for t in candidates if t.name not in targets]
+    experts = sorted({t.name.rsplit(".", 1)[0] for t in targets.values() if t.expert is not None})
+    return {
+        "per_kind": per_kind,
+        "routers": routers,
+        "untargeted_matrices": len(untargeted),
+        "untargeted_weights": sum(t.weight.numel() for t in untargeted),
+        "experts": len(experts),
+        "note": "routers, embeddings, norms and the head are never pruned",
+    }
 
 
 # -- scores and budgets ------------------------------------------------------------------------------
@@ -178,10 +219,15 @@ def resolve_budgets(
         )  # fmt: skip
         budgets = dict(alloc)
     if cfg.nm is None and scope == "global":
+        # an expert no token was routed to has no score comparable with the others: it keeps the
+        # target sparsity, and the global ranking runs over the rest
+        unrouted = set(stats.unrouted())
         score_fn = make_score_fn(plan, weights, stats)
-        budgets = global_sparsities(names, score_fn, sparsity=cfg.sparsity, numel=plan.numel,
+        ranked = [n for n in names if n not in unrouted]
+        budgets = global_sparsities(ranked, score_fn, sparsity=cfg.sparsity, numel=plan.numel,
                                     chunk_elems=cfg.select_chunk_elems, scores_dir=cfg.scores_dir,
                                     collective=coll)  # fmt: skip
+        budgets = {n: budgets.get(n, cfg.sparsity) for n in names}
         scope = "tensor"
     empty = empty_tensors(budgets, plan.shapes, scope, cfg.nm)
     if empty and not cfg.allow_empty_tensors:
@@ -206,6 +252,7 @@ class Record:
     per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     hessian_bytes: dict[str, int] = field(default_factory=dict)
+    routed_tokens: dict[str, int] = field(default_factory=dict)  # expert matrices: tokens routed to them
     keep_masks: bool = True
 
 
@@ -262,7 +309,10 @@ def prune_stage(
     """score -> select -> update -> record, for each tensor of one stage (all targets, a block, a stage)."""
     sources = [s for s in (stage, whole) if s is not None]
     score_fn = None if plan.criterion.adaptive else make_score_fn(plan, weights, *sources)
+    routed = next((s.by_source["routed"] for s in sources if "routed" in s.by_source), None)
     for name in names:
+        if routed is not None and name in routed.tokens:
+            record.routed_tokens[name] = routed.tokens[name]
         hessian = stage.mean("hessian", name) if stage is not None and stage.has("hessian") else None
         mask, info = prune_tensor(plan, name, weights[name], budgets[name], scope, score_fn, hessian, whole)
         if hessian is not None:
@@ -389,8 +439,25 @@ def build_report(
             "note": "fp32 in_features^2 x 4; q/k/v and gate/up share one",
         },
         "peak_memory_bytes": peak_memory_bytes(device),
+        "matrices": plan.summary or None,
+        "experts": _experts_record(plan, record),
         "timings_s": {k: float(timings.get(k, 0.0)) for k in TIMING_KEYS},
         "per_tensor": per_tensor,
+    }
+
+
+def _experts_record(plan: Plan, record: Record) -> dict[str, Any] | None:
+    """Routed calibration tokens per expert (its first matrix's count), and the experts that got none."""
+    routed = record.routed_tokens
+    if not routed:
+        return None
+    counts: dict[str, int] = {}
+    for name, tokens in routed.items():
+        counts.setdefault(name.rsplit(".", 1)[0], tokens)
+    return {
+        "routed_tokens": counts,
+        "unrouted": sorted(e for e, c in counts.items() if c == 0),
+        "rule": "an expert with no routed token reads neutral statistics: pruned by magnitude, no update",
     }
 
 

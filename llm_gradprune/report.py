@@ -230,6 +230,11 @@ class Sparsity:
     mode: Mode = field(default_factory=Mode)
     hessian_bytes: dict[str, Any] | None = None
     peak_memory_bytes: dict[str, Any] | None = None
+    matrices: dict[str, Any] | None = None  # what is pruned per kind, routers and what is left
+    experts: dict[str, Any] | None = None  # routed tokens per expert, the experts that got none
+    stored_as: dict[str, list] | None = (
+        None  # matrices written in another layout: the file tensors holding them
+    )
     per_tensor: dict[str, TensorCount] = field(default_factory=dict)
 
     @classmethod

@@ -24,7 +24,7 @@ from .plan import PruneResult
 from .recovery.config import RecoverConfig
 from .recovery.trainer import recover_
 from .status import set_stage
-from .targets import find_targets
+from .targets import as_targets, find_targets
 
 
 def schedule(target: float, rounds: int, kind: str = "cubic") -> list[float]:
@@ -63,9 +63,11 @@ def prune_in_rounds_(
     on_round: Callable[[int, PruneResult], None] | None = None,
 ) -> PruneResult:
     """Prune `model` in `cfg.rounds` rounds; the last round's result, with every round in report["rounds"]."""
-    targets = targets if targets is not None else find_targets(model, cfg.include, cfg.exclude)
+    targets = (
+        as_targets(model, targets) if targets is not None else find_targets(model, cfg.include, cfg.exclude)
+    )
     coll = collective_for(model)
-    weights = {f"{n}.weight": m.weight for n, m in targets.items()}
+    weights = {t.key: t.weight for t in targets.values()}
     levels = schedule(cfg.sparsity, cfg.rounds, cfg.round_schedule)
     pruned: dict[str, torch.Tensor] | None = None
     rounds: list[dict[str, Any]] = []
@@ -81,7 +83,7 @@ def prune_in_rounds_(
                  "pattern": result.report["pattern"]}  # fmt: skip
         if not last and recover is not None and recover.round_steps and recover_batches:
             model, rec = recover_(model, recover_batches, recover, steps=recover.round_steps, accelerator=accelerator,
-                                  targets=targets, masks=pruned, progress=recover_batches is not None)  # fmt: skip
+                                  targets=targets, progress=recover_batches is not None)  # fmt: skip
             entry["recovery"] = {k: rec[k] for k in ("steps", "tokens", "final_loss", "seconds")}
         rounds.append(entry)
         if on_round is not None:

@@ -226,7 +226,7 @@ ROWS = [
     ("dataset-missing", flags("--dataset", "/nonexistent/d.txt"), r"dataset file '/nonexistent/d\.txt' does not exist"),
     ("empty-text-column", empty_text_column, r"d\.csv\[train\]' holds no non-empty text"),
     ("wrong-text-column", wrong_column, r"text_column 'text' is not in .*: its columns are review, label"),
-    ("patterns-match-nothing", flags("--include", "no_such_layer"), r"target patterns match no prunable weight \(include=\['no_such_layer'\]"),
+    ("patterns-match-nothing", flags("--include", "no_such_layer"), r"target patterns match no prunable matrix \(include=\['no_such_layer'\]"),
     ("bad-regex", flags("--exclude", "mlp("), r"target pattern 'mlp\(' is not a valid regex"),
     ("yaml-unknown-key", yaml_typo, r"unknown config key 'num_sample' \(did you mean 'num_samples'\?\)"),
     ("yaml-syntax-error", yaml_syntax, r"c\.yaml' is not valid YAML at line 2: expected ',' or ']'"),

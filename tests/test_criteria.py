@@ -241,5 +241,5 @@ def test_token_fisher_differs_from_batch_fisher_with_several_tokens():
 def test_token_fisher_refuses_conv_layers_clearly():
     cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
     cfg = PruneConfig(criterion="token_fisher", progress=False)
-    with pytest.raises(ConfigError, match="reads Linear layers only; '0' is not one"):
+    with pytest.raises(ConfigError, match="reads Linear, Conv1D and expert matrices only; '0' is none"):
         prune_(cnn, [torch.randn(1, 1, 3, 3)], cfg, loss_fn=lambda m, b: m(b).sum())

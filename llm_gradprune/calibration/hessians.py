@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hooks import ForwardHooked
+from .hooks import ForwardHooked, reads_rows
 
 
 class Hessians(ForwardHooked):
@@ -20,10 +20,16 @@ class Hessians(ForwardHooked):
     """
 
     def __init__(self, modules: dict[str, nn.Module], device=None):
-        self.modules = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+        self.modules = {n: m for n, m in modules.items() if reads_rows(m)}
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        for n, m in self.modules.items():
+            if getattr(m, "expert", None) is not None:
+                # an expert may get no token on one rank and some on another: every rank holds its sum
+                cols = m.weight.shape[1]
+                self.sums[n] = torch.zeros(cols, cols, dtype=torch.float32, device=device or m.weight.device)
+                self.tokens[n] = 0
         self.alias: dict[str, str] = {}
         self._last: tuple[torch.Tensor, str] | None = None
         self._handles: list = []

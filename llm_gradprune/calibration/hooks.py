@@ -5,6 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 
+def reads_rows(module) -> bool:
+    """Does the module (or target) multiply the last dimension of its input by its weight matrix?
+    A Linear, a Conv1D or an expert matrix does; a Conv2d kernel does not (no per-channel statistic)."""
+    return isinstance(module, nn.Linear) or bool(getattr(module, "linear", False))
+
+
 class ForwardHooked:
     """Base of an accumulator with one forward hook per module in `self.modules` (`_make_hook(name)`
     returns it); `_forget()` drops what a subclass holds only while attached."""

@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..parallel import Collective
 from ..registry import Registry
 from .hessians import Hessians
-from .hooks import ForwardHooked
+from .hooks import ForwardHooked, reads_rows
 
 GRAD_STATS = ("grad_sum", "grad_abs_sum", "grad_sq_sum")
 
@@ -69,7 +69,7 @@ class GradStats:
 
     def __init__(
         self,
-        params: dict[str, nn.Parameter],
+        params: dict[str, Any],
         needs: set[str] | tuple[str, ...],
         device=None,
         *,
@@ -81,7 +81,11 @@ class GradStats:
             raise ValueError(f"unknown gradient statistics {sorted(unknown)}: allowed {GRAD_STATS}")
         if grad_accum < 1:
             raise ValueError(f"an accumulation holds at least one micro-batch, not {grad_accum}")
-        self.params = params
+        # `params`: {weight name: parameter}, or {weight name: Target} where a target is a view of a
+        # parameter (a Conv1D's transpose, one expert of a fused parameter): the parameter's gradient is
+        # then split into its targets' views, and one hook serves all targets of one parameter
+        self.views = {n: p.matrix for n, p in params.items() if not isinstance(p, torch.Tensor)}
+        self.params = {n: (p if isinstance(p, torch.Tensor) else p.param) for n, p in params.items()}
         self.grad_accum = grad_accum  # micro-batches per gradient; > 1: summed, folded by end_accumulation()
         self.row_sharded = collective is not None and collective.rows_sharded
         # this rank's rows of a tensor (row shards); the sums take their shape
@@ -92,7 +96,10 @@ class GradStats:
         # a micro-batch together); None where each rank folds its own micro-batches
         self.agree: Callable[[list[bool]], list[bool]] | None = collective.agree if self.row_sharded else None
         self.needs = tuple(s for s in GRAD_STATS if s in needs)
-        shapes = {n: (self.local(p, n) if self.local is not None else p) for n, p in params.items()}
+        shapes = {
+            n: (self.local(p, n) if self.local is not None else self._view(n, p))
+            for n, p in self.params.items()
+        }
         self.sums: dict[str, dict[str, torch.Tensor]] = {
             stat: {
                 n: torch.zeros(t.shape, dtype=torch.float32, device=device or t.device)
@@ -119,12 +126,22 @@ class GradStats:
         would miss them: it waits for the accumulation's end.)"""
         return bool(self._accumulating)
 
+    def _view(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        view = self.views.get(name)
+        return t if view is None else view(t)
+
+    def _by_param(self) -> dict[int, tuple[torch.Tensor, list[str]]]:
+        by: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for name, p in self.params.items():
+            by.setdefault(id(p), (p, []))[1].append(name)
+        return by
+
     def attach(self) -> GradStats:
         """Fold each gradient as autograd finishes it, or with row shards leave them for `collect_`."""
-        for name, p in self.params.items():
+        for p, names in self._by_param().values():
             p.requires_grad_(True)
             if not self.row_sharded:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(names)))
         return self
 
     def collect_(self) -> None:
@@ -152,10 +169,11 @@ class GradStats:
             p.grad = None
             p.requires_grad_(False)
 
-    def _make_hook(self, name: str):
+    def _make_hook(self, names: list[str]):
         def hook(p: torch.Tensor) -> None:
             g, p.grad = p.grad, None  # release the gradient at once
-            self.receive(name, g)
+            for name in names:
+                self.receive(name, self._view(name, g))
 
         return hook
 
@@ -316,7 +334,7 @@ class ActStats(TokenSums):
     STAT, KEY, RECORDS = "act_sq_sum", "act", "activations"
 
     def __init__(self, modules: dict[str, nn.Module], device=None):
-        self.modules = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+        self.modules = {n: m for n, m in modules.items() if reads_rows(m)}
         self.sums = {
             n: torch.zeros(m.weight.shape[1], dtype=torch.float32, device=device or m.weight.device)
             for n, m in self.modules.items()
@@ -361,7 +379,7 @@ class TokenGradStats(TokenSums):
     STAT, KEY, RECORDS = "token_grad_sq_sum", "tok", "output gradients"
 
     def __init__(self, modules: dict[str, nn.Module], device=None):
-        self.modules = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+        self.modules = {n: m for n, m in modules.items() if reads_rows(m)}
         self.sums = {
             n: torch.zeros(m.weight.shape, dtype=torch.float32, device=device or m.weight.device)
             for n, m in self.modules.items()
@@ -413,6 +431,44 @@ class TokenGradStats(TokenSums):
             output.register_hook(lambda grad: self._fold(name, x, grad))
 
         return hook
+
+
+class RoutedTokens(TokenSums):
+    """Tokens each expert matrix received (the router's choice), counted for the report and for the
+    rule on experts that received none: with no routed token an expert has no activation, Hessian or
+    gradient evidence (its gradient is exactly 0), so every statistic of it reads as neutral (ones, an
+    identity Hessian): every criterion then ranks its weights by magnitude and no update moves them."""
+
+    STAT, KEY, RECORDS = "", "routed", "routed tokens"
+
+    def __init__(self, modules: dict[str, Any]):
+        self.modules = {n: m for n, m in modules.items() if getattr(m, "expert", None) is not None}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = {n: 0 for n in self.modules}
+        self._handles: list = []
+        self.paused = False
+
+    def holds(self, stat: str) -> bool:
+        return False
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output) -> None:
+            if not self.paused:
+                self.tokens[name] += inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]
+
+        return hook
+
+    def unrouted(self, pname: str) -> bool:
+        return self.tokens.get(pname, 1) == 0
+
+    def neutral(self, stat: str, pname: str) -> torch.Tensor:
+        w = self.modules[pname].weight
+        rows, cols = w.shape
+        if stat == "act_sq_mean":
+            return torch.ones(cols, dtype=torch.float32, device=w.device)
+        if stat == "hessian":
+            return torch.eye(cols, dtype=torch.float32, device=w.device)
+        return torch.ones(rows, cols, dtype=torch.float32, device=w.device)
 
 
 # -- the registry of statistics criteria read, and the container of one pass -----------------------
@@ -468,7 +524,7 @@ class Statistics:
     def counting_inputs(self) -> list[Any]:
         """The accumulators that count layer inputs: a checkpointed layer's recompute in backward must
         not feed them twice (the per-token statistic counts only outputs that require grad)."""
-        return [acc for source, acc in self.by_source.items() if source in ("act", "hessian")]
+        return [acc for source, acc in self.by_source.items() if source in ("act", "hessian", "routed")]
 
     def has(self, stat: str) -> bool:
         s = STATISTICS.get(stat)
@@ -476,9 +532,17 @@ class Statistics:
         return acc is not None and acc.holds(s.accumulator)
 
     def mean(self, stat: str, pname: str) -> torch.Tensor:
-        """The mean statistic `stat` of weight `pname`."""
+        """The mean statistic `stat` of weight `pname` (neutral for an expert no token was routed to)."""
         s = STATISTICS.get(stat)
+        routed = self.by_source.get("routed")
+        if routed is not None and routed.unrouted(pname):
+            return routed.neutral(stat, pname)
         return self.by_source[s.source].mean(s.accumulator, pname)
+
+    def unrouted(self) -> list[str]:
+        """The expert matrices no calibration token was routed to (in this pass)."""
+        routed = self.by_source.get("routed")
+        return [n for n, c in routed.tokens.items() if c == 0] if routed is not None else []
 
 
 def make_statistics(
@@ -494,7 +558,7 @@ def make_statistics(
     `device` places the fp32 gradient statistics (None: beside each weight); `grad_accum` is the gradient
     accumulation; `collective` (row shards) makes the gradient sums hold this rank's rows.
     """
-    params = {f"{n}.weight": m.weight for n, m in modules.items()}
+    params = {_key(n, m): (m if hasattr(m, "matrix") else m.weight) for n, m in modules.items()}
     by_source: dict[str, set[str]] = {}
     for name in stats:
         s = STATISTICS.get(name)
@@ -508,7 +572,14 @@ def make_statistics(
         "hessian": lambda sums: Hessians(modules),
     }
     made = {source: make(by_source[source]) for source, make in build.items() if source in by_source}
+    if any(getattr(m, "expert", None) is not None for m in modules.values()):
+        made["routed"] = RoutedTokens(modules)
     return Statistics(made, needs=stats)
+
+
+def _key(name: str, module: Any) -> str:
+    """A target's weight name (its `key`), or a plain module's `<name>.weight`."""
+    return getattr(module, "key", None) or f"{name}.weight"
 
 
 def _token_stats(modules: dict[str, nn.Module], device) -> TokenGradStats:
@@ -518,5 +589,7 @@ def _token_stats(modules: dict[str, nn.Module], device) -> TokenGradStats:
     tok = TokenGradStats(modules, device=device)
     if len(tok.modules) < len(modules):
         other = next(n for n in modules if n not in tok.modules)
-        raise ConfigError(f"the per-token gradient statistic reads Linear layers only; {other!r} is not one")
+        raise ConfigError(
+            f"the per-token gradient statistic reads Linear, Conv1D and expert matrices only; {other!r} is none"
+        )
     return tok

@@ -46,7 +46,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     stats, counters = statistics_of(plan, model, inputs)
     timer.timings["calibration"] = counters["seconds"]
     coll = plan.collective
-    weights = {f"{n}.weight": coll.local(m.weight, f"{n}.weight") for n, m in plan.targets.items()}
+    weights = {t.key: coll.local(t.weight, t.key) for t in plan.targets.values()}
     set_stage("selecting the masks")
     with timer("budgets"):
         budgets, scope, allocation = resolve_budgets(plan, weights, stats)

@@ -40,7 +40,7 @@ def recovery_state(cfg: JobConfig, model: nn.Module, data_hash: str) -> RecoverS
 def recount_zeros_(report: dict[str, Any], model: nn.Module) -> None:
     """Per-tensor zero counts of the model as it is now (after training), summed over row shards."""
     coll = collective_for(model)
-    weights = {f"{n}.weight": m.weight for n, m in find_targets(model).items()}
+    weights = {t.key: t.weight for t in find_targets(model).values()}
     names = [n for n in report["per_tensor"] if n in weights]
     counts = coll.sum_scalars([float(int((coll.local(weights[n]) == 0).sum())) for n in names]) if coll.rows_sharded \
         else [float(int((weights[n] == 0).sum())) for n in names]  # fmt: skip

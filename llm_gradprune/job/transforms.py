@@ -23,10 +23,12 @@ from ..executors import prune_
 from ..io.calib_state import CalibState, check_state_dir, resolve_state_dir, run_identity
 from ..io.checkpoint import read_report, tensor_shapes_of
 from ..parallel.fsdp import shard_model, uses_fsdp
+from ..recovery.trainer import check_lora_targets
 from ..report import calibration_record
 from ..rounds import prune_in_rounds_
 from ..status import set_stage
 from ..support import SupportQuery, check_support
+from ..targets import find_targets
 from .inputs import calibration_samples, check_context, with_training_seq_len
 from .preflight import weight_bytes
 from .recovery import settings_identity
@@ -52,6 +54,7 @@ class Transform:
     def check_model(self, job) -> None:
         if job.cfg.needs_data:
             check_context(job.model, job.cfg.seq_len)
+        check_targets(job.model, job.cfg, job.cfg.prune.include, job.cfg.prune.exclude)
 
     def read_text(self, job) -> None:
         job.samples = calibration_samples(job.cfg, job.tokenizer) if job.cfg.needs_data else None
@@ -205,7 +208,7 @@ class Keep(Transform):
         return False
 
     def check_model(self, job) -> None:
-        pass
+        check_targets(job.model, job.cfg)
 
     def read_text(self, job) -> None:
         job.samples = None
@@ -233,6 +236,13 @@ class Keep(Transform):
 
     def before_save(self, job, report) -> None:
         report["recovered_from"] = self.folder.name
+
+
+def check_targets(model, cfg: JobConfig, include=(), exclude=()) -> None:
+    """Before any text is read: the targets exist, and the recovery asked for can train them."""
+    targets = find_targets(model, include, exclude)
+    if cfg.recover.steps or cfg.recover.round_steps:
+        check_lora_targets(targets, cfg.recover.lora_r)
 
 
 def calibration_input(cfg: JobConfig, samples) -> dict[str, Any]:

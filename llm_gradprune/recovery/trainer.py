@@ -27,10 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.loop import to_device
+from ..errors import ConfigError
 from ..evaluate import perplexity
 from ..parallel import Collective, collective_for
 from ..status import set_stage
-from ..targets import find_targets
+from ..targets import Target, as_targets, find_targets, target_params
 from .config import RecoverConfig
 from .losses import lm_and_distill_loss
 from .masking import apply_masks_, mask_grads_, merge_lora_through_mask_, pruned_masks
@@ -78,12 +79,23 @@ def _masters_to_model(trained: dict[str, torch.Tensor], masters: dict[str, torch
         (local(trained[n]) if local else trained[n].data).copy_(m)
 
 
-def _lora(model: nn.Module, targets: dict[str, nn.Module], cfg: RecoverConfig):
+def check_lora_targets(targets: dict[str, Target], lora_r: int) -> None:
+    """LoRA adapters attach to nn.Linear modules: refused, when the run is planned, for other targets."""
+    other = (
+        next((t for t in targets.values() if not isinstance(t.module, nn.Linear)), None) if lora_r else None
+    )
+    if other is not None:
+        raise ConfigError(
+            f"recover lora_r adds LoRA adapters to nn.Linear layers, and {other.name} is not one "
+            f"({type(other.module).__name__}): train the weights themselves (lora_r 0)"
+        )
+
+
+def _lora(model: nn.Module, targets: dict[str, Target], cfg: RecoverConfig):
+    check_lora_targets(targets, cfg.lora_r)
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        from ..errors import ConfigError
-
         raise ConfigError(
             "recover lora_r needs peft, which is not installed: pip install 'llm-gradprune[lora]'"
         ) from None
@@ -130,7 +142,7 @@ def _make_trainable(model: nn.Module, targets: dict[str, nn.Module], cfg: Recove
         model = _lora(model, targets, cfg)
         trained = {n: p for n, p in model.named_parameters() if "lora_" in n}
     else:
-        trained = {f"{n}.weight": m.weight for n, m in targets.items()}
+        trained = target_params(targets)
     for p in trained.values():
         p.requires_grad_(True)
     return model, trained
@@ -158,8 +170,9 @@ def setup_training(
     """Targets and masks, the trained tensors (weights or LoRA adapters), activation recompute, fp32
     masters, the optimizer and schedule, and the DDP wrapper where ranks hold whole replicas."""
     coll: Collective = collective_for(model)
-    targets = targets if targets is not None else find_targets(model)
-    weights = {f"{n}.weight": m.weight for n, m in targets.items()}
+    targets = as_targets(model, targets) if targets is not None else find_targets(model)
+    # trained and masked per parameter: a fused expert parameter is one tensor to the optimizer
+    weights = target_params(targets)
     local = (lambda t: coll.local(t)) if coll.rows_sharded else None
     if masks is None:
         masks = pruned_masks({n: local(w) if local else w for n, w in weights.items()})
@@ -324,7 +337,7 @@ def _merged(parts: TrainingParts, cfg: RecoverConfig) -> tuple[nn.Module, dict[s
     if not cfg.lora_r:
         return parts.model, parts.weights
     model = merge_lora_through_mask_(parts.model, parts.masks)
-    return model, {f"{n}.weight": m.weight for n, m in find_targets(model).items()}
+    return model, target_params(find_targets(model))
 
 
 def _report(parts: TrainingParts, cfg: RecoverConfig, *, steps: int, tokens: int, state, seconds: float,
