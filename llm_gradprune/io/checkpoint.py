@@ -26,6 +26,7 @@ from ..faults import pause_point
 from ..report import Report, as_report
 from .atomic import write_folder, write_json
 from .card import model_card
+from .layout import stored_layout
 from .plots import write_plots
 
 
@@ -85,25 +86,39 @@ def _read_header(fh) -> tuple[dict, int]:
     return json.loads(fh.read(size)), 8 + size
 
 
-def count_zeros(folder: str | Path, names: list[str], chunk_bytes: int = READ_CHUNK_BYTES) -> dict[str, int]:
-    """Zero count of each named tensor in the folder's safetensors files.
+def _regions(header: dict, wanted: dict[str, tuple[str, int | None]]) -> dict[str, tuple[str, int, int]]:
+    """{wanted name: (tensor key, first byte, end byte)} of what this file holds of them: a whole
+    tensor, or one expert's slice of a fused expert tensor."""
+    out = {}
+    for name, (key, expert) in wanted.items():
+        info = header.get(key)
+        if info is None or key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if expert is not None:
+            size = (end - begin) // info["shape"][0]
+            begin, end = begin + expert * size, begin + (expert + 1) * size
+        out[name] = (key, begin, end)
+    return out
+
+
+def count_zeros(folder: str | Path, names, chunk_bytes: int = READ_CHUNK_BYTES) -> dict[str, int]:
+    """Zero count of each named tensor in the folder's safetensors files. `names`: tensor names, or
+    {name: (tensor, expert index or None)} to count one expert's slice of a 3-D tensor.
 
     Reads each tensor's bytes through one reused buffer of `chunk_bytes` instead of mapping the files,
     so verifying a checkpoint adds at most that buffer to resident memory, whatever the model's size
     (a memory map would leave every page it read resident until the file is closed)."""
     found: dict[str, int] = {}
-    wanted = set(names)
+    wanted = dict(names) if isinstance(names, dict) else {n: (n, None) for n in names}
     buf = bytearray(chunk_bytes)
     for path in safetensors_files(folder):
         with open(path, "rb", buffering=0) as fh:
             header, data_start = _read_header(fh)
-            for key, info in header.items():
-                if key not in wanted:
-                    continue
-                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            for name, (key, begin, end) in sorted(_regions(header, wanted).items(), key=lambda kv: kv[1][1]):
+                dtype = SAFETENSORS_DTYPES.get(header[key]["dtype"])
                 if dtype is None:
-                    raise VerificationError(f"{key}: dtype {info['dtype']} cannot be verified")
-                begin, end = info["data_offsets"]
+                    raise VerificationError(f"{key}: dtype {header[key]['dtype']} cannot be verified")
                 step = max(len(buf) // dtype.itemsize, 1) * dtype.itemsize
                 fh.seek(data_start + begin)
                 zeros = 0
@@ -113,8 +128,8 @@ def count_zeros(folder: str | Path, names: list[str], chunk_bytes: int = READ_CH
                     if fh.readinto(view) != n:
                         raise VerificationError(f"{path.name} ends inside tensor {key}")
                     zeros += int((torch.frombuffer(view, dtype=dtype) == 0).sum())
-                found[key] = zeros
-    missing = wanted - set(found)
+                found[name] = zeros
+    missing = set(wanted) - set(found)
     if missing:
         raise VerificationError(
             f"{len(missing)} pruned tensors are missing from the checkpoint, e.g. {min(missing)}"
@@ -122,8 +137,17 @@ def count_zeros(folder: str | Path, names: list[str], chunk_bytes: int = READ_CH
     return found
 
 
-def verify_zeros(folder: str | Path, per_tensor: dict[str, dict[str, int]]) -> None:
-    found = count_zeros(folder, list(per_tensor))
+def verify_zeros(
+    folder: str | Path, per_tensor: dict[str, dict[str, int]], stored_as: dict[str, list] | None = None
+) -> None:
+    """Each matrix's zero count, re-read from the files; `stored_as` maps a matrix the model holds in
+    another layout than it is written in to the file tensors (or expert slices) holding it."""
+    stored_as = stored_as or {}
+    pieces = {f"{n}\0{i}": tuple(p) for n, ps in stored_as.items() for i, p in enumerate(ps)}
+    counts = count_zeros(folder, {**{n: (n, None) for n in per_tensor if n not in stored_as}, **pieces})
+    found = {n: counts[n] for n in per_tensor if n not in stored_as}
+    for name, ps in stored_as.items():
+        found[name] = sum(counts[f"{name}\0{i}"] for i in range(len(ps)))
     for name, info in per_tensor.items():
         if found[name] != info["zeros"]:
             raise VerificationError(
@@ -157,7 +181,9 @@ def verify_report(folder: str | Path, report: Report | dict[str, Any]) -> None:
     if r.structured:
         verify_shapes(folder, r.shrinking.tensor_shapes)
     else:
-        verify_zeros(folder, {n: {"zeros": t.zeros} for n, t in r.sparsity.per_tensor.items()})
+        verify_zeros(
+            folder, {n: {"zeros": t.zeros} for n, t in r.sparsity.per_tensor.items()}, r.sparsity.stored_as
+        )
 
 
 PENDING_CONFIG = "config.json.unverified"
@@ -181,6 +207,9 @@ def save_pruned(
     `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
     `model_id`: what the card's loading snippet loads (the Hub repo the job pushes to; default the folder).
     """
+
+    if report.get("per_tensor") and "stored_as" not in report:
+        report["stored_as"] = stored_layout(model, list(report["per_tensor"])) or None
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_bytes, state_dict=state_dict)
