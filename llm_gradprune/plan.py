@@ -36,7 +36,15 @@ from .scoring.allocation import ALLOCATIONS, Allocation, allocate
 from .scoring.criteria import CRITERIA, Criterion, sparsegpt_prior
 from .selection.masks import empty_tensors, global_sparsities, mask_summary, select_mask
 from .support import SupportQuery, check_support
-from .targets import Target, all_matrices, as_targets, check_nm_fits, find_targets, weight_rows
+from .targets import (
+    Target,
+    all_matrices,
+    as_targets,
+    check_nm_fits,
+    check_views_supported,
+    find_targets,
+    weight_rows,
+)
 
 log = logging.getLogger("llm_gradprune")
 
@@ -100,7 +108,7 @@ def make_plan(
     targets = (
         as_targets(model, targets) if targets is not None else find_targets(model, cfg.include, cfg.exclude)
     )
-    check_views_supported(targets, collective)
+    check_views_supported(targets, collective.rows_sharded)
     probe_experts(model, targets)
     params = {t.key: t.weight for t in targets.values()}
     check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
@@ -134,20 +142,6 @@ def make_plan(
     notes += warned
     return Plan(cfg, crit, alloc, update, executor, collective, targets, shapes, whole, per_stage, notes,
                 summary=target_summary(model, targets))  # fmt: skip
-
-
-def check_views_supported(targets: dict[str, Target], collective: Collective) -> None:
-    """Row shards (FSDP2) split a parameter's first dimension: the rows of a Linear weight, but the
-    experts of a fused parameter and the inputs of a Conv1D, so those are refused there."""
-    if not collective.rows_sharded:
-        return
-    other = next((t for t in targets.values() if t.expert is not None or t.transposed), None)
-    if other is not None:
-        what = "a fused expert matrix" if other.expert is not None else "a Conv1D matrix"
-        raise ConfigError(
-            f"{other.name} is {what}: FSDP row shards split its parameter along another dimension than its "
-            "rows; prune this model with one process or replicated processes"
-        )
 
 
 def target_summary(model: nn.Module, targets: dict[str, Target]) -> dict[str, Any]:

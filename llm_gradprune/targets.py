@@ -106,12 +106,17 @@ def _module_target(name: str, module: nn.Module, kind: str) -> Target:
 
 
 def block_list_prefix(model: nn.Module) -> str | None:
-    """Dotted name of the largest ModuleList of same-class children (the decoder layers), if any."""
+    """Dotted name of the largest ModuleList of same-class children (the decoder layers), if any; a
+    list inside another such list (a layer's experts as separate modules) is never the block list."""
+    lists = [
+        (name, len(m)) for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+    ]  # fmt: skip
+    outer = [(n, k) for n, k in lists if not any(n.startswith(o + ".") for o, _ in lists)]
     best, best_len = None, 1
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > best_len:
-            if len({type(child) for child in module}) == 1:
-                best, best_len = name, len(module)
+    for name, length in outer:
+        if length > best_len:
+            best, best_len = name, length
     return best
 
 
@@ -236,6 +241,20 @@ def find_targets(model: nn.Module, include: list[str] = (), exclude: list[str] =
             "embeddings or the head"
         )
     return targets
+
+
+def check_views_supported(targets: dict[str, Target], rows_sharded: bool) -> None:
+    """Row shards (FSDP2) split a parameter's first dimension: the rows of a Linear weight, but the
+    experts of a fused parameter and the inputs of a Conv1D, so those are refused there."""
+    if not rows_sharded:
+        return
+    other = next((t for t in targets.values() if t.expert is not None or t.transposed), None)
+    if other is not None:
+        what = "a fused expert matrix" if other.expert is not None else "a Conv1D matrix"
+        raise ConfigError(
+            f"{other.name} is {what}: FSDP row shards split its parameter along another dimension than its "
+            "rows; prune this model with one process or replicated processes"
+        )
 
 
 def target_params(targets: dict[str, Target]) -> dict[str, nn.Parameter]:

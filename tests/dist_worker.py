@@ -28,10 +28,12 @@ from llm_gradprune.calibration.loop import (  # noqa: E402
     reduce_statistics_,
 )
 from llm_gradprune.calibration.stats import ActStats, GradStats, Statistics  # noqa: E402
+from llm_gradprune.errors import ConfigError  # noqa: E402
 from llm_gradprune.parallel import Collective, RowShards, make_accelerator, world  # noqa: E402
 from llm_gradprune.parallel.fsdp import fully_shard_model  # noqa: E402
 from llm_gradprune.targets import find_targets  # noqa: E402
 from tests.conftest import make_blocks, make_tiny_llama  # noqa: E402
+from tests.families import BY_NAME  # noqa: E402
 
 CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend", "ria")
 CASES = [(c, s, "unstructured") for c in CRITERIA for s in ("tensor", "row", "global")]
@@ -152,12 +154,40 @@ def main(out_dir: str) -> None:
             res = prune_(model, mbs, config(*case))
             result["fsdp_masks"][case] = gather_rows(res.masks)
             result["fsdp_reports"][case] = {k: res.report[k] for k in ("zero_weights", "masked_weights")}
+    result["moe_masks"], result["moe_reports"] = moe_cases(mine, accelerator if size > 1 else None)
+    if size > 1:
+        try:
+            cfg = JobConfig.from_flat({"progress": False, "criterion": "fisher"}).prune
+            prune_(fully_shard_model(BY_NAME["mixtral"].build()), mbs, cfg)
+            result["moe_fsdp"] = "ran"
+        except ConfigError as err:
+            result["moe_fsdp"] = str(err)
     if size > 1:
         result["tied_scores"] = tied_selection(rank, size)
         result["accelerate_fsdp2"] = accelerate_fsdp2(accelerator, mbs)
     if rank == 0:
         torch.save(result, Path(out_dir) / f"w{size}.pt")
     accelerator.wait_for_everyone()
+
+
+MOE_CASES = {
+    "token_fisher/row": {"criterion": "token_fisher"},
+    "sparsegpt": {"criterion": "sparsegpt"},
+    "wanda/2:4/obs": {"criterion": "wanda", "pattern": "2:4", "reconstruct": "obs"},
+}
+
+
+def moe_cases(mine, accelerator) -> tuple[dict, dict]:
+    """A tiny Mixtral on replicated processes: every expert's masks and routed tokens, as one process."""
+    masks, reports = {}, {}
+    for case, flat in MOE_CASES.items():
+        model = BY_NAME["mixtral"].build()
+        res = prune_(
+            model, mine, JobConfig.from_flat({"progress": False, **flat}).prune, accelerator=accelerator
+        )
+        masks[case] = {n: (t.weight == 0).clone() for n, t in find_targets(model).items()}
+        reports[case] = {"zero_weights": res.report["zero_weights"], "experts": res.report["experts"]}
+    return masks, reports
 
 
 def tied_scores() -> dict[str, torch.Tensor]:

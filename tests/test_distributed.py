@@ -150,6 +150,20 @@ def test_two_processes_same_masks_every_criterion_and_scope(runs):
 
 
 @pytest.mark.slow
+def test_two_processes_prune_every_expert_as_one_process(runs):
+    """Replicated processes on a tiny Mixtral: routed tokens summed, every expert's mask identical
+    (layer-wise Hessians of experts a rank never routed to are summed too); FSDP refuses experts."""
+    one, two = runs
+    assert set(one["moe_masks"]) == {"token_fisher/row", "sparsegpt", "wanda/2:4/obs"}
+    for case, masks in one["moe_masks"].items():
+        assert len(masks) == 24
+        for name, m in masks.items():
+            assert torch.equal(m, two["moe_masks"][case][name]), (case, name)
+        assert two["moe_reports"][case] == one["moe_reports"][case]
+    assert "fused expert matrix: FSDP row shards" in two["moe_fsdp"]
+
+
+@pytest.mark.slow
 def test_fsdp_same_statistics_without_gathering(runs):
     one, two = runs
     worst = max(max_rel(two["fsdp_stats"][k], one["stats"][k]) for k in one["stats"])

@@ -28,7 +28,7 @@ from ..report import calibration_record
 from ..rounds import prune_in_rounds_
 from ..status import set_stage
 from ..support import SupportQuery, check_support
-from ..targets import find_targets
+from ..targets import check_views_supported, find_targets
 from .inputs import calibration_samples, check_context, with_training_seq_len
 from .preflight import weight_bytes
 from .recovery import settings_identity
@@ -54,7 +54,7 @@ class Transform:
     def check_model(self, job) -> None:
         if job.cfg.needs_data:
             check_context(job.model, job.cfg.seq_len)
-        check_targets(job.model, job.cfg, job.cfg.prune.include, job.cfg.prune.exclude)
+        check_targets(job.model, job.cfg, job.cfg.prune.include, job.cfg.prune.exclude, sharded=job.sharded)
 
     def read_text(self, job) -> None:
         job.samples = calibration_samples(job.cfg, job.tokenizer) if job.cfg.needs_data else None
@@ -238,9 +238,11 @@ class Keep(Transform):
         report["recovered_from"] = self.folder.name
 
 
-def check_targets(model, cfg: JobConfig, include=(), exclude=()) -> None:
-    """Before any text is read: the targets exist, and the recovery asked for can train them."""
+def check_targets(model, cfg: JobConfig, include=(), exclude=(), sharded: bool = False) -> None:
+    """Before any text is read: the targets exist, the path can hold them, and the recovery asked for
+    can train them."""
     targets = find_targets(model, include, exclude)
+    check_views_supported(targets, sharded)
     if cfg.recover.steps or cfg.recover.round_steps:
         check_lora_targets(targets, cfg.recover.lora_r)
 
