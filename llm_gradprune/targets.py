@@ -128,15 +128,20 @@ def _fused_params(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
 
 
-def _experts_layout(name: str, module: nn.Module) -> bool:
-    """Is the module's fused stack stored [E, in, out]? transformers declares it on the experts class."""
+def _experts_layout(name: str, module: nn.Module, hidden: int | None) -> bool:
+    """Is the module's fused stack stored [E, in, out]? transformers' experts interface declares it
+    (`is_transposed`); otherwise the first stack's input is the hidden size (checked again when the
+    experts first run: `expert_calls.probe_experts`)."""
     transposed = getattr(module, "is_transposed", None)
-    if transposed is None:
-        raise ConfigError(
-            f"{name} ({type(module).__name__}) holds fused expert weights but does not declare their layout "
-            "(transformers' experts interface, is_transposed): its experts cannot be pruned one by one"
-        )
-    return bool(transposed)
+    if transposed is not None:
+        return bool(transposed)
+    first = getattr(module, _fused_params(module)[0]).shape
+    if hidden is not None and (first[1] == hidden) != (first[2] == hidden):
+        return first[1] == hidden
+    raise ConfigError(
+        f"{name} ({type(module).__name__}) holds fused expert weights [E, {first[1]}, {first[2]}] without "
+        "declaring their layout (transformers' is_transposed): which side is the input cannot be told"
+    )
 
 
 @dataclass
@@ -201,6 +206,8 @@ def all_matrices(model: nn.Module) -> tuple[list[Target], list[str]]:
     routers = {r for layer in moe for r in layer.routers}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     found: list[Target] = []
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    hidden = getattr(getattr(getattr(model, "config", None), "text_config", None), "hidden_size", hidden)
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE + _conv1d_class()):
             if id(module.weight) in embeddings or f"{name}.weight" in routers:
@@ -209,7 +216,7 @@ def all_matrices(model: nn.Module) -> tuple[list[Target], list[str]]:
                 continue  # a grouped (depthwise) convolution's kernel mixes no channels: no matrix to prune
             found.append(_module_target(name, module, _kind(name, prefix, moe)))
         for pname in _fused_params(module):
-            transposed = _experts_layout(name, module)
+            transposed = _experts_layout(name, module, hidden)
             for e in range(getattr(module, pname).shape[0]):
                 found.append(Target(f"{name}.{e}.{pname}", module, pname, f"{name}.{pname}",
                                     _kind(f"{name}.{e}", prefix, moe), e, transposed))  # fmt: skip

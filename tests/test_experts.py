@@ -239,3 +239,19 @@ def test_lora_recovery_on_experts_is_refused_when_planned():
         check_lora_targets(targets, 8)
     assert "\n" not in str(err.value)
     check_lora_targets(targets, 0)
+
+
+class _Undeclared(nn.Module):
+    """Fused experts [E, H, H]: square, and no is_transposed: the input side cannot be told."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 16, 16))
+
+
+def test_fused_experts_of_unknown_layout_are_refused_in_one_line():
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.ModuleDict({"experts": _Undeclared()}) for _ in range(2))
+    with pytest.raises(ConfigError, match=r"layers\.0\.experts .*\[E, 16, 16\].*cannot be told") as err:
+        find_targets(model)
+    assert "\n" not in str(err.value)
