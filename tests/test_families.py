@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_gradprune import PruneConfig, prune_
+from llm_gradprune.errors import ConfigError
 from llm_gradprune.io.checkpoint import save_pruned
 from llm_gradprune.targets import find_targets
 
@@ -100,3 +101,28 @@ def test_layer_wise_masks_equal_whole_model_masks(family):
     assert r.report["mode"]["layer_wise"]
     for name, mask in _masks(whole, family).items():
         assert torch.equal(mask, _masks(layer, family)[name]), name
+
+
+STRUCTURED = {"llama_tied", "llama_untied", "mistral", "qwen2"}  # what structured pruning offers today
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_structured_channels_where_offered_refused_in_one_line_elsewhere(family, tmp_path):
+    from llm_gradprune.structured import StructureConfig, save_structured, shrink_
+
+    model = family.build()
+    cfg = StructureConfig(structure="channels", target_params=0.75)
+    if family.name not in STRUCTURED:
+        with pytest.raises(ConfigError, match="structured pruning supports") as err:
+            shrink_(model, _batches(model.config.vocab_size), cfg, progress=False)
+        assert "\n" not in str(err.value)
+        return
+    dense = model.config.intermediate_size
+    report = shrink_(model, _batches(model.config.vocab_size), cfg, progress=False)
+    assert model.config.intermediate_size < dense
+    save_structured(model, None, tmp_path / "out", report)
+    out = tmp_path / "out"
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert loaded.config.intermediate_size == model.config.intermediate_size
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert loaded.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 7)
