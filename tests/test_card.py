@@ -4,6 +4,8 @@ that really loads the checkpoint, no local absolute path, and the plots (or why 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -29,8 +31,10 @@ def run(tmp_path_factory):
     argv = ["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "4", "--seq-len", "16",
             "--criterion", "fisher", "--pattern", "2:4", "--eval", "--eval-num-samples", "2", "--output-dir",
             str(out), "--no-progress"]  # fmt: skip
-    assert cli.main(argv) == 0
-    return {"root": root, "out": out, "model": model}
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):  # the log writes to stderr
+        assert cli.main(argv) == 0
+    return {"root": root, "out": out, "model": model, "said": said.getvalue()}
 
 
 def split_card(text: str) -> tuple[dict, str]:
@@ -50,11 +54,23 @@ def test_local_base_model_card_fields_and_body(run):
     assert "w² · E_b[g²]" in body and "scope `n:m`, pattern `2:4`" in body
     assert f"({report['calibration']['tokens']:,} tokens) of `t.txt`" in body
     assert "| layer | q_proj | k_proj | v_proj | o_proj | gate_proj | up_proj | down_proj |" in body
+    assert "target matrices (18,432 weights: the attention and MLP matrices) are exactly zero" in body
+    assert "| attention | 8 | 6,144 |\n| MLP | 6 | 12,288 |\n| all | 14 | 18,432 |" in body
+    assert "every Linear" not in body and "router" not in body.lower()
     assert "| 0 | 50.0% | 50.0% | 50.0% | 50.0% | 50.0% | 50.0% | 50.0% |" in body
     ev = report["eval"]
     assert f"| dense | {ev['dense_ppl']:.2f} |" in body and f"{ev['windows']} windows of 16 tokens" in body
     assert "What the zeros buy" in body and "llm-gradprune prune --config prune_config.yaml" in body
     assert str(run["root"]) not in body and "/tmp" not in body  # names a user can read, no local paths
+
+
+def test_a_default_replaced_is_said_once_and_the_summary_names_the_kinds(run):
+    """The 2:4 note was logged while planning and printed again in the summary."""
+    assert run["said"].count("sparsity set to 0.5 by pattern 2:4") == 1
+    assert "pattern 2:4); attention 8, MLP 6\n" in run["said"]
+    assert json.loads((run["out"] / "pruning_report.json").read_text())["notes"] == [
+        "sparsity set to 0.5 by pattern 2:4"
+    ]
 
 
 def test_the_loading_snippet_loads_the_checkpoint(run):

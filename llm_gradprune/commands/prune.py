@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from ..config import JobConfig, read_yaml
+from ..io.coverage import summary_counts
 from ..report import Report
 from .flags import add_field_flags, given
 
@@ -52,8 +53,9 @@ def outcome_line(r: Report) -> str:
                 f"layers, intermediate {shape.intermediate_size}, {shape.num_attention_heads}/"
                 f"{shape.num_key_value_heads} heads; {s.file_bytes_before:,} -> {r.file_bytes:,} bytes")  # fmt: skip
     p = r.sparsity
+    kinds = summary_counts(p)
     return (f"pruned {p.targets} tensors: {p.overall_sparsity:.4%} of {p.target_weights:,} target weights are zero "
-            f"(criterion {p.criterion}, scope {p.scope}, pattern {p.pattern})")  # fmt: skip
+            f"(criterion {p.criterion}, scope {p.scope}, pattern {p.pattern})" + (f"; {kinds}" if kinds else ""))  # fmt: skip
 
 
 def eval_line(ev) -> str:
@@ -65,11 +67,11 @@ def eval_line(ev) -> str:
 
 
 def format_text(r: Report) -> list[str]:
-    """The summary `prune` prints: what changed, its quality, where it is, how to push it."""
+    """The summary `prune` prints: what changed, its quality, where it is, how to push it. The run's notes
+    are not repeated: planning logged each one as it was made, and the report keeps them."""
     lines = [outcome_line(r)]
     if r.eval is not None:
         lines.append(eval_line(r.eval))
-    lines += [f"note: {note}" for note in r.notes]
     out = r.output_dir
     lines += [f"checkpoint: {out} (verified; loads with AutoModelForCausalLM.from_pretrained)",
               f"model card: {out}/README.md",

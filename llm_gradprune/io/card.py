@@ -14,6 +14,7 @@ import yaml
 
 from ..report import BaseModel, Dataset, Report, TensorCount, as_report
 from ..scoring.criteria import CRITERIA
+from .coverage import coverage_lines, pruned_sentence
 from .plots import layer_projection_table
 
 ZEROS_PARAGRAPH = (
@@ -123,10 +124,9 @@ def model_card(settings: dict[str, Any], report: Report | dict[str, Any], model_
     lines = [
         *_heading(r, f"{base.name}, {kind} ({sp.criterion})"),
         f"`{base.hub_id or base.name}` pruned by [llm-gradprune](https://pypi.org/project/llm-gradprune/): "
-        f"{sp.overall_sparsity:.2%} of the weights of its {sp.targets} target matrices "
-        f"({sp.target_weights:,} weights: every Linear inside the decoder layers) are exactly zero. "
-        "Embeddings, norms and the language-model head are untouched.",
+        + pruned_sentence(sp),
         "",
+        *coverage_lines(sp),
         "## Method",
         "",
         f"- criterion `{sp.criterion}`: {crit.help}; score {crit.formula}"

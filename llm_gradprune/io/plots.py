@@ -14,19 +14,42 @@ from ..scoring.allocation import layer_key
 def layer_projection_table(per_tensor: dict[str, TensorCount]) -> tuple[list[str], list[str], dict]:
     """(layers in order, projection names in order, {(layer, projection): sparsity}) from report counts.
 
-    A projection is the module's own name (`q_proj`, `mlp.up_proj` -> `up_proj`), a layer its index."""
+    A layer is its index. A projection is the module's own name (`mlp.up_proj` -> `up_proj`), led by its
+    parent's where another parent has a matrix of the same name (GPT-2's `attn.c_proj` and `mlp.c_proj`,
+    Qwen2-MoE's `shared_expert.down_proj` beside `experts.down_proj`). The matrices of numbered experts
+    are one projection per matrix name (`experts.5.gate_up_proj` -> `experts.gate_up_proj`), their zeros
+    and weights summed, so 64 experts stay one column."""
+    placed = {name: _place(name) for name in per_tensor}
+    parents: dict[str, set[tuple[str, ...]]] = {}
+    for _, parent, leaf, _ in placed.values():
+        parents.setdefault(leaf, set()).add(parent)
+    shared = {p for owners in parents.values() if len(owners) > 1 for p in owners}
     layers: list[str] = []
     projections: list[str] = []
-    cells = {}
+    sums: dict[tuple[str, str], list[int]] = {}
     for name, t in per_tensor.items():
-        layer = layer_key(name).rsplit(".", 1)[-1]
-        proj = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        layer, parent, leaf, expert = placed[name]
+        proj = f"{parent[-1]}.{leaf}" if parent and (expert or parent in shared) else leaf
         if layer not in layers:
             layers.append(layer)
         if proj not in projections:
             projections.append(proj)
-        cells[layer, proj] = t.zeros / t.numel if t.numel else 0.0
+        cell = sums.setdefault((layer, proj), [0, 0])
+        cell[0] += t.zeros
+        cell[1] += t.numel
+    cells = {key: zeros / numel if numel else 0.0 for key, (zeros, numel) in sums.items()}
     return layers, projections, cells
+
+
+def _place(name: str) -> tuple[str, tuple[str, ...], str, bool]:
+    """(layer index, parent path inside the layer, matrix name, whether it is one of numbered experts)."""
+    prefix = layer_key(name)
+    inside = name[len(prefix) + 1 :] if name != prefix else name
+    parts = inside.removesuffix(".weight").split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    if index is not None:  # `experts.5.gate_up_proj`, `experts.5.w1.weight`: the expert's number dropped
+        return prefix.rsplit(".", 1)[-1], tuple(parts[:index]), ".".join(parts[index + 1 :]), True
+    return prefix.rsplit(".", 1)[-1], tuple(parts[:-1]), parts[-1], False
 
 
 def write_plots(report: Report | dict[str, Any], folder: Path) -> dict[str, Any]:
