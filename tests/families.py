@@ -534,5 +534,37 @@ def _summary() -> None:
         )
 
 
+STRUCTURED = ("llama_tied", "llama_untied", "mistral", "qwen2")  # structured pruning offered today
+
+
+def markdown_table() -> str:
+    """The per-family table of docs/FAMILIES.md, from what the tool itself targets (find_targets)."""
+    from llm_gradprune.targets import all_matrices, find_targets
+
+    rows = [
+        "| family | targets | pruned share of decoder matrix weights | by kind | routers (never pruned) | structured |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fam in FAMILIES:
+        model = fam.build()
+        total = sum(p.numel() for p in decoder_matrices(model, fam).values())
+        targets = find_targets(model)
+        per_kind: dict[str, int] = {}
+        for t in targets.values():
+            per_kind[t.kind] = per_kind.get(t.kind, 0) + t.weight.numel()
+        pruned = sum(per_kind.values())
+        kinds = ", ".join(f"{k.replace('_', ' ')} {v / total:.1%}" for k, v in per_kind.items())
+        routers = all_matrices(model)[1]
+        router_share = sum(model.get_parameter(r).numel() for r in routers) / total
+        router_text = f"{len(routers)} ({router_share:.1%})" if routers else "-"
+        structured = "channels, heads, layers" if fam.name in STRUCTURED else "refused (one line)"
+        rows.append(
+            f"| {fam.name} | {len(targets)} | {pruned / total:.1%} | {kinds} | {router_text} | {structured} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 if __name__ == "__main__":
-    _summary()
+    import sys
+
+    print(markdown_table(), end="") if "--markdown" in sys.argv else _summary()

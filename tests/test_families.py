@@ -103,7 +103,7 @@ def test_layer_wise_masks_equal_whole_model_masks(family):
         assert torch.equal(mask, _masks(layer, family)[name]), name
 
 
-STRUCTURED = {"llama_tied", "llama_untied", "mistral", "qwen2"}  # what structured pruning offers today
+from .families import STRUCTURED  # noqa: E402
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -126,3 +126,12 @@ def test_structured_channels_where_offered_refused_in_one_line_elsewhere(family,
     assert loaded.config.intermediate_size == model.config.intermediate_size
     ids = torch.tensor([[1, 2, 3, 4]])
     assert loaded.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_the_families_doc_table_is_current():
+    from pathlib import Path
+
+    from .families import markdown_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "FAMILIES.md").read_text()
+    assert markdown_table() in doc, "regenerate: python -m tests.families --markdown"
