@@ -19,7 +19,7 @@ from llm_gradprune.errors import ConfigError
 from llm_gradprune.io.checkpoint import save_pruned
 from llm_gradprune.targets import find_targets
 
-from .families import FAMILIES, param_of
+from .families import FAMILIES, STRUCTURED, param_of
 
 pytestmark = pytest.mark.slow
 
@@ -101,9 +101,6 @@ def test_layer_wise_masks_equal_whole_model_masks(family):
     assert r.report["mode"]["layer_wise"]
     for name, mask in _masks(whole, family).items():
         assert torch.equal(mask, _masks(layer, family)[name]), name
-
-
-from .families import STRUCTURED  # noqa: E402
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
