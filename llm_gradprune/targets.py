@@ -110,10 +110,11 @@ def block_list_prefix(model: nn.Module) -> str | None:
     list inside another such list (a layer's experts as separate modules) is never the block list."""
     lists = [
         (name, len(m)) for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+        if isinstance(m, nn.ModuleList) and len(m) >= 1 and len({type(c) for c in m}) == 1
     ]  # fmt: skip
+    # a one-layer decoder still has its block list: else the head would become a target
     outer = [(n, k) for n, k in lists if not any(n.startswith(o + ".") for o, _ in lists)]
-    best, best_len = None, 1
+    best, best_len = None, 0
     for name, length in outer:
         if length > best_len:
             best, best_len = name, length

@@ -255,3 +255,12 @@ def test_fused_experts_of_unknown_layout_are_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"layers\.0\.experts .*\[E, 16, 16\].*cannot be told") as err:
         find_targets(model)
     assert "\n" not in str(err.value)
+
+
+def test_a_one_layer_decoder_keeps_its_head_out_of_the_targets():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    targets = find_targets(AutoModelForCausalLM.from_config(config))
+    assert len(targets) == 4 + 2 * 4 and not any("head" in n for n in targets)
