@@ -139,8 +139,8 @@ def untouched_lines(sp: Sparsity) -> list[str]:
     routers = m.get("routers") or []
     parts = []
     if routers:
-        parts.append(f"{_plural(len(routers), 'router')} ({short_names(routers)}), which choose or weigh "
-                     "the experts and are never pruned")  # fmt: skip
+        parts.append(f"{_plural(len(routers), 'router')} ({short_names(routers)}), never pruned: a router "
+                     "chooses or weighs the experts")  # fmt: skip
     left = m.get("untargeted_matrices") or 0
     if left:
         parts.append(f"{_plural(left, 'other matrix', 'other matrices')} ({m.get('untargeted_weights', 0):,} "
