@@ -264,3 +264,40 @@ def test_a_one_layer_decoder_keeps_its_head_out_of_the_targets():
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
     targets = find_targets(AutoModelForCausalLM.from_config(config))
     assert len(targets) == 4 + 2 * 4 and not any("head" in n for n in targets)
+
+
+def test_calibration_of_experts_resumes_bit_identically(tmp_path):
+    """The saved calibration state holds the expert sums and routed-token counts: a crash and a resume
+    give the sums and counts of one uninterrupted pass."""
+    from llm_gradprune import JobConfig
+    from llm_gradprune.calibration.loop import calibrate
+    from llm_gradprune.io.calib_state import CalibState, run_identity
+
+    class Crash(Exception):
+        pass
+
+    def run(state=None, crash_at=None):
+        model = BY_NAME["qwen2_moe"].build()
+        stats = make_statistics({"grad_sq_mean", "act_sq_mean"}, find_targets(model))
+        seen = []
+
+        def loss_fn(m, b):
+            if crash_at is not None and len(seen) == crash_at:
+                raise Crash
+            seen.append(1)
+            return m(input_ids=b, labels=b).loss
+
+        calibrate(model, _batches(10, 16), stats, loss_fn=loss_fn, progress=False, calib_state=state)
+        return stats
+
+    identity = run_identity(JobConfig().identity(), BY_NAME["qwen2_moe"].build(), "d")
+    ref = run()
+    with pytest.raises(Crash):
+        run(CalibState(tmp_path / "s", 2, False, identity), crash_at=3)
+    got = run(CalibState(tmp_path / "s", 2, True, identity))
+    assert got.by_source["routed"].tokens == ref.by_source["routed"].tokens
+    for source in ("grad", "act"):
+        want, have = ref.by_source[source].tensors(), got.by_source[source].tensors()
+        assert want.keys() == have.keys() and any(".experts.3." in k for k in want)
+        for key, t in want.items():
+            assert torch.equal(t, have[key]), key
