@@ -55,6 +55,20 @@ def nan_model(ws, a):
     return ["--model", str(m)]
 
 
+def moe_folder(ws, a):
+    """A tiny Mixtral with the tiny Llama's tokenizer: experts are targets."""
+    from .families import BY_NAME
+    from .tiny_folder import make_tokenizer
+
+    BY_NAME["mixtral"].build().save_pretrained(ws / "moe")
+    make_tokenizer().save_pretrained(ws / "moe")
+    return ["--model", str(ws / "moe")]
+
+
+def moe_with(*args):
+    return lambda ws, a: [*moe_folder(ws, a), *args]
+
+
 def vit_folder(ws, a):
     from transformers import ViTConfig
 
@@ -265,6 +279,10 @@ ROWS = [
     ("layer-wise-option-outside", flags("--blocksize", "64"), r"blocksize 64 applies to layer-wise mode only"),
     ("no-gradient-to-accumulate", flags("--criterion", "wanda", "--grad-accum", "2"),
      r"grad_accum 2 averages gradients, but criterion 'wanda' reads no gradient statistics"),
+    ("lora-on-experts", moe_with("--recover-steps", "2", "--recover-lora-r", "4"),
+     r"recover lora_r adds LoRA adapters to nn\.Linear layers, and model\.layers\.0\.mlp\.experts\.0\.gate_up_proj is not one \(MixtralExperts\): train the weights themselves \(lora_r 0\)"),
+    ("moe-patterns-match-nothing", moe_with("--include", "experts\\.9\\."),
+     r"target patterns match no prunable matrix \(include=\['experts\\\\.9\\\\.'\]"),
 ]  # fmt: skip
 
 
