@@ -12,6 +12,8 @@ from torch import nn
 from llm_gradprune.executors.blocks import capture_block_inputs, hidden_states_of, run_block
 from llm_gradprune.targets import block_list_prefix
 
+from .families import FAMILIES
+
 VOCAB, SEQ, WINDOW = 128, 16, 4  # the sliding window is shorter than the sequence
 SIZES = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
@@ -249,3 +251,13 @@ def test_shrink_refits_each_layer_on_its_own_call(monkeypatch):
     assert want[0] is None and want[-1] is not None and sorted(seen) == list(range(len(want)))
     for index, masks in seen.items():
         assert all(m is None if want[index] is None else torch.equal(m, want[index]) for m in masks), index
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_every_family_of_the_matrix_replays_like_the_forward(family):
+    """The family matrix (tests/families.py: gpt-oss, DeepSeek-V3, Llama 4, OLMo2, SmolLM3, Qwen3-Next,
+    Granite-MoE-hybrid and the rest), replayed block by block with each block's own call."""
+    model = family.build()
+    batches = [b % model.config.vocab_size for b in id_batches()]
+    calls = capture_block_inputs(model, decoder_layers(model), batches, store="cpu")
+    assert_same(replayed_outputs(model, calls), forward_outputs(model, batches))
