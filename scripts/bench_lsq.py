@@ -29,10 +29,8 @@ factor: uneven per-row counts, some rows keep everything or nothing) and `2:4`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -40,9 +38,9 @@ from llm_gradprune.reconstruction.lsq import lsq_update_
 from llm_gradprune.reconstruction.obs import obs_update_
 
 try:
-    from benchjson import command_line, record
+    from benchjson import save
 except ImportError:  # run as `python -m scripts.bench_lsq`, which puts the root, not scripts/, on the path
-    from scripts.benchjson import command_line, record
+    from scripts.benchjson import save
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
 REAL_LAYERS = (0, 12, 27)
@@ -209,14 +207,7 @@ def main() -> None:
           + (f"; {summary['lsq_old_over_lsq_total']:.1f}x faster than lsq_old, largest distance to it "
              f"{summary['rel_lsq_vs_lsq_old_max']:.1e}" if old else ""))  # fmt: skip
     result = {"args": vars(args), "threads": torch.get_num_threads(), "summary": summary, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    print(f"wrote {args.out}")
-    if args.record:
-        key = args.key or f"threads_{args.threads}"
-        record(args.record, key, [command_line()], result)
-        print(f"recorded it in {args.record} under {key}")
+    save(args, result)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import transformers
@@ -41,9 +39,9 @@ import transformers
 from llm_gradprune import PruneConfig, prune_
 
 try:
-    from benchjson import command_line, record
+    from benchjson import save
 except ImportError:  # run as `python -m scripts.bench_moe`, which puts the root, not scripts/, on the path
-    from scripts.benchjson import command_line, record
+    from scripts.benchjson import save
 
 PATHS = {
     "token_fisher row 50%": {"criterion": "token_fisher", "sparsity": 0.5, "scope": "row"},
@@ -228,13 +226,7 @@ def main() -> None:
               "transformers": transformers.__version__,
               "experts_implementation": models["moe"].config._experts_implementation,
               "sizes": size, "forward_backward": steps, "paths": paths}  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
-    if args.record:
-        key = args.key or f"threads_{args.threads}"
-        record(args.record, key, [command_line()], result)
-        print(f"recorded it in {args.record} under {key}")
+    save(args, result)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,19 @@ def record(path: str | Path, key: str, commands: list[str], result, *, append: b
         raise
 
 
+def save(args, result) -> None:
+    """Write a benchmark's `result` to `args.out` (its own JSON) and, with `args.record`, merge it into
+    that record under `args.key` (default: threads_<args.threads>)."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {out}")
+    if args.record:
+        key = args.key or f"threads_{args.threads}"
+        record(args.record, key, [command_line()], result)
+        print(f"recorded it in {args.record} under {key}")
+
+
 def command_line() -> str:
     """This process's command line as a reader reruns it from the repository root."""
     script = Path(sys.argv[0]).resolve()
