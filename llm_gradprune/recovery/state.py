@@ -47,6 +47,11 @@ class RecoverState:
         print(f"[llm-gradprune] resuming recovery from {folder} (step {self.resumed_from})", flush=True)
         return meta["step"], meta["log"]
 
+    def saved(self) -> tuple[Path, int] | None:
+        """(folder, step) of the newest complete state on disk, or None."""
+        found = self.steps.latest()
+        return None if found is None else (found[0], found[1]["step"])
+
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..calibration.loop import to_device
 from ..errors import ConfigError
 from ..evaluate import perplexity
-from ..parallel import Collective, collective_for
+from ..parallel import Collective, all_reduce_scalars, collective_for
 from ..status import set_stage
 from ..targets import Target, as_targets, find_targets, target_params
 from .config import RecoverConfig
@@ -272,6 +272,38 @@ def train_step(
     return losses, tokens
 
 
+class TrainingDiverged(ConfigError):
+    """The loss or a trained weight stopped being finite: the run stops rather than save a broken model."""
+
+
+def _nonfinite(parts: TrainingParts, losses: dict[str, float], weights: bool) -> str | None:
+    """What is not finite after a step (a loss part, else with `weights` a trained tensor), or None; one
+    rank's finding stops every rank, so no rank waits in a collective for one that left."""
+    found = next((f"the {k} loss is {v}" for k, v in losses.items() if not math.isfinite(v)), None)
+    if found is None and weights:
+        local = parts.local
+        found = next((f"{n} holds non-finite values" for n, t in parts.trained.items()
+                      if not torch.isfinite(local(t) if local else t.data).all()), None)  # fmt: skip
+    if parts.collective.processes > 1 and all_reduce_scalars([float(found is not None)], "max")[0]:
+        found = found or "another process's loss or weights are not finite"
+    return found
+
+
+def _stop_if_nonfinite(parts: TrainingParts, losses: dict[str, float], cfg: RecoverConfig, step: int, steps: int,
+                       *, weights: bool, state) -> None:  # fmt: skip
+    """Raise TrainingDiverged naming `step` when the loss or (with `weights`) a trained weight is not
+    finite; a training state saved before it stays on disk."""
+    found = _nonfinite(parts, losses, weights)
+    if found is None:
+        return
+    saved = state.saved() if state is not None else None
+    kept = f"; the training state of step {saved[1]} is kept in {str(saved[0])!r}" if saved else ""
+    raise TrainingDiverged(
+        f"recovery training stopped at step {step} of {steps}: {found}; no checkpoint was written{kept} "
+        f"(lower recover_lr, now {cfg.lr:g})"
+    )
+
+
 def _log_entry(
     step: int, losses: dict[str, float], cfg: RecoverConfig, lr: float, tokens_per_s: float
 ) -> dict[str, Any]:
@@ -303,6 +335,11 @@ def _train(
     for step in range(start_step, steps):
         set_stage(f"recovery training, step {step + 1} of {steps}")
         losses, n = train_step(parts, batches, step, cfg)
+        saves = state is not None and state.due(step + 1) and step + 1 < steps
+        # the weights are checked where they are kept (a state, the end): a step's loss sees the last one's
+        _stop_if_nonfinite(
+            parts, losses, cfg, step + 1, steps, weights=saves or step + 1 == steps, state=state
+        )
         tokens += n
         entry = _log_entry(step + 1, losses, cfg, parts.scheduler.get_last_lr()[0],
                            tokens / (time.perf_counter() - t0))  # fmt: skip
@@ -316,7 +353,7 @@ def _train(
         log.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
-        if state is not None and state.due(step + 1) and step + 1 < steps:
+        if saves:
             state.save(
                 step + 1, {n: t.data for n, t in parts.stepped.items()}, parts.optimizer, parts.scheduler, log
             )
