@@ -42,8 +42,10 @@ def _writable_parent(out: Path) -> Path:
     return parent
 
 
-def check_output_dir(output_dir: str | Path, overwrite: bool, model_dir: str | None = None) -> Path:
-    """Refuse an output that would clobber something, or could not be written, before any work is done."""
+def check_output_dir(output_dir: str | Path, overwrite: bool, inputs: dict[str, Any] | None = None) -> Path:
+    """Refuse an output that would clobber something, or could not be written, before any work is done.
+    `inputs`: {what: path} of the run's inputs (model, teacher, data...); none may be the output, hold it
+    or lie inside it, with or without `overwrite` (replacing the output would delete it)."""
     out = Path(output_dir).expanduser().resolve()
     parent = _writable_parent(out)
     if not parent.is_dir():
@@ -54,15 +56,33 @@ def check_output_dir(output_dir: str | Path, overwrite: bool, model_dir: str | N
         raise ConfigError(
             f"output_dir {str(output_dir)!r} cannot be written: no write permission in {str(parent)!r}"
         )
-    if model_dir is not None and Path(model_dir).is_dir():
-        src = Path(model_dir).expanduser().resolve()
-        if out == src or src in out.parents:
-            raise ConfigError(f"output_dir {str(output_dir)!r} is inside the model's own folder {str(src)!r}")
+    check_not_an_input(output_dir, inputs or {})
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {str(output_dir)!r} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output_dir {str(output_dir)!r} is not empty: pass --overwrite to replace it")
     return out
+
+
+def check_not_an_input(output_dir: str | Path, inputs: dict[str, Any]) -> None:
+    """The output folder is replaced as a whole: refuse one that is, holds or lies inside an input (a
+    local file or folder; symlinks resolved on both sides, so no alias of the input gets through)."""
+    out = Path(output_dir).expanduser().resolve()
+    for what, path in inputs.items():
+        if not path or not Path(path).expanduser().exists():
+            continue  # a Hub id or a built-in: nothing of it lies on this disk
+        src = Path(path).expanduser().resolve()
+        if out == src:
+            raise ConfigError(
+                f"output_dir {str(output_dir)!r} is the {what} {str(src)!r}: choose another output folder"
+            )
+        if src in out.parents:
+            raise ConfigError(f"output_dir {str(output_dir)!r} is inside the {what} {str(src)!r}")
+        if out in src.parents:
+            raise ConfigError(
+                f"output_dir {str(output_dir)!r} holds the {what} {str(src)!r}, which replacing the output would "
+                "delete: choose another output folder"
+            )
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:

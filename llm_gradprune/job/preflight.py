@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import math
 import platform
+import re
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -61,3 +66,64 @@ def weight_bytes(model) -> int:
     """Bytes of the model's distinct parameters and buffers that a checkpoint stores (tied ones once)."""
     seen = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+SPACE_MARGIN = 1.05  # the card, report, tokenizer and plots beside the weights, and file system slack
+SPACE_SLACK_BYTES = 32 << 20
+SPACE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def folder_weight_bytes(folder: str | Path, dtype: str) -> int | None:
+    """Bytes the weights of a local safetensors model take at `dtype` (floating tensors are converted
+    on load), from the file headers alone; None where the folder holds none (a Hub id, .bin files)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).expanduser().glob("*.safetensors"))
+    if not files:
+        return None
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    total = 0
+    for path in files:
+        with safe_open(path, "pt") as fh:
+            for key in fh.keys():
+                piece = fh.get_slice(key)
+                kind = piece.get_dtype()
+                item = size if kind.startswith(("F", "BF")) else _STORED_BYTES.get(kind, 8)
+                total += math.prod(piece.get_shape()) * item
+    return total
+
+
+_STORED_BYTES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def check_free_space(output_dir: str | Path, weights: int | None, what: str) -> None:
+    """Refuse a run whose checkpoint clearly cannot fit where it goes, before the compute: the new
+    checkpoint is written in full beside the output before any old one is removed."""
+    if not weights:
+        return
+    out = Path(output_dir).expanduser().resolve()
+    folder = next(p for p in [out, *out.parents] if p.exists())
+    free = shutil.disk_usage(folder).free
+    need = int(weights * SPACE_MARGIN) + SPACE_SLACK_BYTES
+    if free < need:
+        raise ConfigError(
+            f"output_dir {str(output_dir)!r} has {_size(free)} free in {str(folder)!r}, but the checkpoint needs "
+            f"about {_size(need)} ({what}): free some space or choose another output folder"
+        )
+
+
+def space_error(err: BaseException) -> str | None:
+    """'no space left on device' where `err` says the disk or the quota is full (an OSError, or the
+    same error as safetensors reports it from Rust, `... (os error 28)`); else None."""
+    if isinstance(err, OSError) and err.errno in SPACE_ERRNOS:
+        return SPACE_ERRNOS[err.errno]
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return SPACE_ERRNOS.get(int(found.group(1))) if found else None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

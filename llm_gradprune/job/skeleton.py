@@ -7,6 +7,8 @@ saved state belong to the skeleton: the transform and the recovery register what
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +19,25 @@ import torch
 from ..calibration.assets import resolve_model
 from ..config import JobConfig
 from ..errors import ConfigError
+from ..io.atomic import claim_output, release_output
 from ..io.checkpoint import check_output_dir, save_pruned
 from ..io.hub import check_repo_id, check_revision, push_folder
 from ..models import describe_dataset, describe_model, looks_local
-from ..parallel import make_accelerator
+from ..parallel import all_reduce_scalars, make_accelerator
 from ..parallel.fsdp import full_state_dict
 from ..status import set_stage
 from ..tasks import check_tasks
 from .evaluation import held_out_perplexity, task_scores, tasks_section
 from .inputs import held_out_samples, load, training_batches
-from .preflight import check_device, quiet_hf_progress_bars, versions
+from .preflight import (
+    check_device,
+    check_free_space,
+    folder_weight_bytes,
+    quiet_hf_progress_bars,
+    space_error,
+    versions,
+    weight_bytes,
+)
 from .recovery import recovery_step
 
 TIMING_KEYS = ("load_model", "eval_dense", "eval_pruned", "recovery", "eval_tasks_dense", "eval_tasks_pruned",
@@ -52,6 +63,7 @@ class Job:
     held_out: torch.Tensor | None = None
     train: tuple[list[torch.Tensor], str] | None = None
     saved_states: list[Any] = field(default_factory=list)  # cleared once the checkpoint is in place
+    lock: Path | None = None  # the output lock (io/atomic.claim_output), on the main process
 
     @property
     def main(self) -> bool:
@@ -82,7 +94,18 @@ def run_job(cfg: JobConfig, transform) -> dict[str, Any]:
     if not cfg.prune.progress:
         quiet_hf_progress_bars()
     job = plan(cfg, transform)
+    try:  # the output lock is held from the plan to the end, whatever ends the run (Ctrl-C too)
+        return run_planned(job)
+    finally:
+        release_output(job.lock)
+
+
+def run_planned(job: Job) -> dict[str, Any]:
+    """Every step after the plan: the report of the run."""
+    cfg, transform = job.cfg, job.transform
     job.model, job.tokenizer, _ = job.timed("load_model", "loading the model", load, cfg)
+    # exact now, also for a Hub model, and still before any text is read
+    check_free_space(job.out, weight_bytes(job.model), f"{cfg.dtype} weights of the loaded model")
     transform.check_model(job)
     job.timed("load_data", "reading the text", read_text, job)
     transform.place(job)
@@ -114,11 +137,41 @@ def plan(cfg: JobConfig, transform) -> Job:
         resolve_model(cfg.model)
     accelerator.wait_for_everyone()  # the main process unpacks a built-in once; the others reuse it
     resolved = resolve_model(cfg.model)
-    out = check_output_dir(cfg.output_dir, cfg.overwrite, resolved if looks_local(resolved) else None)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite, inputs=run_inputs(cfg, transform, resolved))
     transform.check_outputs(cfg)
+    if looks_local(resolved):
+        check_free_space(out, folder_weight_bytes(resolved, cfg.dtype), f"{cfg.dtype} weights of the model")
     if cfg.prune.threads is not None:
         torch.set_num_threads(cfg.prune.threads)
-    return Job(cfg, transform, accelerator, out, sharded)
+    lock = claim_on_main(accelerator, out)  # last: a refusal above leaves no lock behind
+    return Job(cfg, transform, accelerator, out, sharded, lock=lock)
+
+
+def run_inputs(cfg: JobConfig, transform, model: str) -> dict[str, str | None]:
+    """{what: path} of everything the run reads that a replaced output folder must not take along
+    (Hub ids and built-in names are no paths here, and are skipped)."""
+    report = getattr(transform, "report", None) if transform.keeps_report else None
+    base = report.get("model") if isinstance(report, dict) else None
+    return {
+        "pruned folder" if transform.keeps_report else "model's own folder": model,
+        "teacher model": (cfg.recover.teacher or base) if cfg.recover.distills else None,
+        "dataset": cfg.dataset,
+        "task folder": cfg.eval_tasks_include_path,
+    }
+
+
+def claim_on_main(accelerator, out: Path) -> Path | None:
+    """The main process takes the output lock; every process refuses together if it cannot (the
+    others would wait for it at the first collective otherwise)."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = claim_output(out, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        except ConfigError as err:
+            refused = err
+    if all_reduce_scalars([0.0 if refused else 1.0], op="min")[0] == 0.0:
+        raise refused or ConfigError(f"output_dir {str(out)!r} is being written by another run")
+    return lock
 
 
 def read_text(job: Job) -> None:
@@ -182,8 +235,13 @@ def finish(job: Job, report: dict[str, Any]) -> None:
         set_stage("saving the checkpoint")
         model = job.accelerator.unwrap_model(job.model)
         job.timings["before_save"] = time.perf_counter() - job.start
-        save_pruned(model, job.tokenizer, report, job.out, settings=cfg.to_flat(), max_shard_bytes=cfg.max_shard_bytes,
-                    state_dict=state_dict, model_id=cfg.push_to_hub)  # fmt: skip
+        try:
+            save_pruned(model, job.tokenizer, report, job.out, settings=cfg.to_flat(),
+                        max_shard_bytes=cfg.max_shard_bytes, state_dict=state_dict, model_id=cfg.push_to_hub)  # fmt: skip
+        except Exception as err:
+            if space_error(err) is None:
+                raise
+            raise ConfigError(write_failure(job, err)) from None
         job.timings["save_and_verify"] = time.perf_counter() - t  # after the report file: printed only
         report["output_dir"] = str(job.out)
         if cfg.push_to_hub:
@@ -191,6 +249,17 @@ def finish(job: Job, report: dict[str, Any]) -> None:
         for state in job.saved_states:  # the checkpoint is in place: the saved states are no longer needed
             state.clear()
     job.accelerator.wait_for_everyone()
+
+
+def write_failure(job: Job, err: BaseException) -> str:
+    """One line for a full disk during the save: the partial folder is gone (atomic save), the saved
+    states are kept (they are cleared only after a verified save), and how to go on from them."""
+    line = f"could not write the checkpoint to {str(job.out)!r}: {space_error(err)} ({err})"
+    kept = [state for state in job.saved_states if state.steps.latest() is not None]
+    if kept:
+        where = ", ".join(repr(str(state.dir)) for state in kept)
+        return f"{line}; the saved state is kept in {where}: free some space and rerun with --resume"
+    return f"{line}; nothing was written: free some space and rerun"
 
 
 def push(cfg: JobConfig, out: Path, report: dict[str, Any]) -> None:
