@@ -23,7 +23,7 @@ from .parallel import collective_for
 from .plan import PruneResult
 from .recovery.config import RecoverConfig
 from .recovery.trainer import recover_
-from .status import set_stage
+from .status import set_stage, within
 from .targets import as_targets, find_targets
 
 
@@ -73,18 +73,21 @@ def prune_in_rounds_(
     rounds: list[dict[str, Any]] = []
     result = None
     for r, level in enumerate(levels, start=1):
-        last = r == len(levels)
-        set_stage(f"pruning round {r} of {len(levels)}")
-        result = prune_(model, batches, round_config(cfg, level, last), targets=targets, accelerator=accelerator,
-                        already_pruned=pruned, nm_cap=cfg.nm if not last else None)  # fmt: skip
-        pruned = {n: (coll.local(w, n) == 0) for n, w in weights.items()}  # this rank's rows under FSDP2
-        entry = {"round": r, "target_sparsity": level, "overall_sparsity": result.report["overall_sparsity"],
-                 "calibration_mean_loss": result.report["calibration"]["mean_loss"],
-                 "pattern": result.report["pattern"]}  # fmt: skip
-        if not last and recover is not None and recover.round_steps and recover_batches:
-            model, rec = recover_(model, recover_batches, recover, steps=recover.round_steps, accelerator=accelerator,
-                                  targets=targets, progress=recover_batches is not None)  # fmt: skip
-            entry["recovery"] = {k: rec[k] for k in ("steps", "tokens", "final_loss", "seconds")}
+        # every stage inside (calibration batch, training step) is reported as part of the round
+        with within(f"pruning round {r} of {len(levels)}"):
+            set_stage("starting the round")
+            last = r == len(levels)
+            result = prune_(model, batches, round_config(cfg, level, last), targets=targets, accelerator=accelerator,
+                            already_pruned=pruned, nm_cap=cfg.nm if not last else None,
+                            num_batches=len(batches) if isinstance(batches, list) else None)  # fmt: skip
+            pruned = {n: (coll.local(w, n) == 0) for n, w in weights.items()}  # this rank's rows under FSDP2
+            entry = {"round": r, "target_sparsity": level, "overall_sparsity": result.report["overall_sparsity"],
+                     "calibration_mean_loss": result.report["calibration"]["mean_loss"],
+                     "pattern": result.report["pattern"]}  # fmt: skip
+            if not last and recover is not None and recover.round_steps and recover_batches:
+                model, rec = recover_(model, recover_batches, recover, steps=recover.round_steps, accelerator=accelerator,
+                                      targets=targets, progress=recover_batches is not None)  # fmt: skip
+                entry["recovery"] = {k: rec[k] for k in ("steps", "tokens", "final_loss", "seconds")}
         rounds.append(entry)
         if on_round is not None:
             on_round(r, result)

@@ -91,26 +91,32 @@ def _on_sigterm(signum, frame):
 
 
 def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
-    """`--resume` command for an interrupted prune whose calibration state was saved, else ''."""
-    if getattr(args, "command", None) != "prune":
+    """`--resume` command for an interrupted prune or recover whose calibration or training state was
+    saved, else ''."""
+    command = getattr(args, "command", None)
+    if command not in ("prune", "recover"):
         return ""
     from ..io.calib_state import latest_state, resolve_state_dir
-    from .prune import config_from_args
+    from ..job.recovery import saved_training_step
 
     try:
-        cfg = config_from_args(args)
+        cfg = COMMANDS.get(command).config_from_args(args)
     except ConfigError:
         return ""
-    if not cfg.save_state_every and not cfg.resume:
-        return ""
-    found = latest_state(resolve_state_dir(cfg.state_dir, cfg.output_dir))
-    if found is None:
+    step = saved_training_step(cfg)  # the later of the two: a prune with recovery trains after calibrating
+    calib = command == "prune" and (cfg.save_state_every or cfg.resume)
+    found = latest_state(resolve_state_dir(cfg.state_dir, cfg.output_dir)) if calib else None
+    if step is not None:
+        saved = f"training state saved at step {step}"
+    elif found is not None:
+        saved = f"calibration state saved at batch {found[1]['batches_done']}"
+    else:
         return ""
     script = sys.argv[0].endswith("prune_llama.py")
-    words = (["python", sys.argv[0]] if script else [PROG, "prune"]) + argv[1:]
+    words = (["python", sys.argv[0]] if script else [PROG, command]) + argv[1:]
     if "--resume" not in words:
         words.append("--resume")
-    return f"; calibration state saved at batch {found[1]['batches_done']}: resume with {shlex.join(words)}"
+    return f"; {saved}: resume with {shlex.join(words)}"
 
 
 def main(argv: list[str] | None = None) -> int:

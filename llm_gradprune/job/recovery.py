@@ -13,7 +13,7 @@ from torch import nn
 from ..config import JobConfig
 from ..io.calib_state import run_identity
 from ..parallel import collective_for
-from ..recovery.state import RecoverState
+from ..recovery.state import RecoverState, saved_state
 from ..recovery.trainer import recover_
 from ..report import as_report
 from ..status import set_stage
@@ -27,14 +27,25 @@ def settings_identity(cfg: JobConfig, with_recovery: bool = False) -> dict[str, 
     return cfg.identity(with_recovery=with_recovery)
 
 
+def training_state_dir(cfg: JobConfig) -> Path:
+    """`<output_dir>.recover-state`: where the training state of the run is saved."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    return out.with_name(out.name + ".recover-state")
+
+
+def saved_training_step(cfg: JobConfig) -> int | None:
+    """The step of the newest training state the run `cfg` saved and `--resume` continues, or None."""
+    if not cfg.recover.steps or not (cfg.recover.save_state_every or cfg.resume):
+        return None
+    found = saved_state(training_state_dir(cfg))
+    return None if found is None else found[1]
+
+
 def recovery_state(cfg: JobConfig, model: nn.Module, data_hash: str) -> RecoverState | None:
     if not cfg.recover.save_state_every and not cfg.resume:
         return None
-    out = Path(cfg.output_dir).expanduser().resolve()
     identity = run_identity(settings_identity(cfg, with_recovery=True), model, data_hash)
-    return RecoverState(
-        out.with_name(out.name + ".recover-state"), cfg.recover.save_state_every, cfg.resume, identity
-    )
+    return RecoverState(training_state_dir(cfg), cfg.recover.save_state_every, cfg.resume, identity)
 
 
 def recount_zeros_(report: dict[str, Any], model: nn.Module) -> None:

@@ -20,6 +20,12 @@ from ..io.steps import StepFolders
 STATE_VERSION = 2
 
 
+def saved_state(folder: str | Path) -> tuple[Path, int] | None:
+    """(folder, step) of the newest complete training state in `folder`, or None."""
+    found = StepFolders(Path(folder), STATE_VERSION, pause="recover-save").latest()
+    return None if found is None else (found[0], found[1]["step"])
+
+
 class RecoverState:
     """Saves and restores one recovery run; `recover_(..., state=)` drives it. `identity` is what a
     resumed state must match (io.calib_state.run_identity)."""
@@ -49,8 +55,7 @@ class RecoverState:
 
     def saved(self) -> tuple[Path, int] | None:
         """(folder, step) of the newest complete state on disk, or None."""
-        found = self.steps.latest()
-        return None if found is None else (found[0], found[1]["step"])
+        return saved_state(self.dir)
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
