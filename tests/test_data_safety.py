@@ -181,7 +181,9 @@ def test_a_second_run_into_the_same_output_is_refused_and_a_killed_runs_lock_is_
         err = _refused(args, capsys)  # without --overwrite, as in the issue
         assert re.search(rf"output_dir '{out}' is being written by another run \(pid {first.pid} on "
                          rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d: ", err), err  # fmt: skip
-        assert f"(lock: {lock_path(out)})" in err
+        assert (
+            f": llm-gradprune prune --model {assets['model']} " in err and f"(lock: {lock_path(out)})" in err
+        )
         assert snapshot(tmp_path, assets["model"]) == before
     finally:
         first.send_signal(signal.SIGKILL)

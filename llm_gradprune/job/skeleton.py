@@ -2,7 +2,10 @@
 
 A `Job` carries one run's live state from step to step; each step is a small function. Resume and
 saved state belong to the skeleton: the transform and the recovery register what they saved in
-`job.saved_states`, which is cleared only once the checkpoint is verified and in place.
+`job.saved_states`, which is cleared only once the checkpoint is verified and in place (a save that
+fails, a full disk included, keeps them for `--resume`). The plan also claims the output folder (a
+lock beside it, io/atomic.claim_output) and checks that no input lies in it and that it has room;
+the lock is held until the run ends, however it ends.
 """
 
 from __future__ import annotations
@@ -166,12 +169,18 @@ def claim_on_main(accelerator, out: Path) -> Path | None:
     lock, refused = None, None
     if accelerator.is_main_process:
         try:
-            lock = claim_output(out, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+            lock = claim_output(out, command_line())
         except ConfigError as err:
             refused = err
     if all_reduce_scalars([0.0 if refused else 1.0], op="min")[0] == 0.0:
         raise refused or ConfigError(f"output_dir {str(out)!r} is being written by another run")
     return lock
+
+
+def command_line() -> str:
+    """This run's command as the lock records it (`python -m llm_gradprune` reads as the CLI)."""
+    name = Path(sys.argv[0]).name
+    return shlex.join(["llm-gradprune" if name == "__main__.py" else name, *sys.argv[1:]])
 
 
 def read_text(job: Job) -> None:
