@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ from typing import Any
 
 import yaml
 
+from .calibration.assets import unreachable_path
 from .calibration.stats import STATISTICS
 from .errors import ConfigError
-from .fields import FLAG_COMMANDS, Declared, declared, flat_key, setting, validate
+from .fields import FLAG_COMMANDS, Declared, declared, default_of, flat_key, setting, validate
 from .reconstruction.rules import UPDATES
 from .recovery.config import RecoverConfig
 from .scoring.allocation import ALLOCATIONS
@@ -193,6 +195,12 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        # set away from their declared defaults, before any is resolved: a structured run refuses them all,
+        # sparsity 0.5 too (the value its default resolves to)
+        self.given = frozenset(
+            d.field.name for d in declared(PruneConfig) if getattr(self, d.field.name) != default_of(d.field)
+        )
+        self._check_finite_params()
         self.notes: list[str] = []  # defaults another setting replaced, said in the report
         crit = CRITERIA.get(self.criterion)
         self.nm = parse_pattern(self.pattern)
@@ -222,6 +230,15 @@ class PruneConfig:
                 f"rounds {self.rounds} towards pattern {self.pattern} need a scoring criterion: {crit.name!r} chooses "
                 "its own mask and could not keep the earlier rounds' zeros inside the pattern"
             )
+
+    def _check_finite_params(self) -> None:
+        """A parameter of inf or nan passes a lower bound (or fails every comparison): refused here."""
+        for kind in ("criterion", "allocation"):
+            for name, value in getattr(self, f"{kind}_params").items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(
+                        f"{kind} {getattr(self, kind)!r} parameter {name} {value!r} must be a finite number"
+                    )
 
     def _resolve_sparsity(self) -> None:
         """An N:M pattern fixes the sparsity at (M-N)/M: the default follows it, another value is refused."""
@@ -438,7 +455,13 @@ class JobConfig:
         validate(self)
         if self.structured is not None:
             self._check_structured()
-        self.eval_tasks = [t.strip() for item in self.eval_tasks for t in str(item).split(",") if t.strip()]
+        tasks = [t.strip() for item in self.eval_tasks for t in str(item).split(",") if t.strip()]
+        if self.eval_tasks and not tasks:  # `--tasks ''` would silently score perplexity instead
+            raise ConfigError(
+                f"eval_tasks {self.eval_tasks!r} names no task: give names such as boolq,arc_easy"
+            )
+        self.eval_tasks = tasks
+        self._check_recovery_eval()
         self.max_shard_bytes = parse_size(self.max_shard_size)
         p = self.prune
         crit, alloc = CRITERIA.get(p.criterion), ALLOCATIONS.get(p.allocation)
@@ -453,16 +476,26 @@ class JobConfig:
                 f"eval_stride {self.eval_stride} is larger than eval_seq_len {self.eval_seq_len or self.seq_len}"
             )
 
+    def _check_recovery_eval(self) -> None:
+        """Evaluation during recovery runs on the held-out windows of `eval`: without it, it would not run."""
+        r, rec = self.recover, RecoverConfig
+        for name in ("eval_every", "eval_windows"):
+            value = getattr(r, name)
+            if not self.eval and value != rec.__dataclass_fields__[name].default:
+                raise ConfigError(
+                    f"{flat_key(rec, name)} {value!r} scores held-out perplexity during recovery, which runs only "
+                    "with eval: pass --eval (or drop it)"
+                )
+
     def _check_structured(self) -> None:
         """A structured run removes units instead of zeroing weights: unstructured settings are refused."""
         s = self.structured
-        kept = [d.field.name for d in declared(PruneConfig) if d.spec.structured]
-        default = PruneConfig(**{name: getattr(self.prune, name) for name in kept})
-        for name, value in self.prune.to_dict().items():
-            if name not in kept and value != getattr(default, name):
+        for d in declared(PruneConfig):
+            if d.field.name in self.prune.given and not d.spec.structured:
                 raise ConfigError(
-                    f"{name} {value!r} applies to unstructured pruning, but structure {s.structure!r} removes whole "
-                    "units (importance, target_params and keep_* choose them): drop one or the other"
+                    f"{d.key} {getattr(self.prune, d.field.name)!r} applies to unstructured pruning, but structure "
+                    f"{s.structure!r} removes whole units (importance, target_params and keep_* choose them): drop "
+                    "one or the other"
                 )
         if self.fsdp:
             raise ConfigError("structure with fsdp is not supported: structured pruning runs in one process")
@@ -611,19 +644,67 @@ def param_aliases() -> dict[str, tuple[str, str, str]]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load`, but a key given twice in one mapping is refused (PyYAML keeps the last one
+    silently), and `1e-4` is a float as in YAML 1.2 (YAML 1.1 wants a dot and reads it as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {first[key] + 1}): give it once",
+                    key_node.start_mark,
+                )  # fmt: skip
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _config_text(path: str | Path) -> str:
+    """The text of a config file, or one line on why it cannot be read."""
+    p = Path(path)
+    problem = unreachable_path(p) or ("is a folder, not a YAML file" if p.is_dir() else None)
+    if problem is None:
+        try:
+            data = p.read_bytes()
+        except OSError as err:
+            problem = f"cannot be read: {err.strerror}"
+    if problem is not None:
+        raise ConfigError(f"config file {str(path)!r} {problem}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text: byte 0x{data[err.start]:02x} at line {line}"
+        ) from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The flat keys of a config file (a legacy `recover:` section unnested, so flags can override it)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = _config_text(path)
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(
             f"config file {str(path)!r} is not valid YAML{where}: {getattr(err, 'problem', err)}"
         ) from None
+    if values is None:  # no key at all: running every default (a 135M job) is never what was meant
+        raise ConfigError(f"config file {str(path)!r} is empty: it holds no settings")
     if not isinstance(values, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return unnest_recover(values)

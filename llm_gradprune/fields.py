@@ -145,6 +145,16 @@ def default_of(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
+def _number_text(value: Any) -> Any:
+    """A string that reads as a number, as that number: YAML 1.1 reads `1e-4` (no dot) as a string."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _checked(key: str, value: Any, spec: Setting, kind: type) -> Any:
     """`value` as the setting holds it (ints as floats for a float, a lone string as a list), or a refusal."""
     rng = spec.range
@@ -153,10 +163,15 @@ def _checked(key: str, value: Any, spec: Setting, kind: type) -> Any:
     if kind is int and (isinstance(value, bool) or not isinstance(value, int) or (rng and value not in rng)):
         raise ConfigError(f"{key} {value!r} must be an integer" + (f" {rng.phrase}" if rng else ""))
     if kind is float:
+        value = _number_text(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} {value!r} must be a number" + (f" {rng.phrase}" if rng else ""))
+        if not math.isfinite(value):  # inf passes a '> 0' range, and nan fails every test silently
+            raise ConfigError(f"{key} {value!r} must be a finite number" + (f" {rng.phrase}" if rng else ""))
         if rng and value not in rng:
-            raise ConfigError(f"{key} {value!r} is outside {rng.interval}")
+            # a one-sided range reads as its bound ('must be > 0'), not as an interval ending at inf
+            bound = f"must be {rng.phrase}" if rng.high == math.inf else f"is outside {rng.interval}"
+            raise ConfigError(f"{key} {value!r} {bound}")
         value = float(value)
     if kind is list:
         value = [value] if isinstance(value, str) else value

@@ -6,14 +6,20 @@ from pathlib import Path
 
 import torch
 
-from .calibration.assets import resolve_model
+from .calibration.assets import resolve_model, unreachable_path
 from .errors import ConfigError, hub_unreachable, unreachable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+    # is_symlink: a broken or looping link is still a local path, not a Hub id
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or Path(name).exists()
+        or Path(name).is_symlink()
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -26,9 +32,9 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
 
     path = resolve_model(name)
     if looks_local(path) and not Path(path).expanduser().is_dir():
-        raise ConfigError(
-            f"model {name!r} does not exist: give a Hub id, a local folder or builtin:smollm2-135m"
-        )
+        local = Path(path).expanduser()
+        problem = unreachable_path(local) or "is a file, not a model folder"
+        raise ConfigError(f"model {name!r} {problem}: give a Hub id, a local folder or builtin:smollm2-135m")
     path = str(Path(path).expanduser()) if looks_local(path) else path
     if looks_local(path) and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model folder {name!r} has no config.json: it is not a Hugging Face model folder")

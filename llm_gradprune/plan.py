@@ -207,8 +207,9 @@ def resolve_budgets(
     summary = None
     if plan.allocation.needs:
         act = (lambda n: stats.mean("act_sq_mean", n)) if stats.has("act_sq_mean") else None
+        # sparsegpt (no scope) takes a share of each tensor, rounded per column block: counted as whole weights
         alloc, summary = allocate(
-            plan.allocation.name, cfg.allocation_params, weights, act, plan.shapes, cfg.sparsity, scope,
+            plan.allocation.name, cfg.allocation_params, weights, act, plan.shapes, cfg.sparsity, scope or "tensor",
             reduce=coll.sum_scalars if coll.rows_sharded else None,
         )  # fmt: skip
         budgets = dict(alloc)

@@ -34,7 +34,7 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
     out = {}
     for root in roots:
         for p in [root, *root.rglob("*")]:
-            st = p.stat()
+            st = p.lstat()  # a symlink loop is a row's input too
             out[str(p)] = (p.is_dir(), st.st_size if p.is_file() else 0, st.st_mtime_ns)
     return out
 
@@ -212,6 +212,30 @@ def unwritable_parent(ws, a):
     return ["--output-dir", str(locked / "sub" / "out")]
 
 
+def config_file(content: str | bytes):
+    def setup(ws, a):
+        (ws / "c.yaml").write_bytes(content.encode() if isinstance(content, str) else content)
+        return ["--config", str(ws / "c.yaml")]
+
+    return setup
+
+
+def config_loop(ws, a):
+    (ws / "a.yaml").symlink_to(ws / "b.yaml")
+    (ws / "b.yaml").symlink_to(ws / "a.yaml")
+    return ["--config", str(ws / "a.yaml")]
+
+
+def config_folder(ws, a):
+    (ws / "conf").mkdir()
+    return ["--config", str(ws / "conf")]
+
+
+def numbers_as_text(ws, a):
+    (ws / "d.jsonl").write_text("".join(f'{{"text": {i + 1}}}\n' for i in range(30)))
+    return ["--dataset", str(ws / "d.jsonl")]
+
+
 UNDO: list = []  # what a setup changed outside its workspace, undone after its row
 
 
@@ -283,6 +307,27 @@ ROWS = [
      r"recover lora_r adds LoRA adapters to nn\.Linear layers, and model\.layers\.0\.mlp\.experts\.0\.gate_up_proj is not one \(MixtralExperts\): train the weights themselves \(lora_r 0\)"),
     ("moe-patterns-match-nothing", moe_with("--include", "experts\\.9\\."),
      r"target patterns match no prunable matrix \(include=\['experts\\\\.9\\\\.'\]"),
+    # issue 23: settings, YAML and text
+    ("lr-inf", flags("--recover-steps", "1", "--recover-lr", "inf"), r"recover_lr inf must be a finite number > 0$"),
+    ("lr-nan", flags("--recover-steps", "1", "--recover-lr", "nan"), r"recover_lr nan must be a finite number > 0$"),
+    ("param-nan", flags("--allocation", "owl", "--owl-lambda", "nan"),
+     r"allocation 'owl' parameter lambda nan must be a finite number$"),
+    ("yaml-empty", config_file("# nothing yet\n"), r"config file '.*c\.yaml' is empty: it holds no settings$"),
+    ("eval-tasks-empty", flags("--eval-tasks", ""), r"eval_tasks \[''\] names no task: give names such as boolq"),
+    ("eval-every-without-eval", flags("--recover-steps", "2", "--recover-eval-every", "1"),
+     r"recover_eval_every 1 scores held-out perplexity during recovery, which runs only with eval: pass --eval"),
+    ("structure-with-sparsity-0.5", flags("--structure", "channels", "--sparsity", "0.5"),
+     r"sparsity 0\.5 applies to unstructured pruning, but structure 'channels' removes whole units"),
+    ("yaml-duplicate-key", config_file("sparsity: 0.3\nsparsity: 0.6\n"),
+     r"c\.yaml' is not valid YAML at line 2: key 'sparsity' is given twice \(first at line 1\): give it once$"),
+    ("text-not-string", numbers_as_text, r"text_column 'text' of '.*d\.jsonl' holds int \d+ at row \d+, not text"),
+    ("yaml-not-utf8", config_file(b"sparsity: 0.3\n# caf\xe9\n"), r"c\.yaml' is not UTF-8 text: byte 0xe9 at line 2$"),
+    ("lr-zero", flags("--recover-lr", "0"), r"recover_lr 0\.0 must be > 0$"),
+    ("temperature-zero", flags("--recover-temperature", "0"), r"recover_temperature 0\.0 must be > 0$"),
+    ("lr-negative-exponent", flags("--recover-lr", "-1e-4"), r"recover_lr -0\.0001 must be > 0$"),
+    ("config-symlink-loop", config_loop, r"config file '.*a\.yaml' is a symlink loop$"),
+    ("config-is-a-folder", config_folder, r"config file '.*conf' is a folder, not a YAML file$"),
+    ("model-is-a-file", lambda ws, a: ["--model", str(a["text"])], r"model '.*t\.txt' is a file, not a model folder"),
 ]  # fmt: skip
 
 
@@ -329,3 +374,16 @@ def test_unreachable_hub_model_is_one_line(assets, tmp_path, capsys, monkeypatch
         in err
     )
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("tasks", [[""], []], ids=["empty-name", "no-name"])
+def test_eval_tasks_naming_nothing_is_refused(tasks, assets, capsys):
+    """`eval --tasks ''` (or a bare --tasks) used to score perplexity instead, silently."""
+    before = snapshot(assets["model"])
+    capsys.readouterr()
+    code = cli.main(["eval", str(assets["model"]), "--dataset", str(assets["text"]), "--tasks", *tasks])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("llm-gradprune: error: "), err
+    assert re.search(r"names no task: give names such as boolq", err), err
+    assert snapshot(assets["model"]) == before

@@ -204,3 +204,84 @@ def test_recover_command_reads_the_same_flat_keys():
         16,
     )
     assert (cfg.recover.save_state_every, cfg.save_state_every, cfg.resume) == (2, 0, True)
+
+
+# -- issue 23: settings, YAML and text ----------------------------------------------------------------
+@pytest.mark.parametrize("d", [d for d in SETTINGS if d.kind is float], ids=lambda d: d.key)
+def test_every_float_setting_refuses_non_finite_values(d):
+    for value in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ConfigError) as err:
+            build(d.key, value)
+        assert str(err.value).startswith(f"{d.key} {value!r} must be a finite number"), str(err.value)
+
+
+def test_a_one_sided_range_reads_as_its_bound():
+    for key, value in (("recover_lr", 0.0), ("recover_temperature", 0.0), ("recover_weight_decay", -1.0)):
+        with pytest.raises(ConfigError) as err:
+            JobConfig.from_flat({key: value})
+        bound = "> 0" if key != "recover_weight_decay" else ">= 0"
+        assert str(err.value) == f"{key} {value!r} must be {bound}"
+
+
+def test_numbers_yaml_1_1_reads_as_strings_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string: the config reader takes it as YAML 1.2 does, and a float
+    setting takes a string that reads as a number."""
+    path = tmp_path / "c.yaml"
+    path.write_text("recover_lr: 1e-4\nrecover_weight_decay: 5E-2\nallocation: owl\nowl_lambda: 1e-1\n")
+    assert read_yaml(path)["recover_lr"] == 1e-4
+    cfg = JobConfig.from_yaml(path)
+    got = (cfg.recover.lr, cfg.recover.weight_decay, cfg.prune.allocation_params["lambda"])
+    assert got == (1e-4, 0.05, 0.1)
+    assert JobConfig.from_flat({"recover_lr": "2e-3"}).recover.lr == 2e-3
+    with pytest.raises(ConfigError, match=r"^recover_lr 'fast' must be a number > 0$"):
+        JobConfig.from_flat({"recover_lr": "fast"})
+
+
+def test_yaml_refuses_a_key_given_twice_at_any_depth(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("criterion: blend\ncriterion_params:\n  weight: 0.2\n  weight: 0.8\n")
+    with pytest.raises(ConfigError, match=r"at line 4: key 'weight' is given twice \(first at line 3\)"):
+        read_yaml(path)
+    path.write_text("base: &b {sparsity: 0.3}\n")  # anchors and distinct keys still read
+    assert read_yaml(path) == {"base": {"sparsity": 0.3}}
+
+
+def test_a_structured_run_refuses_every_unstructured_setting_given():
+    """Even one equal to what its default resolves to (sparsity 0.5, scope row)."""
+    for key, value in (("sparsity", 0.5), ("scope", "row"), ("criterion", "fisher")):
+        with pytest.raises(ConfigError, match=rf"^{key} {value!r} applies to unstructured pruning"):
+            JobConfig.from_flat({"structure": "channels", key: value})
+    assert JobConfig.from_flat({"structure": "channels", "threads": 2}).prune.threads == 2
+
+
+def test_recovery_evaluation_needs_eval():
+    for key, value in (("recover_eval_every", 5), ("recover_eval_windows", 4)):
+        with pytest.raises(ConfigError, match=rf"^{key} {value} scores held-out perplexity .* pass --eval"):
+            JobConfig.from_flat({"recover_steps": 10, key: value})
+        JobConfig.from_flat({"recover_steps": 10, "eval": True, key: value})
+
+
+def test_lora_rank_is_bounded_by_the_narrowest_target():
+    from llm_gradprune.recovery.config import check_lora_rank
+
+    widths = {"q_proj": 32, "down_proj": 64}
+    check_lora_rank(32, widths)
+    check_lora_rank(0, {"x": 1})
+    with pytest.raises(ConfigError, match=r"^recover_lora_r 33 is above the width of q_proj \(32\).*<= 32$"):
+        check_lora_rank(33, widths)
+
+
+def test_keep_heads_says_what_its_rounding_did(tmp_path, capsys):
+    """0.75 of 4 heads in 2 KV groups can be 4 or 2 heads only: the run says it kept all 4."""
+    from .tiny_folder import make_model_folder, make_text_file
+
+    model, text = make_model_folder(tmp_path / "m"), make_text_file(tmp_path / "t.txt")
+    argv = ["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "4", "--seq-len", "16",
+            "--output-dir", str(tmp_path / "out"), "--no-progress", "--structure", "heads", "--keep-heads", "0.75"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert (
+        "warning: keep_heads 0.75 asks for 3 of 4 query heads, but 2 KV group(s) allow 4, 2, 1 heads per layer: "
+        "4 kept, nothing is removed" in err
+    ), err

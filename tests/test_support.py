@@ -110,3 +110,20 @@ def test_refusal_names_the_first_unsupported_option():
     run = SupportQuery(PruneConfig(criterion="sparsegpt"), processes=2, sharded=True)
     assert refusal(run).startswith("layer-wise mode is not supported on the FSDP2 row shards path")
     check_support(SupportQuery(PruneConfig(criterion="sparsegpt"), processes=2))  # replicated: fine
+
+
+def test_owl_sets_the_budgets_of_sparsegpt(assets, tmp_path):
+    """sparsegpt selects no scope: OWL's layer sparsities become shares of each tensor's whole weights,
+    and the total stays the target (it ended in a ValueError before)."""
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(assets["model"]), "--dataset", str(assets["text"]), "--output-dir", str(out),
+            "--num-samples", "4", "--seq-len", "16", "--no-progress", "--criterion", "sparsegpt",
+            "--allocation", "owl", "--owl-lambda", "0.1"]  # fmt: skip
+    assert commands.main(argv) == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    layers = {k: v["sparsity"] for k, v in report["allocation"].items()}
+    assert len(set(layers.values())) == len(layers) == 2  # OWL moved the layers apart
+    for name, t in report["per_tensor"].items():
+        layer = next(k for k in layers if name.startswith(k + "."))
+        assert abs(t["masked"] / t["numel"] - layers[layer]) < 0.01, name
+    assert report["masked_weights"] == report["target_weights"] // 2

@@ -8,6 +8,7 @@ their folders are found with `importlib.util.find_spec`, so their own dependenci
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import shutil
@@ -40,6 +41,22 @@ def package_file(package: str, relative: str) -> Path:
     if not path.exists():
         raise AssetError(f"{path} is missing from the installed package {package!r}")
     return path
+
+
+def unreachable_path(path: Path) -> str | None:
+    """Why `path` cannot be opened at all, as the end of a message ('does not exist', 'is a symlink
+    loop'), or None when it can: a loop or a dangling link is not the same mistake as a typo."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if path.is_symlink():
+            return f"is a symlink to {os.readlink(path)!r}, which does not exist"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "does not exist"
+        return f"cannot be read: {err.strerror}"
+    return None
 
 
 def builtin_dataset_file(name: str) -> Path:

@@ -18,6 +18,7 @@ import csv
 import hashlib
 import itertools
 import json
+import reprlib
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, hub_unreachable, unreachable
-from .assets import builtin_dataset_file
+from .assets import builtin_dataset_file, unreachable_path
 
 HELDOUT_EVERY = 10
 TRAIN_SPLITS = ("train", "calibration")
@@ -151,7 +152,7 @@ def local_column(path: Path, text_column: str, split: str) -> list:
     """Every row's value in the text column of a local file (one row per line of a .txt)."""
     source = str(path)
     if not path.is_file():
-        raise ConfigError(f"dataset file {source!r} does not exist")
+        raise ConfigError(f"dataset file {source!r} {unreachable_path(path) or 'is a folder, not a file'}")
     reader = LOCAL_READERS.get(path.suffix.lower())
     if reader is None:
         raise ConfigError(f"dataset file {source!r} has an unsupported type: use {', '.join(LOCAL_READERS)}")
@@ -163,6 +164,8 @@ def local_column(path: Path, text_column: str, split: str) -> list:
     except UnicodeDecodeError:
         raise ConfigError(f"dataset file {source!r} is not UTF-8 text") from None
     _check_column(columns, text_column, source)
+    for row, value in enumerate(values[text_column]):
+        _check_text(value, text_column, row, source)
     return values[text_column]
 
 
@@ -186,11 +189,9 @@ def _hub_texts(
         raise
     if first is None:
         return
-    checked = False
-    for row in itertools.chain([first], stream):
-        if not checked:
-            _check_column(list(row), text_column, source)
-            checked = True
+    _check_column(list(first), text_column, source)
+    for index, row in enumerate(itertools.chain([first], stream)):
+        _check_text(row[text_column], text_column, index, source)
         text = clean_text(row[text_column] or "")
         if text:
             yield text
@@ -200,6 +201,15 @@ def _check_column(columns: list[str], text_column: str, source: str) -> None:
     if text_column not in columns:
         raise ConfigError(
             f"text_column {text_column!r} is not in {source!r}: its columns are {', '.join(columns)}"
+        )
+
+
+def _check_text(value, text_column: str, row: int, source: str) -> None:
+    """A number or a list where text belongs is refused, never turned into text nobody wrote."""
+    if value is not None and not isinstance(value, str):
+        shown = f"{type(value).__name__} {reprlib.repr(value)}"
+        raise ConfigError(
+            f"text_column {text_column!r} of {source!r} holds {shown} at row {row}, not text: give a column of strings"
         )
 
 

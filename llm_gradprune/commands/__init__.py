@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -25,13 +26,19 @@ from . import push as push_command
 from . import recover as recover_command
 
 PROG = "llm-gradprune"
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 COMMANDS: Registry = Registry("command")
 for _module in (prune_command, eval_command, recover_command, push_command, inspect_command):
     COMMANDS.add(_module.__name__.rsplit(".", 1)[1], _module)
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (no usage block)."""
+    """argparse that reports a bad command line in one line (no usage block), and reads `-1e-4` or `-inf`
+    as a value: its own pattern knows only `-1` and `-.5`, and calls anything else a missing argument."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str):
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..config import JobConfig
+from ..errors import ConfigError
 from .flags import add_field_flags, given
 
 HELP = "perplexity of a model (Hub id, folder, built-in) on held-out text, or lm-eval task scores (--tasks)"
@@ -26,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from ..job import eval_job
 
     values = given(args, "eval")
+    if values.get("eval_tasks") == []:  # a bare --tasks would silently score perplexity instead
+        raise ConfigError(
+            "--tasks names no task: give names such as boolq,arc_easy, or drop it for perplexity"
+        )
     if args.json:
         values["progress"] = False
     cfg = JobConfig.from_flat({"model": args.model, **values})

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..errors import ConfigError
 from ..fields import setting, validate
 
 TEACHER_DEVICES = ("same", "cpu")
@@ -81,3 +82,16 @@ class RecoverConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def check_lora_rank(lora_r: int, widths: dict[str, int]) -> None:
+    """A LoRA rank above a target's narrower side adds parameters but no rank: refused when the model is
+    known, naming the narrowest target. `widths`: each target's min(rows, columns)."""
+    if not lora_r or not widths:
+        return
+    name = min(widths, key=lambda n: widths[n])
+    if lora_r > widths[name]:
+        raise ConfigError(
+            f"recover_lora_r {lora_r} is above the width of {name} ({widths[name]}): a rank-r adapter of a "
+            f"{widths[name]}-wide layer has rank {widths[name]} at most, use recover_lora_r <= {widths[name]}"
+        )

@@ -10,6 +10,7 @@ under the uniform constraint). Within a layer the lowest-scored units go; ties k
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,8 @@ import torch
 from ..errors import ConfigError
 from .importance import LayerScores
 from .units import Shape, UnitCosts
+
+log = logging.getLogger("llm_gradprune")
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Choice:
     params_after: int = 0
     cost: float = 0.0
     candidates: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what rounding a keep ratio did, for the report
 
     @property
     def heads(self) -> int:
@@ -140,6 +144,18 @@ def _from_keeps(removal: _Removal, opts, keeps: dict[str, float], multiple: int)
     return removal.candidate(n, opt, inter)
 
 
+def _head_rounding(keeps: dict[str, float], best: dict, shape: Shape, opts) -> str | None:
+    """What rounding keep_heads to a head count the config class accepts did, when it changed the count
+    (0.75 of 4 heads in 2 KV groups can only be 4 or 2, and the tie keeps all 4); None otherwise."""
+    want, kept = shape.heads * keeps["heads"], best["kv_heads"] * best["group"]
+    if abs(kept - want) < 1e-9:
+        return None
+    counts = ", ".join(str(n) for n in sorted({kv * r for kv, r in opts}, reverse=True))
+    outcome = "nothing is removed" if kept == shape.heads else f"{shape.heads - kept} removed per layer"
+    return (f"keep_heads {keeps['heads']:g} asks for {want:g} of {shape.heads} query heads, but {shape.kv_heads} "
+            f"KV group(s) allow {counts} heads per layer: {kept} kept, {outcome}")  # fmt: skip
+
+
 def _within(removal: _Removal, kinds, opts, budget: float, multiple: int) -> list[dict]:
     """Every shape within `budget` parameters; with channels, each keeps as many as fit."""
     shape, cands = removal.shape, []
@@ -185,7 +201,12 @@ def choose(
     removal = _Removal.of(shape, costs, scores, kinds, opts)
     if keeps:
         best = _from_keeps(removal, opts, keeps, multiple)
-        return _finish(best, scores, removal.layer_order, [best], shape)
+        choice = _finish(best, scores, removal.layer_order, [best], shape)
+        note = _head_rounding(keeps, best, shape, opts) if "heads" in keeps else None
+        if note is not None:
+            choice.notes.append(note)
+            log.warning("warning: %s", note)
+        return choice
     dense = shape.layers * costs.layer(shape.intermediate, shape.heads, shape.kv_heads)
     cands = _within(removal, kinds, opts, target * dense, multiple)
     if not cands:
