@@ -46,8 +46,11 @@ def pruned(tmp_path_factory) -> Path:
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
+    """What a push of a folder prune wrote sends: every file but the dotfiles (the local record)."""
     return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.relative_to(folder).as_posix().startswith(".")
     }
 
 
@@ -127,10 +130,13 @@ def test_dry_run_lists_exactly_the_files_and_the_target_and_uploads_nothing(prun
     lines = text.splitlines()
     assert lines[0].startswith(f"dry run: would push {len(files)} files")
     assert f"to {REPO} (revision exp, private) at {hub.url}" in lines[0]
-    listed = {ln.split()[0]: int(ln.split()[1].replace(",", "")) for ln in lines[2:-1]}
+    listed = {ln.split()[0]: int(ln.split()[1].replace(",", "")) for ln in lines[2:-2]}
     assert listed == {k: len(v) for k, v in files.items()}
-    assert lines[-1] == "nothing was uploaded"
-    assert {"README.md", "config.json", "model.safetensors", "pruning_report.json"} <= set(listed)
+    assert lines[-2:] == ["never sent (dotfiles): .llm-gradprune-local.json", "nothing was uploaded"]
+    assert plan["skipped"] == [".llm-gradprune-local.json"]
+    assert {"README.md", "config.json", "model.safetensors", "pruning_report.json", "manifest.json"} <= set(
+        listed
+    )
 
 
 def test_a_folder_whose_weights_changed_after_pruning_is_refused(pruned, tmp_path, capsys, monkeypatch):

@@ -15,6 +15,7 @@ import yaml
 from ..report import BaseModel, Dataset, Report, TensorCount, as_report
 from ..scoring.criteria import CRITERIA
 from .coverage import coverage_lines, pruned_sentence
+from .local_paths import readable_name as _readable
 from .plots import layer_projection_table
 
 ZEROS_PARAGRAPH = (
@@ -24,14 +25,6 @@ ZEROS_PARAGRAPH = (
     "about 1.5-2x on the matmuls)."
 )
 LOCAL_KEYS = ("output_dir", "state_dir", "scores_dir")
-
-
-def _readable(value: str | None) -> str | None:
-    """A local path shown by its last part; anything else as it is."""
-    if value is None:
-        return None
-    s = str(value)
-    return Path(s).name if s.startswith(("/", "~", ".")) else s
 
 
 def readable_config(settings: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,12 @@ upload_folder (which sends large files through the Hub's large-file protocol and
 already holds unchanged).
 
 Only a folder `prune` wrote and that still holds what its report says is pushed: pruning_report.json
-and config.json present, and every pruned tensor's zero count, re-read from the safetensors files,
-equal to the report's. The push takes the folder, never the pruning job: a push that fails on the
-network leaves the folder as it was, and running `push` again retries it.
+and config.json present, every pruned tensor's zero count and every tensor's sha256, re-read from the
+safetensors files, equal to the report's, no NaN/inf, and every file as `manifest.json` lists it. Only the
+manifest's files (and the manifest) are sent: a file it does not list is refused unless `--allow-extra`
+names it, a symlink is refused (never followed), a dotfile is never sent (io/manifest). The push takes
+the folder, never the pruning job: a push that fails on the network leaves the folder as it was, and
+running `push` again retries it.
 
 The token is huggingface_hub's own (HF_TOKEN, else the cached `hf auth login`), read by it for each
 request and sent only in the Authorization header; nothing here prints or writes it, and an error
@@ -25,6 +28,7 @@ from typing import Any
 from ..errors import ConfigError, unreachable
 from ..report import Report, as_report
 from .checkpoint import VerificationError, verify_report
+from .manifest import check_unchanged, plan_files
 
 REPORT = "pruning_report.json"
 BAD_REF = re.compile(r"(^[-/.])|(/$)|(\.lock$)|(\.\.)|(//)|([\s~^:?*\[\\@{])")
@@ -60,9 +64,14 @@ def check_revision(revision: str | None) -> str | None:
     return revision
 
 
-def check_pushable(folder: str | Path) -> dict[str, Any]:
+def check_pushable(folder: str | Path, allow_extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The folder's report, if the folder is an llm-gradprune output that still matches it; else one
     line saying why it is refused."""
+    return _pushable(folder, allow_extra)[0]
+
+
+def _pushable(folder: str | Path, allow_extra) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the report, what may be sent: io.manifest.plan_files) of a folder that passes every check."""
     path = Path(folder).expanduser()
     label = str(folder)
     if not path.is_dir():
@@ -73,6 +82,7 @@ def check_pushable(folder: str | Path) -> dict[str, Any]:
         )
     if not (path / "config.json").is_file():
         raise ConfigError(f"{label!r} has no config.json: it is not a complete checkpoint; run prune again")
+    sent = plan_files(path, label, allow_extra)  # symlinks and unknown files: before any file is read
     try:
         json.loads((path / "config.json").read_text())
         report = json.loads((path / REPORT).read_text())
@@ -87,7 +97,9 @@ def check_pushable(folder: str | Path) -> dict[str, Any]:
             f"{label!r} fails verification, refusing to push it: {err} (were the weights changed after "
             "pruning? run prune again)"
         ) from None
-    return report
+    if sent["manifest"] is not None:
+        check_unchanged(path, label, sent["manifest"])
+    return report, sent
 
 
 def check_verifiable(report: Any, label: str) -> Report:
@@ -106,15 +118,15 @@ def check_verifiable(report: Any, label: str) -> Report:
     return r
 
 
-def upload_files(folder: str | Path) -> list[dict[str, Any]]:
-    """Exactly the files upload_folder sends, as relative paths with their sizes: every file under the
-    folder except the ones huggingface_hub never uploads (.git, .cache/huggingface)."""
-    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+def upload_files(folder: str | Path, names: list[str]) -> list[dict[str, Any]]:
+    """The files a push sends, as relative paths with their sizes."""
+    root = Path(folder).expanduser()
+    return [{"path": rel, "bytes": (root / rel).stat().st_size} for rel in names]
 
-    root = Path(folder).expanduser().resolve()
-    found = {p.relative_to(root).as_posix(): p for p in sorted(root.glob("**/*")) if p.is_file()}
-    kept = filter_repo_objects(found, ignore_patterns=list(DEFAULT_IGNORE_PATTERNS))
-    return [{"path": rel, "bytes": found[rel].stat().st_size} for rel in kept]
+
+def exact_patterns(names: list[str]) -> list[str]:
+    """upload_folder's allow_patterns matching exactly `names` (fnmatch: `[`, `*`, `?` escaped)."""
+    return ["".join(f"[{c}]" if c in "[]*?" else c for c in name) for name in names]
 
 
 def default_commit_message(report: Report | dict[str, Any]) -> str:
@@ -170,15 +182,17 @@ def push_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     dry_run: bool = False,
+    allow_extra: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Verify `folder`, then push it to `repo_id` (creating the repo, and the branch `revision`, if
     missing). Returns what was pushed, or with `dry_run` the plan, uploading nothing: repo_id, endpoint,
-    url, revision, private, files (relative path and bytes), total_bytes, commit_message, and after a
-    push commit_url and commit_oid. Every failure is a ConfigError of one line."""
+    url, revision, private, files (relative path and bytes), skipped (dot entries, never sent),
+    total_bytes, commit_message, and after a push commit_url and commit_oid. `allow_extra`: files the
+    manifest does not list that are sent too. Every failure is a ConfigError of one line."""
     check_repo_id(repo_id)
     check_revision(revision)
-    report = check_pushable(folder)
-    files = upload_files(folder)
+    report, sent = _pushable(folder, allow_extra)
+    files = upload_files(folder, sent["files"])
     branch = revision or "main"
     url = f"{endpoint()}/{repo_id}" + (f"/tree/{branch}" if revision else "")
     plan = {
@@ -188,6 +202,7 @@ def push_folder(
         "revision": branch,
         "private": bool(private),
         "files": files,
+        "skipped": sent["skipped"],
         "total_bytes": sum(f["bytes"] for f in files),
         "commit_message": commit_message or default_commit_message(report),
         "dry_run": bool(dry_run),
@@ -220,6 +235,7 @@ def push_folder(
             repo_id=repo_id,
             revision=revision,
             commit_message=plan["commit_message"],
+            allow_patterns=exact_patterns([f["path"] for f in files]),
         )
     except ConfigError:
         raise

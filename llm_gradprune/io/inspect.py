@@ -124,8 +124,31 @@ def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def checkpoint_files(path: Path, label: str) -> list[Path]:
-    """The safetensors files of a checkpoint: those its index names, else every *.safetensors file."""
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`, symlinks followed, lies under `root` (also symlinks resolved)."""
+    return root.resolve() in path.resolve().parents
+
+
+def shard_paths(path: Path, weight_map: Any, label: str, index: str, root: Path | None = None) -> list[Path]:
+    """The files an index's weight_map names, each refused in one line unless it lies in the folder
+    (`root`, default `path`: a Hub snapshot's files are links into its cache folder): an absolute path,
+    a `..` or a symlink out would read a file the checkpoint does not hold."""
+    if not isinstance(weight_map, dict):
+        raise ConfigError(f"{index} in {label!r} is not a safetensors index")
+    files = []
+    for name in sorted({str(v) for v in weight_map.values()}):
+        target = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not inside(root or path, target):
+            raise ConfigError(
+                f"{label!r}: {index} names {name!r}, which lies outside the checkpoint folder: refusing to read it"
+            )
+        files.append(target)
+    return files
+
+
+def checkpoint_files(path: Path, label: str, root: Path | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names, else every *.safetensors file;
+    each must lie in the folder (`root`, default `path`), symlinks followed."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ConfigError(f"{label!r} is not a .safetensors file or a checkpoint folder")
@@ -140,7 +163,7 @@ def checkpoint_files(path: Path, label: str) -> list[Path]:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{indexes[0].name} in {label!r} is not a safetensors index") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        files = shard_paths(path, weight_map, label, indexes[0].name, root)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ConfigError(f"{label!r}: {indexes[0].name} names {missing[0]}, which is missing")
@@ -148,6 +171,11 @@ def checkpoint_files(path: Path, label: str) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{label!r} holds no .safetensors file: it is not a safetensors checkpoint")
+    out = [f.name for f in files if not inside(root or path, f)]
+    if out:
+        raise ConfigError(
+            f"{label!r}: {out[0]} is a symlink out of the checkpoint folder: refusing to read it"
+        )
     return files
 
 
@@ -290,7 +318,9 @@ def resolve_checkpoint(name: str, revision: str | None = None) -> Path:
 def inspect_checkpoint(name: str, revision: str | None = None) -> dict[str, Any]:
     """The whole inspection of a folder, .safetensors file or Hub id, as one JSON-ready dict."""
     path = resolve_checkpoint(str(name), revision)
-    files = checkpoint_files(path, str(name))
+    local = Path(str(name)).expanduser().exists() or looks_local(str(name))
+    # a Hub snapshot's files link into its repo's cache folder (snapshots/<revision>/ -> blobs/)
+    files = checkpoint_files(path, str(name), root=None if local else path.parent.parent)
     tensors = inspect_files(files, str(name))
     return {
         "source": str(name),

@@ -4,7 +4,8 @@
 config; this adds what the project's outputs promise: the folder is written beside its target and
 installed atomically (`io.atomic`), and before that its config is re-read by the config class and every
 tensor's shape in the safetensors files is checked against the model, so a folder that would fail
-`from_pretrained` with size mismatches is never installed.
+`from_pretrained` with size mismatches is never installed; nor is one holding NaN/inf. `manifest.json`,
+written last, lists every file with its size and sha256 (what a push sends).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 from safetensors import safe_open
 
 from ..io.atomic import write_folder, write_json
-from ..io.checkpoint import safetensors_files
+from ..io.checkpoint import safetensors_files, scan_files
+from ..io.manifest import write_manifest
 
 SHAPE_KEYS = ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "mlp_bias", "attention_bias")  # fmt: skip
@@ -43,6 +45,9 @@ def check_folder(folder: str | Path, model) -> dict[str, Any]:
     for name, t in model.state_dict().items():
         if name in shapes and shapes[name] != tuple(t.shape):
             raise SaveCheckError(f"saved {name} has shape {shapes[name]}, the model's is {tuple(t.shape)}")
+    bad = scan_files(folder).nonfinite
+    if bad is not None:
+        raise SaveCheckError(f"saved {bad[0]} holds {bad[1]:,} NaN/inf values of {bad[2]:,}")
     return {"tensors": len(shapes), "bytes": sum(f.stat().st_size for f in safetensors_files(folder))}
 
 
@@ -58,6 +63,7 @@ def save_structured(model, tokenizer, out_dir: str | Path, report: dict | None =
         checked = check_folder(tmp, model)
         if report is not None:
             write_json(tmp / "structure_report.json", {**report, "file_bytes": checked["bytes"]})
+        write_manifest(tmp)
         return checked
 
     return write_folder(out_dir, fill)[1]
