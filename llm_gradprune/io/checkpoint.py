@@ -137,7 +137,9 @@ def _nonfinite(t: torch.Tensor) -> int:
         return 0
     if t.dtype.itemsize == 1:  # fp8: no CPU isfinite kernel; converted a few MiB at a time
         return sum(_nonfinite(part.float()) for part in t.split(1 << 22))
-    return t.numel() - int(torch.isfinite(t).sum())
+    if torch.isfinite(t.sum()):  # NaN and inf carry into the sum: one cheap reduction when all is well
+        return 0
+    return t.numel() - int(torch.isfinite(t).sum())  # exact (also a finite sum that overflowed)
 
 
 @dataclass
