@@ -232,9 +232,10 @@ class Sparsity:
     peak_memory_bytes: dict[str, Any] | None = None
     matrices: dict[str, Any] | None = None  # what is pruned per kind, routers and what is left
     experts: dict[str, Any] | None = None  # routed tokens per expert, the experts that got none
-    stored_as: dict[str, list] | None = (
-        None  # matrices written in another layout: the file tensors holding them
-    )
+    # matrices written in another layout: the file tensors holding them
+    stored_as: dict[str, list] | None = None
+    # sha256 of every tensor as written, keyed as in the files: push refuses edited weights
+    tensor_sha256: dict[str, str] | None = None
     per_tensor: dict[str, TensorCount] = field(default_factory=dict)
 
     @classmethod

@@ -283,7 +283,9 @@ def verify_report(folder: str | Path, report: Report | dict[str, Any]) -> dict[s
             folder, {n: {"zeros": t.zeros} for n, t in r.sparsity.per_tensor.items()}, r.sparsity.stored_as
         )
     recorded = (
-        report.get("tensor_sha256") if isinstance(report, dict) else getattr(report, "tensor_sha256", None)
+        report.get("tensor_sha256")
+        if isinstance(report, dict)
+        else getattr(r.sparsity, "tensor_sha256", None)
     )
     if recorded is not None:
         changed = sorted(k for k in {*recorded, *scan.sha256} if recorded.get(k) != scan.sha256.get(k))
