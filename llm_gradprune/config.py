@@ -672,6 +672,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML text as every config value is read: `1e-4` a float, no key twice (`yaml.YAMLError` if bad)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _config_text(path: str | Path) -> str:
     """The text of a config file, or one line on why it cannot be read."""
     p = Path(path)
@@ -696,7 +701,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The flat keys of a config file (a legacy `recover:` section unnested, so flags can override it)."""
     text = _config_text(path)
     try:
-        values = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        values = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

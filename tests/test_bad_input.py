@@ -327,6 +327,8 @@ ROWS = [
     ("lr-negative-exponent", flags("--recover-lr", "-1e-4"), r"recover_lr -0\.0001 must be > 0$"),
     ("config-symlink-loop", config_loop, r"config file '.*a\.yaml' is a symlink loop$"),
     ("config-is-a-folder", config_folder, r"config file '.*conf' is a folder, not a YAML file$"),
+    ("yaml-flag-syntax", flags("--criterion-params", "a: [1"),
+     r"argument --criterion-params: 'a: \[1' is not valid YAML: expected ',' or '\]'"),
     ("model-is-a-file", lambda ws, a: ["--model", str(a["text"])], r"model '.*t\.txt' is a file, not a model folder"),
 ]  # fmt: skip
 

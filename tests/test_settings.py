@@ -233,6 +233,9 @@ def test_numbers_yaml_1_1_reads_as_strings_are_numbers(tmp_path):
     got = (cfg.recover.lr, cfg.recover.weight_decay, cfg.prune.allocation_params["lambda"])
     assert got == (1e-4, 0.05, 0.1)
     assert JobConfig.from_flat({"recover_lr": "2e-3"}).recover.lr == 2e-3
+    parser, _ = cli.build_parser()  # a YAML flag reads numbers the same way
+    args = parser.parse_args(["prune", "--criterion-params", "weight: 1e-1"])
+    assert args.criterion_params == {"weight": 0.1}
     with pytest.raises(ConfigError, match=r"^recover_lr 'fast' must be a number > 0$"):
         JobConfig.from_flat({"recover_lr": "fast"})
 

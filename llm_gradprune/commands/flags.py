@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..config import flat_settings, param_aliases
+from ..config import flat_settings, param_aliases, parse_yaml
 from ..fields import Declared, default_of
 from ..registry import Param
 from ..scoring.allocation import ALLOCATIONS
@@ -64,12 +64,22 @@ def add_field_flags(
             elif d.kind is list:
                 target.add_argument(flag, nargs="*", metavar="REGEX", **kw)
             elif d.kind is dict:
-                target.add_argument(flag, type=yaml.safe_load, metavar="YAML", **kw)
+                target.add_argument(flag, type=_yaml_value, metavar="YAML", **kw)
             else:
                 metavar = d.field.name.upper()
                 target.add_argument(
                     flag, type=d.kind if d.kind in (int, float) else str, metavar=metavar, **kw
                 )
+
+
+def _yaml_value(text: str) -> Any:
+    """A YAML flag value read as a config file is; a syntax error is argparse's one-line error."""
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not valid YAML: {getattr(err, 'problem', err)}"
+        ) from None
 
 
 def _add_param_flags(section) -> None:
