@@ -32,7 +32,7 @@ from ..evaluate import perplexity
 from ..parallel import Collective, all_reduce_scalars, collective_for
 from ..status import set_stage
 from ..targets import Target, as_targets, find_targets, target_params
-from .config import RecoverConfig
+from .config import RecoverConfig, check_lora_rank
 from .losses import lm_and_distill_loss
 from .masking import apply_masks_, mask_grads_, merge_lora_through_mask_, pruned_masks
 
@@ -80,7 +80,8 @@ def _masters_to_model(trained: dict[str, torch.Tensor], masters: dict[str, torch
 
 
 def check_lora_targets(targets: dict[str, Target], lora_r: int) -> None:
-    """LoRA adapters attach to nn.Linear modules: refused, when the run is planned, for other targets."""
+    """LoRA adapters attach to nn.Linear modules, at a rank no wider than the layer: refused, when the
+    run is planned, for other targets or a wider rank."""
     other = (
         next((t for t in targets.values() if not isinstance(t.module, nn.Linear)), None) if lora_r else None
     )
@@ -89,6 +90,7 @@ def check_lora_targets(targets: dict[str, Target], lora_r: int) -> None:
             f"recover lora_r adds LoRA adapters to nn.Linear layers, and {other.name} is not one "
             f"({type(other.module).__name__}): train the weights themselves (lora_r 0)"
         )
+    check_lora_rank(lora_r, {t.name: min(t.module.weight.shape) for t in targets.values()})
 
 
 def _lora(model: nn.Module, targets: dict[str, Target], cfg: RecoverConfig):

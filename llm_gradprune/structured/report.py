@@ -40,6 +40,7 @@ def build_report(cfg, old: Shape, new: Shape, before, after, choice: Choice, ref
         },
         "estimated_cost": choice.cost,
         "candidates": choice.candidates,
+        "notes": list(getattr(choice, "notes", [])),  # e.g. what the head rounding did
         "compensation": {
             "compensate": cfg.compensate,
             "refit_inputs": cfg.refit_inputs,
