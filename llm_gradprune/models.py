@@ -38,6 +38,10 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     path = str(Path(path).expanduser()) if looks_local(path) else path
     if looks_local(path) and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model folder {name!r} has no config.json: it is not a Hugging Face model folder")
+    if looks_local(path) and any(Path(path).glob("*.safetensors*")):
+        from .io.inspect import checkpoint_files
+
+        checkpoint_files(Path(path), name)  # an index or a shard that leaves the folder: one line
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - every failure to read a config is the user's input

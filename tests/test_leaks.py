@@ -260,3 +260,20 @@ def test_a_pushed_folder_with_nan_weights_is_refused(assets, tmp_path, capsys, m
     assert f"fails verification, refusing to push it: {NAME} holds 1 NaN/inf values" in line
     with pytest.raises(NonFiniteError, match=NAME):
         verify_report(folder, read_report(folder))
+
+
+def test_prune_refuses_a_model_whose_index_leaves_its_folder(tmp_path, capsys):
+    """Every loader of ours, not only inspect: a model folder whose index names a shard outside it."""
+    model = make_model_folder(tmp_path / "m")
+    (tmp_path / "other").mkdir()
+    shutil.move(model / "model.safetensors", tmp_path / "other" / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "../other/model.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    text = make_text_file(tmp_path / "t.txt")
+    capsys.readouterr()  # the folder's own save printed a progress bar
+    code = cli.main(["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "4", "--seq-len", "16",
+                     "--output-dir", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "names '../other/model.safetensors', which lies outside the checkpoint folder" in err
+    assert not (tmp_path / "out").exists()
