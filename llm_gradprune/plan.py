@@ -413,6 +413,7 @@ def build_report(
             reduce=counters.get("reduce"),
             resumed_from_batch=counters.get("resumed_from_batch"),
             state_saves=counters.get("state_saves", 0),
+            threads=torch.get_num_threads(),  # results are bitwise repeatable at a fixed thread count
         ),
         "mode": {
             "executor": plan.executor,
