@@ -90,7 +90,8 @@ def check_lora_targets(targets: dict[str, Target], lora_r: int) -> None:
             f"recover lora_r adds LoRA adapters to nn.Linear layers, and {other.name} is not one "
             f"({type(other.module).__name__}): train the weights themselves (lora_r 0)"
         )
-    check_lora_rank(lora_r, {t.name: min(t.module.weight.shape) for t in targets.values()})
+    if lora_r:
+        check_lora_rank(lora_r, {t.name: min(t.weight.shape) for t in targets.values()})
 
 
 def _lora(model: nn.Module, targets: dict[str, Target], cfg: RecoverConfig):
