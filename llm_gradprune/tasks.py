@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, hub_unreachable, unreachable
 
 INSTALL = "pip install 'llm-gradprune[lmeval]'"
 
@@ -42,6 +42,20 @@ def check_tasks(tasks: list[str], include_path: str | None = None) -> None:
         )
 
 
+def _unreachable_data(tasks: list[str], manager) -> str:
+    """One line naming the task whose data set the Hub could not give (tried one by one, now that one
+    of them failed) and how to run it offline."""
+    failing = tasks[0]
+    for task in tasks if len(tasks) > 1 else []:
+        try:
+            manager.load_task_or_group([task])
+        except Exception as err:  # noqa: BLE001 - only which task fails matters here
+            if unreachable(err):
+                failing = task
+                break
+    return hub_unreachable("the data set of eval task", failing) + " (--include-path for local task files)"
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -63,8 +77,13 @@ def run_tasks(
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
         manager = TaskManager(include_path=include_path, include_defaults=include_path is None)
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False, verbosity="ERROR")  # fmt: skip
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, log_samples=False, verbosity="ERROR")  # fmt: skip
+        except Exception as err:
+            if not unreachable(err):
+                raise
+            raise ConfigError(_unreachable_data(tasks, manager)) from None
     finally:
         model.train(was_training)
     scores: dict[str, dict[str, Any]] = {}

@@ -7,7 +7,12 @@ One tiny pruned folder is made per module; every test works on copies or new out
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,7 @@ from llm_gradprune.recovery.state import RecoverState
 from llm_gradprune.recovery.trainer import TrainingDiverged, recover_
 
 from .test_recovery import pruned, train_batches
-from .tiny_folder import make_model_folder, make_text_file
+from .tiny_folder import ROOT, make_model_folder, make_text_file
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +107,177 @@ def test_a_non_finite_weight_after_the_last_step_is_never_returned(monkeypatch):
     cfg = RecoverConfig(steps=2, lr=3e-3, batch_size=4)
     with pytest.raises(TrainingDiverged, match=r"step 2 of 2: model\.layers\.0\.\S+ holds non-finite values"):
         recover_(pruned(), train_batches(), cfg, progress=False)
+
+
+def no_training(monkeypatch):
+    """Every refusal below comes when the run is planned: training would fail the test."""
+    import llm_gradprune.job.recovery as job_recovery
+
+    def refuse(*a, **k):
+        raise AssertionError("recovery training started before the bad input was refused")
+
+    monkeypatch.setattr(job_recovery, "recover_", refuse)
+
+
+def copy_pruned(a, dst: Path) -> Path:
+    shutil.copytree(a["pruned"], dst)
+    return dst
+
+
+# -- the pruned folder's report, checked when the run is planned --------------------------------------
+def _drop_target_weights(text: str) -> str:
+    report = json.loads(text)
+    del report["target_weights"]
+    return json.dumps(report)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda t: t[:300], r"pruning_report\.json is not valid JSON \(Expecting"),
+        (lambda t: "[]", r"pruning_report\.json is not a report llm-gradprune reads"),
+        (lambda t: "{}", r"pruning_report\.json holds no per-tensor zero counts"),
+        (_drop_target_weights, r"pruning_report\.json holds no target_weights count"),
+    ],
+    ids=["truncated", "list", "empty-object", "no-target-weights"],
+)
+def test_a_damaged_report_is_refused_before_training(assets, tmp_path, capsys, monkeypatch, damage, message):
+    no_training(monkeypatch)
+    folder = copy_pruned(assets, tmp_path / "pruned")
+    report = folder / "pruning_report.json"
+    report.write_text(damage(report.read_text()))
+    err = one_line_error(recover_args(assets, folder, tmp_path / "out"), capsys, tmp_path)
+    assert re.search(message, err) and str(folder) in err, err
+
+
+# -- the default output folder -------------------------------------------------------------------------
+def test_recover_on_out_pruned_without_output_dir_names_the_default(assets, tmp_path, capsys, monkeypatch):
+    no_training(monkeypatch)
+    copy_pruned(assets, tmp_path / "out" / "pruned")
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in recover_args(assets, "out/pruned", "x") if a not in ("--output-dir", "x")]
+    err = one_line_error(argv, capsys, tmp_path)
+    assert err.endswith(
+        "recover writes to 'out/pruned' unless --output-dir is given, and that is the pruned folder 'out/pruned' "
+        "it reads: give --output-dir for the recovered model"
+    ), err
+
+
+# -- the teacher, checked when the run is planned -------------------------------------------------------
+def test_a_teacher_that_does_not_exist_is_named(assets, tmp_path, capsys, monkeypatch):
+    no_training(monkeypatch)
+    teacher = str(tmp_path / "no-such-teacher")
+    argv = recover_args(assets, assets["pruned"], tmp_path / "out", "--recover-distill-alpha", "0.5",
+                        "--recover-teacher", teacher)  # fmt: skip
+    err = one_line_error(argv, capsys, tmp_path, assets["pruned"])
+    assert f"recover_teacher {teacher!r} does not exist: give --recover-teacher" in err, err
+
+
+def test_a_deleted_base_model_is_named_as_the_default_teacher(assets, tmp_path, capsys, monkeypatch):
+    """The pruned folder's report names its base model; once that folder is gone, the default teacher is."""
+    no_training(monkeypatch)
+    base = shutil.copytree(assets["model"], tmp_path / "base")
+    folder = tmp_path / "pruned"
+    assert cli.main(["prune", "--model", str(base), "--criterion", "fisher", "--num-samples", "4", "--seq-len", "16",
+                     "--dataset", str(assets["text"]), "--output-dir", str(folder), "--no-progress"]) == 0  # fmt: skip
+    shutil.rmtree(base)
+    argv = recover_args(assets, folder, tmp_path / "out", "--recover-distill-alpha", "0.5")
+    err = one_line_error(argv, capsys, tmp_path)
+    assert (
+        f"the teacher (by default the base model {str(base)!r} the pruned folder was made from) does not exist"
+        in err
+    )
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(assets, tmp_path, capsys, monkeypatch):
+    no_training(monkeypatch)
+    teacher = make_model_folder(tmp_path / "teacher", vocab=200)
+    argv = recover_args(assets, assets["pruned"], tmp_path / "out", "--recover-distill-alpha", "0.5",
+                        "--recover-teacher", str(teacher))  # fmt: skip
+    err = one_line_error(argv, capsys, tmp_path, assets["pruned"])
+    assert f"recover_teacher {str(teacher)!r} has a vocabulary of 200 tokens and the model 128" in err, err
+
+
+def test_an_unreachable_hub_teacher_is_named(assets, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in tests
+    no_training(monkeypatch)
+    argv = recover_args(assets, assets["pruned"], tmp_path / "out", "--recover-distill-alpha", "0.5",
+                        "--recover-teacher", "no-such-org/no-such-teacher")  # fmt: skip
+    err = one_line_error(argv, capsys, tmp_path, assets["pruned"])
+    assert "recover_teacher 'no-such-org/no-such-teacher': teacher model 'no-such-org/no-such-teacher' could not be " \
+        "reached" in err, err  # fmt: skip
+
+
+# -- too many steps for the text ---------------------------------------------------------------------------
+def test_too_many_recover_steps_names_the_recover_flag(assets, tmp_path, capsys, monkeypatch):
+    no_training(monkeypatch)
+    argv = recover_args(assets, assets["pruned"], tmp_path / "out", "--recover-steps", "100000000")
+    err = one_line_error(argv, capsys, tmp_path, assets["pruned"])
+    assert "but recovery training asks for 200000000 (100000000 steps x recover_batch_size 2 x recover_grad_accum 1)" \
+        ": lower --recover-steps" in err and "num_samples" not in err, err  # fmt: skip
+
+
+# -- resume: changed settings refused, every step's tokens counted ------------------------------------------
+def test_a_resumed_recovery_refuses_a_changed_lr_and_counts_every_steps_tokens(assets, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    real = trainer.lm_and_distill_loss
+    calls = {"n": 0}
+
+    def interrupted_in_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "out"
+    argv = recover_args(assets, assets["pruned"], out, "--recover-save-state-every", "2")
+    monkeypatch.setattr(trainer, "lm_and_distill_loss", interrupted_in_step_3)
+    assert cli.main(argv) == 130 and not out.exists()
+    monkeypatch.setattr(trainer, "lm_and_distill_loss", real)
+    state = tmp_path / "out.recover-state"
+    assert (state / "step-00000002").is_dir()
+    err = one_line_error([*argv, "--resume", "--recover-lr", "0.01"], capsys, tmp_path, assets["pruned"])
+    assert "config differs from the saved run (recover_lr 0.0001 -> 0.01)" in err, err
+    assert cli.main([*argv, "--resume"]) == 0
+    rec = json.loads((out / "pruning_report.json").read_text())["recovery"]
+    assert rec["resumed_from_step"] == 2 and rec["lr"] == 1e-4
+    assert rec["tokens"] == 4 * 2 * 16  # the two steps before the resume count too
+    assert not state.exists()
+
+
+# -- rounds and saved states ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--save-state-every", "2"], "save_state_every / resume with rounds is not supported"),
+        (["--resume"], "save_state_every / resume with rounds is not supported"),
+        (["--recover-steps", "2", "--recover-save-state-every", "1"],
+         "recover_save_state_every 1 with rounds 2 saves a training state that no run can resume"),
+    ],
+    ids=["save-state-every", "resume", "recover-save-state-every"],
+)  # fmt: skip
+def test_rounds_refuse_saved_states_they_cannot_resume(assets, tmp_path, capsys, monkeypatch, flags, message):
+    no_training(monkeypatch)
+    argv = ["prune", "--model", str(assets["model"]), "--criterion", "fisher", "--num-samples", "4", "--seq-len", "16",
+            "--dataset", str(assets["text"]), "--rounds", "2", "--output-dir", str(tmp_path / "out"), "--no-progress",
+            *flags]  # fmt: skip
+    err = one_line_error(argv, capsys, tmp_path, assets["model"])
+    assert message in err, err
+
+
+# -- lm-eval tasks offline ------------------------------------------------------------------------------------
+def test_eval_tasks_offline_is_one_line_naming_the_task(assets, tmp_path):
+    """A separate process: HF_HUB_OFFLINE is read when huggingface_hub and datasets are imported."""
+    pytest.importorskip("lm_eval")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "ds"),
+           "HF_HUB_CACHE": str(tmp_path / "hub")}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "llm_gradprune", "eval", str(assets["model"]), "--tasks", "boolq"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1] == (
+        "llm-gradprune: error: the data set of eval task 'boolq' could not be reached at https://huggingface.co "
+        "(HF_HUB_OFFLINE is set) and is not in the local cache: download it first, or give a local path "
+        "(--include-path for local task files)"
+    )

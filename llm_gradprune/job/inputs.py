@@ -4,13 +4,15 @@ small typed arguments the lower stages take (they never see `JobConfig`)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
+from ..calibration.assets import resolve_model
 from ..calibration.data import TextSource, load_samples, micro_batches, round_robin, token_hash
 from ..config import JobConfig
-from ..errors import ConfigError
-from ..models import load_model
+from ..errors import ConfigError, hub_unreachable, unreachable
+from ..models import load_model, looks_local
 from ..status import set_stage
 
 
@@ -50,21 +52,86 @@ def training_batches(cfg: JobConfig, tokenizer, rank: int = 0, world: int = 1):
     if not steps:
         return None
     n = steps * rec.grad_accum * rec.batch_size * world
-    blocks = load_samples(text_source(cfg, seed=rec.seed), tokenizer, n, rec.seq_len or cfg.seq_len)
+    try:
+        blocks = load_samples(text_source(cfg, seed=rec.seed), tokenizer, n, rec.seq_len or cfg.seq_len)
+    except ConfigError as err:  # too little text: name the flags that asked for it, not num_samples
+        asks = f"num_samples asks for {n}"
+        if not str(err).endswith(asks):
+            raise
+        each = f"recover_batch_size {rec.batch_size} x recover_grad_accum {rec.grad_accum}" + (
+            f" x {world} processes" if world > 1 else ""
+        )
+        raise ConfigError(
+            f"{str(err)[: -len(asks)]}recovery training asks for {n} ({steps} steps x {each}): lower "
+            "--recover-steps, or give more text"
+        ) from None
     return round_robin(micro_batches(blocks, rec.batch_size), rank, world), token_hash(blocks)
+
+
+def _teacher(cfg: JobConfig, base: str | None) -> tuple[str, str] | None:
+    """(the teacher's name, how the user names it in a message), or None when nothing distills."""
+    if not (cfg.recover.steps and cfg.recover.distills):
+        return None
+    if cfg.recover.teacher:
+        return cfg.recover.teacher, f"recover_teacher {cfg.recover.teacher!r}"
+    if not base:
+        raise ConfigError(
+            "recover_distill_alpha needs a teacher: give recover_teacher (--recover-teacher, the dense base model)"
+        )
+    return base, f"the teacher (by default the base model {base!r} the pruned folder was made from)"
+
+
+def _teacher_config(cfg: JobConfig, name: str, what: str):
+    """The teacher's config, read without its weights; one line naming the teacher when it cannot be."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    if looks_local(path) and not (Path(path).expanduser() / "config.json").is_file():
+        problem = "has no config.json" if Path(path).expanduser().is_dir() else "does not exist"
+        raise ConfigError(
+            f"{what} {problem}: give --recover-teacher, the dense model the pruned one came from"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(Path(path).expanduser()) if looks_local(path) else path,
+                                          trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - every failure to read it is about the teacher the user named
+        if unreachable(err):
+            raise ConfigError(f"{what}: {hub_unreachable('teacher model', name)}") from None
+        if not isinstance(err, OSError | ValueError):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{what} cannot be read: {first}") from None
+
+
+def _vocab(config) -> int | None:
+    return getattr(config.get_text_config(), "vocab_size", None)
+
+
+def check_teacher(cfg: JobConfig, base: str | None, model) -> None:
+    """When the run is planned: the teacher exists and predicts over the model's vocabulary, as the
+    distillation loss compares the two next-token distributions token by token."""
+    teacher = _teacher(cfg, base)
+    if teacher is None or (not cfg.recover.teacher and base == cfg.model):  # the model itself, dense
+        return
+    name, what = teacher
+    theirs, ours = _vocab(_teacher_config(cfg, name, what)), _vocab(model.config)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ConfigError(
+            f"{what} has a vocabulary of {theirs} tokens and the model {ours}: the teacher must share the "
+            "model's tokenizer"
+        )
 
 
 def load_teacher(cfg: JobConfig, base: str | None):
     """The dense teacher: `recover.teacher`, else the base model the pruned one came from."""
-    if not cfg.recover.distills:
+    teacher = _teacher(cfg, base)
+    if teacher is None:
         return None
-    name = cfg.recover.teacher or base
-    if not name:
-        raise ConfigError(
-            "recover_distill_alpha needs a teacher: give recover_teacher (--recover-teacher, the dense base model)"
-        )
     set_stage("loading the teacher")
-    return load(cfg, name)[0]
+    try:
+        return load(cfg, teacher[0])[0]
+    except ConfigError as err:
+        raise ConfigError(f"{teacher[1]}: {err}") from None
 
 
 def with_training_seq_len(cfg: JobConfig) -> JobConfig:

@@ -10,6 +10,7 @@ to read, where the model goes, what the report holds, which model is the teacher
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..errors import ConfigError
 from ..executors import prune_
 from ..io.calib_state import CalibState, check_state_dir, resolve_state_dir, run_identity
 from ..io.checkpoint import read_report, tensor_shapes_of
+from ..io.hub import check_verifiable
 from ..parallel.fsdp import shard_model, uses_fsdp
 from ..recovery.trainer import check_lora_targets
 from ..report import calibration_record
@@ -29,7 +31,7 @@ from ..rounds import prune_in_rounds_
 from ..status import set_stage
 from ..support import SupportQuery, check_support
 from ..targets import check_views_supported, find_targets
-from .inputs import calibration_samples, check_context, with_training_seq_len
+from .inputs import calibration_samples, check_context, check_teacher, with_training_seq_len
 from .preflight import weight_bytes
 from .recovery import settings_identity
 
@@ -55,6 +57,7 @@ class Transform:
         if job.cfg.needs_data:
             check_context(job.model, job.cfg.seq_len)
         check_targets(job.model, job.cfg, job.cfg.prune.include, job.cfg.prune.exclude, sharded=job.sharded)
+        check_teacher(job.cfg, job.cfg.model, job.model)
 
     def read_text(self, job) -> None:
         job.samples = calibration_samples(job.cfg, job.tokenizer) if job.cfg.needs_data else None
@@ -86,6 +89,13 @@ class Prune(Transform):
         check_support(
             SupportQuery(cfg.prune, processes=accelerator.num_processes, sharded=sharded, job=cfg.to_flat())
         )
+        if cfg.prune.rounds > 1 and cfg.recover.steps and cfg.recover.save_state_every:
+            # the support table refuses --resume with rounds: a saved training state could never be used
+            raise ConfigError(
+                f"recover_save_state_every {cfg.recover.save_state_every} with rounds {cfg.prune.rounds} saves "
+                "a training state that no run can resume (resume is refused with rounds): prune in one round "
+                "to resume, or without recover_save_state_every"
+            )
         return sharded
 
     def check_outputs(self, cfg: JobConfig) -> None:
@@ -202,13 +212,15 @@ class Keep(Transform):
 
     def check(self, cfg: JobConfig, accelerator) -> bool:
         self.folder = Path(resolve_model(cfg.model)).expanduser()
-        self.report = read_report(self.folder)
+        check_default_output(cfg, self.folder)
+        self.report = checked_report(self.folder)
         if not cfg.recover.steps:
             raise ConfigError("recover steps 0 trains nothing: give --recover-steps N")
         return False
 
     def check_model(self, job) -> None:
         check_targets(job.model, job.cfg)
+        check_teacher(job.cfg, self.report.get("model"), job.model)
 
     def read_text(self, job) -> None:
         job.samples = None
@@ -236,6 +248,40 @@ class Keep(Transform):
 
     def before_save(self, job, report) -> None:
         report["recovered_from"] = self.folder.name
+
+
+DEFAULT_OUTPUT = next(f.default for f in dataclasses.fields(JobConfig) if f.name == "output_dir")
+
+
+def check_default_output(cfg: JobConfig, folder: Path) -> None:
+    """`prune` writes to out/pruned by default, so `recover out/pruned` would write into its own input:
+    say that the output was the default, which the user never named."""
+    if cfg.output_dir != DEFAULT_OUTPUT:
+        return
+    out, src = Path(cfg.output_dir).expanduser().resolve(), folder.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise ConfigError(
+            f"recover writes to {DEFAULT_OUTPUT!r} unless --output-dir is given, and that is the pruned folder "
+            f"{cfg.model!r} it reads: give --output-dir for the recovered model"
+        )
+
+
+def checked_report(folder: Path) -> dict[str, Any]:
+    """The pruned folder's report, refused now (not after the training) when recover could not finish
+    with it: JSON that does not parse, or lacks the zero counts or tensor shapes the save verifies."""
+    name = f"{str(folder)!r}: pruning_report.json"
+    try:
+        report = read_report(folder)
+    except ConfigError:
+        raise
+    except ValueError as err:  # JSON that does not parse, or bytes that are no text
+        raise ConfigError(f"{name} is not valid JSON ({err}): prune again to rebuild the folder") from None
+    parsed = check_verifiable(report, str(folder))
+    if not parsed.structured and not (
+        isinstance(report.get("target_weights"), int) and report["target_weights"] > 0
+    ):
+        raise ConfigError(f"{name} holds no target_weights count: prune again to rebuild the folder")
+    return report
 
 
 def check_targets(model, cfg: JobConfig, include=(), exclude=(), sharded: bool = False) -> None:
