@@ -303,6 +303,7 @@ ROWS = [
     ("layer-wise-option-outside", flags("--blocksize", "64"), r"blocksize 64 applies to layer-wise mode only"),
     ("no-gradient-to-accumulate", flags("--criterion", "wanda", "--grad-accum", "2"),
      r"grad_accum 2 averages gradients, but criterion 'wanda' reads no gradient statistics"),
+    ("lr-huge", flags("--recover-steps", "1", "--recover-lr", "1e38"), r"recover_lr 1e\+38 is above 1: AdamW would diverge at once"),
     ("lora-r-over-width", flags("--recover-steps", "1", "--recover-lora-r", "33"), r"recover_lora_r 33 is above the width of model\.layers\.0\.self_attn\.k_proj \(16\)"),
     ("lora-on-experts", moe_with("--recover-steps", "2", "--recover-lora-r", "4"),
      r"recover lora_r adds LoRA adapters to nn\.Linear layers, and model\.layers\.0\.mlp\.experts\.0\.gate_up_proj is not one \(MixtralExperts\): train the weights themselves \(lora_r 0\)"),

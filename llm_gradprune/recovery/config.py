@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ..fields import setting, validate
 
 TEACHER_DEVICES = ("same", "cpu")
+MAX_LR = 1.0
 
 
 # every training setting is taken by `prune` (after pruning) and by `recover` (on a pruned folder)
@@ -75,6 +76,8 @@ class RecoverConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.lr > MAX_LR:  # AdamW's step lr / (1 - beta1) overflows fp32: a traceback after training
+            raise ConfigError(f"recover_lr {self.lr:g} is above {MAX_LR:g}: AdamW would diverge at once")
 
     @property
     def distills(self) -> bool:
