@@ -64,14 +64,21 @@ def one_line_error(argv, capsys, *watched: Path) -> str:
 
 
 # -- a non-finite loss or weight stops training, naming the step -------------------------------------
-def test_a_diverging_recovery_stops_in_one_line_naming_the_step(assets, tmp_path, capsys):
+def test_a_diverging_recovery_stops_in_one_line_naming_the_step(assets, tmp_path, capsys, monkeypatch):
+    # a diverging run: the loss turns NaN at step 2 (an lr that large is refused when planned, above 1)
+    real, calls = trainer.lm_and_distill_loss, {"n": 0}
+
+    def nan_at_step_2(*a, **k):
+        calls["n"] += 1
+        loss, parts = real(*a, **k)
+        return (loss * float("nan"), {**parts, "lm": float("nan")}) if calls["n"] == 2 else (loss, parts)
+
+    monkeypatch.setattr(trainer, "lm_and_distill_loss", nan_at_step_2)
     out = tmp_path / "out"
-    err = one_line_error(recover_args(assets, assets["pruned"], out, "--recover-lr", "1e30"), capsys,
+    err = one_line_error(recover_args(assets, assets["pruned"], out, "--recover-lr", "0.5"), capsys,
                          tmp_path, assets["pruned"])  # fmt: skip
-    assert re.search(r"recovery training stopped at step \d of 4: the lm loss is nan; no checkpoint", err), (
-        err
-    )
-    assert "recover_lr, now 1e+30" in err and not out.exists()
+    assert re.search(r"recovery training stopped at step 2 of 4: the lm loss is nan; no checkpoint", err), err
+    assert "recover_lr, now 0.5" in err and not out.exists()
 
 
 def test_divergence_keeps_the_training_state_saved_before_it(tmp_path, monkeypatch):
