@@ -115,6 +115,13 @@ def recover_output_holds_teacher(ws, a):
                     str(teacher))  # fmt: skip
 
 
+def output_holds_config(ws, a):
+    config = ws / "D" / "run.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("sparsity: 0.5\n")
+    return [*_prune(ws, a, a["model"], a["text"], ws / "D"), "--config", str(config)]
+
+
 INPUT_ROWS = [
     ("output-holds-model", output_holds_model, r"output_dir '.*/D' holds the model's own folder '.*/D/tiny', which "
      r"replacing the output would delete"),
@@ -129,6 +136,7 @@ INPUT_ROWS = [
     ("recover-output-holds-pruned", recover_output_holds_pruned, r"output_dir '.*/D' holds the pruned folder "
      r"'.*/D/p50'"),
     ("recover-output-is-pruned", recover_output_is_pruned, r"output_dir '.*/p50' is the pruned folder '.*/p50'"),
+    ("output-holds-config", output_holds_config, r"output_dir '.*/D' holds the config file '.*/D/run\.yaml'"),
     ("recover-output-holds-teacher", recover_output_holds_teacher, r"output_dir '.*/E' holds the teacher model "
      r"'.*/E/base'"),
 ]  # fmt: skip

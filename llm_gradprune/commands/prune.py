@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from ..config import JobConfig, read_yaml
+from ..io.checkpoint import check_not_an_input
 from ..io.coverage import summary_counts
 from ..report import Report
 from .flags import add_field_flags, given
@@ -23,7 +24,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     values = read_yaml(args.config) if args.config else {}
-    return JobConfig.from_flat({**values, **given(args, "prune")})
+    cfg = JobConfig.from_flat({**values, **given(args, "prune")})
+    if args.config:  # the YAML file is an input too: an output folder holding it would delete it
+        check_not_an_input(cfg.output_dir, {"config file": args.config})
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
