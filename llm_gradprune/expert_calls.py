@@ -74,6 +74,8 @@ class _ExpertMode(TorchFunctionMode):
         self.slices: dict[int, tuple[torch.Tensor, str, int]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.bmm and len(args) > 1 and id(args[1]) in self.watch.params:
+            return self._per_expert_bmm(args[0], args[1], self.watch.params[id(args[1])])
         out = func(*args, **(kwargs or {}))
         if func is torch.Tensor.__getitem__ and id(args[0]) in self.watch.params:
             index = args[1]
@@ -83,18 +85,16 @@ class _ExpertMode(TorchFunctionMode):
         elif (func is F.linear or func in _MATMULS) and len(args) > 1 and id(args[1]) in self.slices:
             _, pname, expert = self.slices[id(args[1])]
             self.watch.fire(pname, expert, args[0], out, transposed=func is not F.linear)
-        elif func is torch.bmm and len(args) > 1 and id(args[1]) in self.watch.params:
-            return self._per_expert_bmm(args[0], args[1], self.watch.params[id(args[1])], out)
         return out
 
-    def _per_expert_bmm(self, x: torch.Tensor, stack: torch.Tensor, pname: str, out: torch.Tensor):
+    def _per_expert_bmm(self, x: torch.Tensor, stack: torch.Tensor, pname: str) -> torch.Tensor:
         """`bmm(x [E, T, in], stack [E, in, out])` runs every token through every expert, the tokens
         the router did not send to an expert zeroed (Llama 4). Redone expert by expert on its nonzero
         rows, so that each expert's hooks see its routed tokens and an output that autograd reaches."""
         rows = [x[e].ne(0).any(-1).nonzero().squeeze(-1) for e in range(x.shape[0])]
         per = [x[e].index_select(0, r) @ stack[e] for e, r in enumerate(rows)]
         full = torch.stack([
-            torch.zeros(x.shape[1], out.shape[-1], dtype=out.dtype, device=out.device).index_add(0, r, y)
+            torch.zeros(x.shape[1], stack.shape[-1], dtype=y.dtype, device=y.device).index_add(0, r, y)
             for r, y in zip(rows, per, strict=True)
         ])  # fmt: skip
         for e, r in enumerate(rows):

@@ -160,9 +160,9 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
     modules = dict(model.named_modules())
     layers = []
     for name, module in modules.items():
-        count = None
-        if _fused_params(module):
-            count = getattr(module, _fused_params(module)[0]).shape[0]
+        count, fused = None, _fused_params(module)
+        if fused:
+            count = getattr(module, fused[0]).shape[0]
         elif isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "experts" and len(module) > 1:
             count = len(module)
         if count is None or "." not in name:
