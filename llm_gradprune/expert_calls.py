@@ -15,6 +15,8 @@ grouped matmul over all experts) compute the same outputs but take no per-expert
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,8 @@ class _Watch:
             self.saved_impl = None
 
     def fire(self, pname: str, expert: int, x: torch.Tensor, y: torch.Tensor, transposed: bool) -> None:
+        if _QUIET[0]:
+            return
         for target, hook in self.hooks.get((pname, expert), ()):
             if target.transposed != transposed:
                 raise RuntimeError(
@@ -103,6 +107,17 @@ class _ExpertMode(TorchFunctionMode):
 
 
 _WATCHES: dict[int, _Watch] = {}
+_QUIET = [0]
+
+
+@contextmanager
+def unwatched():
+    """Inside: expert calls fire no hook (a statistic's own extra calls of an experts module)."""
+    _QUIET[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET[0] -= 1
 
 
 def watch(target, hook) -> _Handle:

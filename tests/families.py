@@ -534,7 +534,12 @@ def _summary() -> None:
         )
 
 
-STRUCTURED = ("llama_tied", "llama_untied", "mistral", "qwen2")  # structured pruning offered today
+_DENSE = ("channels", "heads", "layers")
+_MOE = (*_DENSE, "experts")
+# the structures structured pruning offers per family (issue 24); every other family is refused in one line
+STRUCTURED = {"llama_tied": _DENSE, "llama_untied": _DENSE, "mistral": _DENSE, "qwen2": _DENSE, "qwen3": _DENSE,
+              "gemma2": _DENSE, "gemma3": _DENSE, "phi3": _DENSE, "olmo2": ("channels", "layers"), "smollm3": _DENSE,
+              "mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE}  # fmt: skip
 
 
 def markdown_table() -> str:
@@ -557,7 +562,7 @@ def markdown_table() -> str:
         routers = all_matrices(model)[1]
         router_share = sum(model.get_parameter(r).numel() for r in routers) / total
         router_text = f"{len(routers)} ({router_share:.1%})" if routers else "-"
-        structured = "channels, heads, layers" if fam.name in STRUCTURED else "refused (one line)"
+        structured = ", ".join(STRUCTURED[fam.name]) if fam.name in STRUCTURED else "refused (one line)"
         rows.append(
             f"| {fam.name} | {len(targets)} | {pruned / total:.1%} | {kinds} | {router_text} | {structured} |"
         )

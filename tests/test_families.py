@@ -103,26 +103,46 @@ def test_layer_wise_masks_equal_whole_model_masks(family):
         assert torch.equal(mask, _masks(layer, family)[name]), name
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_structured_channels_where_offered_refused_in_one_line_elsewhere(family, tmp_path):
-    from llm_gradprune.structured import StructureConfig, save_structured, shrink_
+STRUCTURE_RUNS = {"channels": {"structure": "channels", "target_params": 0.75},
+                  "heads": {"structure": "heads", "keep_heads": 0.5},
+                  "layers": {"structure": "layers", "keep_layers": 0.5},
+                  "experts": {"structure": "experts", "keep_experts": 0.5}}  # fmt: skip
+OFFERED = [(f, s) for f in FAMILIES if f.name in STRUCTURED for s in STRUCTURED[f.name]]
+
+
+@pytest.mark.parametrize("family,structure", OFFERED, ids=lambda v: v if isinstance(v, str) else v.name)
+def test_structured_runs_save_load_with_stock_transformers_and_generate(family, structure, tmp_path):
+    """Every structure a family offers (default importance, lsq refit on sequential inputs) shrinks the
+    shape it names, and the saved folder loads with plain from_pretrained, gives the same logits and
+    generates."""
+    from llm_gradprune.structured import StructureConfig, find_units, save_structured, shrink_
+
+    model = family.build().eval()
+    before = find_units(model).shape.to_dict()
+    report = shrink_(model, _batches(model.config.vocab_size), StructureConfig(**STRUCTURE_RUNS[structure]),
+                     progress=False)  # fmt: skip
+    after = find_units(model).shape.to_dict()
+    changed = {k for k in before if before[k] != after[k]}
+    want = {"channels": {k for k in before if k.endswith("intermediate_size")}, "layers": {"num_hidden_layers"},
+            "heads": {"num_attention_heads", "num_key_value_heads"}, "experts": {find_units(model).shape.experts_key}}  # fmt: skip
+    assert changed and changed <= want[structure], (changed, want[structure])
+    assert report["params_after"]["decoder"] < report["params_before"]["decoder"]
+    save_structured(model, None, tmp_path / "out", report)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    assert loaded.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.name not in STRUCTURED], ids=lambda f: f.name)
+def test_structured_pruning_elsewhere_is_refused_in_one_line(family):
+    from llm_gradprune.structured import StructureConfig, shrink_
 
     model = family.build()
-    cfg = StructureConfig(structure="channels", target_params=0.75)
-    if family.name not in STRUCTURED:
-        with pytest.raises(ConfigError, match="structured pruning supports") as err:
-            shrink_(model, _batches(model.config.vocab_size), cfg, progress=False)
-        assert "\n" not in str(err.value)
-        return
-    dense = model.config.intermediate_size
-    report = shrink_(model, _batches(model.config.vocab_size), cfg, progress=False)
-    assert model.config.intermediate_size < dense
-    save_structured(model, None, tmp_path / "out", report)
-    out = tmp_path / "out"
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert loaded.config.intermediate_size == model.config.intermediate_size
-    ids = torch.tensor([[1, 2, 3, 4]])
-    assert loaded.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 7)
+    with pytest.raises(ConfigError, match="structured pruning needs") as err:
+        shrink_(model, _batches(model.config.vocab_size), StructureConfig(), progress=False)
+    assert "\n" not in str(err.value)
 
 
 def test_the_families_doc_table_is_current():

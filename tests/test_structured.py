@@ -21,6 +21,7 @@ from llm_gradprune.structured.compensate import refit_columns, relative_error
 from llm_gradprune.structured.importance import (
     IMPORTANCES,
     Geometry,
+    LayerTensors,
     UnitMeans,
     block_influence,
     channel_sums,
@@ -69,13 +70,21 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
 
 # -- equivalence: removing units that were zeroed by hand changes nothing ---------------------------
 def zero_channels_(model, per_layer: dict[int, list[int]]) -> None:
+    """Zero the given channels of every MLP of each layer (gate and up rows, down columns)."""
     units = find_units(model)
     with torch.no_grad():
         for i, chans in per_layer.items():
-            m = units.layers[i].modules
-            m["gate"].weight[chans] = 0
-            m["up"].weight[chans] = 0
-            m["down"].weight[:, chans] = 0
+            for m in units.layers[i].mlps:
+                m.gate.weight[chans] = 0
+                m.up.weight[chans] = 0
+                m.down.weight[:, chans] = 0
+
+
+def _zero_rows_(part, rows) -> None:
+    part.weight[rows] = 0
+    bias = getattr(part.target.module, "bias", None)
+    if part.target.expert is None and bias is not None:
+        bias[part.start + torch.as_tensor(rows)] = 0
 
 
 @pytest.mark.parametrize("importance", ["fisher", "token_fisher", "taylor", "magnitude", "flap"])
@@ -98,17 +107,13 @@ def zero_heads_(model, heads: list[int], kv: list[int] = ()) -> None:
     hd = units.shape.head_dim
     with torch.no_grad():
         for lu in units.layers:
-            m = lu.modules
+            a = lu.attn
             for h in heads:
-                m["q"].weight[h * hd : (h + 1) * hd] = 0
-                if m["q"].bias is not None:
-                    m["q"].bias[h * hd : (h + 1) * hd] = 0
-                m["o"].weight[:, h * hd : (h + 1) * hd] = 0
+                _zero_rows_(a["q"], list(range(h * hd, (h + 1) * hd)))
+                a["o"].weight[:, h * hd : (h + 1) * hd] = 0
             for g in kv:
                 for r in ("k", "v"):
-                    m[r].weight[g * hd : (g + 1) * hd] = 0
-                    if m[r].bias is not None:
-                        m[r].bias[g * hd : (g + 1) * hd] = 0
+                    _zero_rows_(a[r], list(range(g * hd, (g + 1) * hd)))
 
 
 @pytest.mark.parametrize("importance", ["fisher", "taylor", "magnitude", "flap"])
@@ -148,8 +153,8 @@ def test_removing_an_identity_layer_leaves_outputs_and_generation_unchanged(make
     model = make(layers=3)
     with torch.no_grad():  # layer 1 adds nothing to the residual stream: an identity
         lu = find_units(model).layers[1]
-        lu.modules["o"].weight.zero_()
-        lu.modules["down"].weight.zero_()
+        lu.attn["o"].weight.zero_()
+        lu.mlps[0].down.weight.zero_()
     x = make_blocks(3, 12, seed=1)
     ref = logits(model, x)
     prompt = x[:1, :5]
@@ -276,8 +281,8 @@ def test_a_model_outside_the_family_is_refused_in_one_line():
     with pytest.raises(ConfigError) as err:
         shrink_(gpt2, batches(), StructureConfig())
     msg = str(err.value)
-    assert "\n" not in msg and "'gpt2'" in msg and "Llama, Mistral, Qwen2" in msg
-    with pytest.raises(ConfigError, match="model_type None"):
+    assert "\n" not in msg and "GPT2LMHeadModel: layer 0 has attn.c_attn, which is none of these" in msg
+    with pytest.raises(ConfigError, match="needs a decoder's list of layers; Sequential has none"):
         find_units(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
 
 
@@ -338,7 +343,7 @@ def test_llama_head_counts_must_divide_hidden_size_others_need_not():
     from transformers import LlamaConfig, Qwen2Config
 
     kw = {"hidden_size": 30, "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 6}
-    shape = Shape(2, 30, 64, 6, 3, 6)
+    shape = Shape(2, 30, (("intermediate_size", 64),), 6, 3, 6)
     llama = head_options(LlamaConfig(**kw), shape)
     assert (2, 2) not in llama and (3, 2) in llama and (1, 2) in llama  # 30 % 4 != 0
     assert (2, 2) in head_options(Qwen2Config(**kw), shape)
@@ -360,12 +365,12 @@ def test_channel_and_head_sums_by_hand():
     o = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     per_q, per_kv = head_sums(q, k, v, o, GEO)
     assert per_q.tolist() == [2, 3, 4, 5] and per_kv.tolist() == [11, 22]
-    s = element_scores({"q": q, "k": k, "v": v, "o": o, "gate": gate, "up": up, "down": down}, GEO)
+    t = LayerTensors({"q": q, "k": k, "v": v, "o": o}, [{"gate": gate, "up": up, "down": down}], [None])
+    s = element_scores(t, GEO)
     assert s.groups.tolist() == [2 + 3 + 11, 4 + 5 + 22] and s.layer == pytest.approx(float(
         q.sum() + k.sum() + v.sum() + o.sum() + gate.sum() + up.sum() + down.sum()))  # fmt: skip
-    mag = IMPORTANCES.get("magnitude").scores(None, {"q": q, "k": k, "v": v, "o": o, "gate": gate, "up": up,
-                                                     "down": down}, GEO)  # fmt: skip
-    assert mag.channels[0] == pytest.approx((1 + 4 + 1 + 1 + 1 + 1) ** 0.5)  # sqrt of gate^2 + up^2 + down^2
+    mag = IMPORTANCES.get("magnitude").scores(None, t, GEO)
+    assert mag.channels[0][0] == pytest.approx((1 + 4 + 1 + 1 + 1 + 1) ** 0.5)  # sqrt of gate^2 + up^2 + down^2
     assert mag.groups[0] == pytest.approx(
         (1 + 4 + 1 + 1 + 100 + 1) ** 0.5
     )  # q^2 + o^2 of heads 0, 1 + k^2 + v^2
@@ -376,21 +381,21 @@ def test_vector_forms_flap_and_block_influence_by_hand():
         [[1.0, 2.0, 0.0, 0.0], [2.0, 3.0, 0.0, 0.0], [0.0, 0.0, 4.0, -1.0], [0.0, 0.0, -1.0, 5.0]]
     )
     assert group_block_sum(pair, 2).tolist() == [1 + 2 + 2 + 3, 4 - 1 - 1 + 5]
-    u = UnitMeans(ch_z=torch.tensor([-1.0, 2.0]), ch_zz=torch.tensor([3.0, 4.0]), ch_tt=torch.tensor([5.0, 6.0]),
+    u = UnitMeans(ch_z=[torch.tensor([-1.0, 2.0])], ch_zz=[torch.tensor([3.0, 4.0])], ch_tt=[torch.tensor([5.0, 6.0])],
                   hd_z=torch.tensor([1.0, -3.0, 2.0, 2.0]), hd_zz=pair, hd_tt=2 * pair,
                   blk_z=-0.5, blk_zz=0.25, blk_tt=0.75)  # fmt: skip
     t = vector_scores(u, GEO, "taylor")
     assert (
-        t.channels.tolist() == [1, 2] and t.queries.tolist() == [1, 3, 2, 2] and t.groups.tolist() == [2, 4]
+        t.channels[0].tolist() == [1, 2] and t.queries.tolist() == [1, 3, 2, 2] and t.groups.tolist() == [2, 4]
     )
     assert t.layer == 0.5
     f = vector_scores(u, GEO, "fisher")
     assert f.queries.tolist() == [1, 3, 4, 5] and f.groups.tolist() == [8, 7] and f.layer == 0.25
     tok = vector_scores(u, GEO, "token_fisher")
-    assert tok.channels.tolist() == [5, 6] and tok.groups.tolist() == [16, 14] and tok.layer == 0.75
-    fl = flap_scores(UnitMeans(ch_var=torch.tensor([2.0, 0.5]), hd_var=torch.tensor([1.0, 2.0, 3.0, 4.0])),
-                     down=torch.tensor([[1.0, 2.0], [1.0, 0.0]]), o=torch.tensor([[1.0, 1.0, 2.0, 0.0]]), geo=GEO)  # fmt: skip
-    assert fl.channels.tolist() == [2 * 2, 0.5 * 4] and fl.queries.tolist() == [1, 2, 12, 0]
+    assert tok.channels[0].tolist() == [5, 6] and tok.groups.tolist() == [16, 14] and tok.layer == 0.75
+    fl = flap_scores(UnitMeans(ch_var=[torch.tensor([2.0, 0.5])], hd_var=torch.tensor([1.0, 2.0, 3.0, 4.0])),
+                     downs=[torch.tensor([[1.0, 2.0], [1.0, 0.0]])], o=torch.tensor([[1.0, 1.0, 2.0, 0.0]]), geo=GEO)  # fmt: skip
+    assert fl.channels[0].tolist() == [2 * 2, 0.5 * 4] and fl.queries.tolist() == [1, 2, 12, 0]
     assert fl.groups.tolist() == [3, 12] and block_influence(0.75) == 0.25
 
 
@@ -416,16 +421,17 @@ def test_unit_removal_gradients_equal_autograd_gate_gradients():
         h_in = args[0] if args else kwargs["hidden_states"]
         return h_in + gates["blk"] * (out - h_in)
 
-    hs = [lu.modules["down"].register_forward_pre_hook(pre_down), lu.modules["o"].register_forward_pre_hook(pre_o),
+    hs = [lu.mlps[0].down.target.module.register_forward_pre_hook(pre_down),
+          lu.attn["o"].target.module.register_forward_pre_hook(pre_o),
           lu.block.register_forward_hook(block_hook, with_kwargs=True)]  # fmt: skip
     model(input_ids=x, labels=x).loss.backward()
     for h in hs:
         h.remove()
-    assert torch.allclose(u.ch_z, gates["ch"].grad, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(u.ch_z[0], gates["ch"].grad, atol=1e-6, rtol=1e-4)
     assert torch.allclose(u.hd_z, gates["hd"].grad, atol=1e-6, rtol=1e-4)
     assert u.blk_z == pytest.approx(float(gates["blk"].grad), rel=1e-4, abs=1e-7)
     assert torch.allclose(
-        u.ch_zz, gates["ch"].grad.square(), rtol=1e-4, atol=1e-10
+        u.ch_zz[0], gates["ch"].grad.square(), rtol=1e-4, atol=1e-10
     )  # one batch: E_b z^2 = z^2
 
 
@@ -440,18 +446,18 @@ def test_plan_heads_and_removal_curve_by_hand():
 def test_choose_meets_the_target_from_below_and_mixed_takes_the_cheapest():
     from llm_gradprune.structured.importance import LayerScores
 
-    shape = Shape(layers=2, hidden=4, intermediate=8, heads=2, kv_heads=1, head_dim=2)
-    costs = UnitCosts(fixed=10, channel=12, query=16, kv=16)  # layer: 10 + 96 + 32 + 16 = 154
+    shape = Shape(layers=2, hidden=4, widths=(("intermediate_size", 8),), heads=2, kv_heads=1, head_dim=2)
+    costs = UnitCosts(fixed=10, channel={"intermediate_size": 12}, query=16, kv=16)  # layer: 10 + 96 + 32 + 16 = 154
     s = [
-        LayerScores(torch.arange(8.0), torch.tensor([1.0, 50.0]), torch.tensor([100.0]), 1000.0)
+        LayerScores([torch.arange(8.0)], torch.tensor([1.0, 50.0]), torch.tensor([100.0]), 1000.0)
         for _ in range(2)
     ]
     c = choose(shape, costs, s, ("channels",), [], target=0.75, multiple=1)
     # budget 115.5 per layer: (115.5 - 10 - 48) / 12 = 4.79 -> 4 channels, the highest scored
-    assert c.intermediate == 4 and c.channels[0].tolist() == [4, 5, 6, 7] and c.params_after == 2 * 106
+    assert c.widths == {"intermediate_size": 4} and c.channels[0][0].tolist() == [4, 5, 6, 7] and c.params_after == 2 * 106
     assert c.cost == 2 * (0 + 1 + 2 + 3)
     m = choose(shape, costs, s, ("channels", "heads", "layers"), [(1, 2), (1, 1)], target=0.75, multiple=1,
                structure="mixed")  # fmt: skip
     # dropping query head 0 (cost 1) frees 16 params: (115.5 - 10 - 32) / 12 -> 6 channels kept, cost 1 + 0 + 1
-    assert (m.group, m.intermediate) == (1, 6) and m.cost == 2 * (1 + 0 + 1) and m.queries[0].tolist() == [1]
+    assert (m.group, m.widths["intermediate_size"]) == (1, 6) and m.cost == 2 * (1 + 0 + 1) and m.queries[0].tolist() == [1]
     assert m.removed_layers == [] and m.params_after == 2 * (10 + 72 + 16 + 16)

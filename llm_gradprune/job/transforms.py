@@ -171,11 +171,9 @@ class Shrink(Transform):
         return False
 
     def check_model(self, job) -> None:
-        from ..structured import find_units
+        from ..structured.shrink import check_plan
 
-        find_units(
-            job.model
-        )  # a model outside the supported families is refused here, before any text is read
+        check_plan(job.model, job.cfg.structured)  # every model-dependent refusal, before any text is read
         super().check_model(job)
 
     def apply(self, job) -> dict[str, Any]:

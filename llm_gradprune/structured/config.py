@@ -17,14 +17,19 @@ from ..errors import ConfigError
 from ..fields import setting, validate
 from .importance import FORMS, IMPORTANCES
 
-STRUCTURES = ("channels", "heads", "layers", "mixed")
+STRUCTURES = ("channels", "heads", "layers", "mixed", "experts")
 HEAD_UNITS = ("auto", "group", "query")
 COMPENSATIONS = ("lsq", "none")
 REFIT_INPUTS = ("sequential", "dense")
 # which kinds of unit each structure may remove, and the keep ratio that sets each kind explicitly
 KINDS = {"channels": ("channels",), "heads": ("heads",), "layers": ("layers",),
-         "mixed": ("channels", "heads", "layers")}  # fmt: skip
-KEEP_FIELDS = {"channels": "keep_channels", "heads": "keep_heads", "layers": "keep_layers"}
+         "mixed": ("channels", "heads", "layers"), "experts": ("experts",)}  # fmt: skip
+KEEP_FIELDS = {
+    "channels": "keep_channels",
+    "heads": "keep_heads",
+    "layers": "keep_layers",
+    "experts": "keep_experts",
+}
 
 
 @dataclass
@@ -33,9 +38,10 @@ class StructureConfig:
 
     structure: str = setting(
         "channels",
-        "what is removed: channels (MLP intermediate channels), heads (attention heads, GQA-aware), layers "
-        "(whole decoder layers) or mixed (all three, split by one ranking of estimated loss increase; "
-        "channels and heads only with importance_form element)",
+        "what is removed: channels (MLP intermediate channels; in an MoE, inside every expert and the shared "
+        "expert), heads (attention heads, GQA-aware), layers (whole decoder layers), mixed (all three, split "
+        "by one ranking of estimated loss increase; channels and heads only with importance_form element) "
+        "or experts (whole routed experts of every MoE layer, the same number in each, with their router rows)",
         "structure",
         choices=STRUCTURES,
     )
@@ -59,6 +65,13 @@ class StructureConfig:
     keep_layers: float | None = setting(
         None, "fraction of decoder layers kept (instead of target_params)", "structure", range="(0, 1]"
     )
+    keep_experts: float | None = setting(
+        None,
+        "fraction of routed experts kept in every MoE layer (instead of target_params), rounded down; at "
+        "least num_experts_per_tok",
+        "structure",
+        range="(0, 1]",
+    )
     head_unit: str = setting(
         "auto",
         "attention unit with GQA: group (a whole KV group: its query heads and its k/v head), query (the "
@@ -68,7 +81,8 @@ class StructureConfig:
         unless=(lambda s: "heads" in KINDS[s.structure], "applies to structure heads or mixed only"),
     )
     importance: str = setting(
-        "token_fisher", "importance of a unit (see structured.importance.IMPORTANCES)", "structure",
+        "token_fisher", "importance of a unit (see structured.importance.IMPORTANCES); experts also take "
+        "reap (router-weighted output norm) and frequency (routed share)", "structure",
         choices=IMPORTANCES.names,
     )  # fmt: skip
     importance_form: str | None = setting(
@@ -149,9 +163,9 @@ class StructureConfig:
                     f"importance {self.importance!r} has no {kind} form: use one of "
                     f"{', '.join(n for n, i in IMPORTANCES.items() if i.supports(kind))}"
                 )
-        if self.mean_bias and self.structure == "layers":
+        if self.mean_bias and self.structure in ("layers", "experts"):
             raise ConfigError(
-                "mean_bias compensates removed channels or heads; structure 'layers' removes neither"
+                f"mean_bias compensates removed channels or heads; structure {self.structure!r} removes neither"
             )
 
     @property

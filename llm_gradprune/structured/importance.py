@@ -33,8 +33,9 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 FORMS = ("vector", "element")
-KINDS = ("channels", "heads", "layers")
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+KINDS = ("channels", "heads", "layers", "experts")
+ATTENTION = ("q", "k", "v", "o")
+MLP_ROLES = ("gate", "up", "down")
 
 
 @dataclass
@@ -52,33 +53,61 @@ class Geometry:
 
 @dataclass
 class UnitMeans:
-    """One layer's unit statistics as means (from `unitstats.UnitStats.means`); None where not gathered."""
+    """One layer's unit statistics as means (from `unitstats.UnitStats.means`); None where not gathered.
+    Channel entries are lists, one per MLP of the layer (the dense MLP; each expert, the shared expert)."""
 
-    ch_mean: torch.Tensor | None = None  # [I] E_t[x] of down_proj's input
-    ch_var: torch.Tensor | None = None  # [I] Var_t[x]
+    ch_mean: list[torch.Tensor] | None = None  # [I] E_t[x] of each down_proj's input
+    ch_var: list[torch.Tensor] | None = None  # [I] Var_t[x]
     hd_mean: torch.Tensor | None = None  # [H * hd] of o_proj's input
     hd_var: torch.Tensor | None = None
     cos: float | None = None  # E_t[cos(h_in, h_out)] of the block
-    ch_z: torch.Tensor | None = None  # [I] E_b[z]
-    ch_zz: torch.Tensor | None = None  # [I] E_b[z^2]
-    ch_tt: torch.Tensor | None = None  # [I] E_t[z_t^2]
+    ch_z: list[torch.Tensor] | None = None  # [I] E_b[z]
+    ch_zz: list[torch.Tensor] | None = None  # [I] E_b[z^2]
+    ch_tt: list[torch.Tensor] | None = None  # [I] E_t[z_t^2]
     hd_z: torch.Tensor | None = None  # [H]
     hd_zz: torch.Tensor | None = None  # [H, H] E_b[z z^T]
     hd_tt: torch.Tensor | None = None  # [H, H] E_t[z_t z_t^T]
     blk_z: float | None = None
     blk_zz: float | None = None
     blk_tt: float | None = None
+    ex_freq: torch.Tensor | None = None  # [E] share of the layer's tokens routed to each expert
+    ex_reap: torch.Tensor | None = None  # [E] E over its routed tokens of weight * ||expert output||
+    ex_z: torch.Tensor | None = None  # [E] E_b[z] of the expert's removal gate
+    ex_zz: torch.Tensor | None = None
+    ex_tt: torch.Tensor | None = None
+
+
+@dataclass
+class LayerTensors:
+    """One tensor per unit matrix of a layer (its weights, or a per-weight statistic), by role: the
+    attention's q, k, v, o and each MLP's gate, up, down; `experts` is each MLP's expert index."""
+
+    attn: dict[str, torch.Tensor]
+    mlps: list[dict[str, torch.Tensor]]
+    experts: list[int | None]
+
+    def map(self, fn, other: LayerTensors | None = None) -> LayerTensors:
+        """fn(t) or fn(t, other's t) of every tensor."""
+
+        def one(t, o):
+            return fn(t) if other is None else fn(t, o)
+
+        attn = {r: one(t, None if other is None else other.attn[r]) for r, t in self.attn.items()}
+        mlps = [{r: one(t, None if other is None else other.mlps[m][r]) for r, t in d.items()}
+                for m, d in enumerate(self.mlps)]  # fmt: skip
+        return LayerTensors(attn, mlps, self.experts)
 
 
 @dataclass
 class LayerScores:
-    """Scores of one layer's units: channels [I], query heads [H] (removed inside their group), KV groups
-    [kv] (removed whole), and the layer itself."""
+    """Scores of one layer's units: channels [I] of each MLP, query heads [H] (removed inside their
+    group), KV groups [kv] (removed whole), the layer itself, and its routed experts [E]."""
 
-    channels: torch.Tensor | None = None
+    channels: list[torch.Tensor] | None = None
     queries: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     layer: float | None = None
+    experts: torch.Tensor | None = None
 
 
 # -- aggregation over a unit's weights ------------------------------------------------------------
@@ -111,21 +140,30 @@ def group_block_sum(pair: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return torch.stack([blocks[g, :, g, :].sum() for g in range(kv_heads)])
 
 
-def element_scores(per_weight: dict[str, torch.Tensor], geo: Geometry, root: bool = False) -> LayerScores:
-    """Scores from a per-weight tensor of each projection (|w g|, w^2 g^2, w^2, ...) summed over each unit;
+def expert_sums(t: LayerTensors) -> torch.Tensor | None:
+    """Per routed expert: the sum of a per-weight tensor over its matrices ([E], by expert index)."""
+    per = {e: sum(float(m[r].sum()) for r in MLP_ROLES) for m, e in zip(t.mlps, t.experts, strict=True)
+           if e is not None}  # fmt: skip
+    return torch.tensor([per[e] for e in sorted(per)], dtype=torch.float64) if per else None
+
+
+def element_scores(t: LayerTensors, geo: Geometry, root: bool = False) -> LayerScores:
+    """Scores from a per-weight tensor of each matrix (|w g|, w^2 g^2, w^2, ...) summed over each unit;
     `root` takes the square root of every sum (an L2 norm from w^2)."""
-    t = per_weight
-    ch = channel_sums(t["gate"], t["up"], t["down"])
-    per_q, per_kv = head_sums(t["q"], t["k"], t["v"], t["o"], geo)
+    a = t.attn
+    ch = [channel_sums(m["gate"], m["up"], m["down"]) for m in t.mlps]
+    per_q, per_kv = head_sums(a["q"], a["k"], a["v"], a["o"], geo)
     groups = group_sum(per_q, geo.kv_heads) + per_kv
-    layer = float(sum(t[r].sum() for r in ROLES))
+    layer = float(sum(x.sum() for x in [*a.values(), *(m[r] for m in t.mlps for r in MLP_ROLES)]))
+    experts = expert_sums(t)
     if root:
-        return LayerScores(ch.sqrt(), per_q.sqrt(), groups.sqrt(), layer**0.5)
-    return LayerScores(ch, per_q, groups, layer)
+        return LayerScores([c.sqrt() for c in ch], per_q.sqrt(), groups.sqrt(), layer**0.5,
+                           None if experts is None else experts.sqrt())  # fmt: skip
+    return LayerScores(ch, per_q, groups, layer, experts)
 
 
 # -- the per-weight tensors of the element forms and the baseline ----------------------------------
-def magnitude_weights(w: torch.Tensor, stat: torch.Tensor | None = None) -> torch.Tensor:
+def magnitude_weights(w: torch.Tensor) -> torch.Tensor:
     return w.square()
 
 
@@ -141,14 +179,19 @@ def fisher_weights(w: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:
 def vector_scores(u: UnitMeans, geo: Geometry, kind: str) -> LayerScores:
     """taylor |E_b z|, fisher E_b z^2 or token_fisher E_t z_t^2 of each unit's removal gate."""
     if kind == "taylor":
-        return LayerScores(u.ch_z.abs(), u.hd_z.abs(), group_sum(u.hd_z, geo.kv_heads).abs(), abs(u.blk_z))
-    pair, ch, blk = (u.hd_zz, u.ch_zz, u.blk_zz) if kind == "fisher" else (u.hd_tt, u.ch_tt, u.blk_tt)
-    return LayerScores(ch.clone(), torch.diagonal(pair).clone(), group_block_sum(pair, geo.kv_heads), blk)
+        return LayerScores([z.abs() for z in u.ch_z], u.hd_z.abs(), group_sum(u.hd_z, geo.kv_heads).abs(),
+                           abs(u.blk_z), None if u.ex_z is None else u.ex_z.abs())  # fmt: skip
+    fisher = kind == "fisher"
+    pair, ch, blk, ex = (
+        (u.hd_zz, u.ch_zz, u.blk_zz, u.ex_zz) if fisher else (u.hd_tt, u.ch_tt, u.blk_tt, u.ex_tt)
+    )
+    return LayerScores([c.clone() for c in ch], torch.diagonal(pair).clone(), group_block_sum(pair, geo.kv_heads),
+                       blk, None if ex is None else ex.clone())  # fmt: skip
 
 
-def flap_scores(u: UnitMeans, down: torch.Tensor, o: torch.Tensor, geo: Geometry) -> LayerScores:
+def flap_scores(u: UnitMeans, downs: list[torch.Tensor], o: torch.Tensor, geo: Geometry) -> LayerScores:
     """Var_t(x_j) * ||W[:, j]||^2 of the consuming projection's input columns; a head sums its columns."""
-    ch = u.ch_var * down.square().sum(dim=0)
+    ch = [var * down.square().sum(dim=0) for var, down in zip(u.ch_var, downs, strict=True)]
     cols = u.hd_var * o.square().sum(dim=0)
     per_q = cols.reshape(geo.heads, geo.head_dim).sum(dim=1)
     return LayerScores(ch, per_q, group_sum(per_q, geo.kv_heads), None)
@@ -192,29 +235,34 @@ class Importance:
         return {self.weight_stat} if form == "element" and self.weight_stat else set()
 
     def unit_needs(self, form: str | None) -> str | None:
-        """Unit statistics it reads: "backward" (removal gradients), "forward" (moments, cosines) or None."""
+        """Unit statistics it reads: "backward" (removal gradients), "forward" (moments, cosines, routing)
+        or None."""
         if self.forms and form == "vector":
             return "backward"
-        return "forward" if self.name in ("flap", "block_influence") else None
+        return "forward" if self.name in ("flap", "block_influence", "reap", "frequency") else None
 
     def scores(
         self,
         form: str | None,
-        weights: dict[str, torch.Tensor],
+        weights: LayerTensors,
         geo: Geometry,
-        stats: dict[str, torch.Tensor] | None = None,
+        stats: LayerTensors | None = None,
         unit: UnitMeans | None = None,
     ) -> LayerScores:
-        """Every unit score of one layer from its fp32 weights (by role), the per-weight statistic of the
-        element form (by role) and its unit means."""
+        """Every unit score of one layer from its fp32 weights, the per-weight statistic of the element
+        form and its unit means."""
         if self.name == "magnitude":
-            return element_scores({r: magnitude_weights(weights[r]) for r in ROLES}, geo, root=True)
+            return element_scores(weights.map(magnitude_weights), geo, root=True)
         if self.name == "flap":
-            return flap_scores(unit, weights["down"], weights["o"], geo)
+            return flap_scores(unit, [m["down"] for m in weights.mlps], weights.attn["o"], geo)
         if self.name == "block_influence":
             return LayerScores(layer=block_influence(unit.cos))
+        if self.name == "reap":
+            return LayerScores(experts=unit.ex_reap.clone())
+        if self.name == "frequency":
+            return LayerScores(experts=unit.ex_freq.clone())
         if form == "element":
-            return element_scores({r: self.per_weight(weights[r], stats[r]) for r in ROLES}, geo)
+            return element_scores(weights.map(self.per_weight, stats), geo)
         return vector_scores(unit, geo, self.name)
 
 
@@ -230,6 +278,11 @@ for _imp in (
                "(activations only)", ("channels", "heads"), False),
     Importance("block_influence", "ShortGPT's 1 - E_t[cos(h_in, h_out)] of a block (activations only)",
                ("layers",), False),
-    Importance("magnitude", "L2 norm of a unit's weights (no calibration)", ("channels", "heads"), False),
+    Importance("reap", "REAP: mean over an expert's routed tokens of its router weight times the norm of "
+               "its output (activations only)", ("experts",), False),
+    Importance("frequency", "share of the calibration tokens the router sends to an expert", ("experts",),
+               False),
+    Importance("magnitude", "L2 norm of a unit's weights (no calibration)", ("channels", "heads", "experts"),
+               False),
 ):  # fmt: skip
     IMPORTANCES.add(_imp.name, _imp)

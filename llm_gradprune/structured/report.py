@@ -9,7 +9,9 @@ from .importance import IMPORTANCES
 from .units import Shape
 
 
-def build_report(cfg, old: Shape, new: Shape, before, after, choice: Choice, refits, passes, timings) -> dict:
+def build_report(cfg, old: Shape, new: Shape, before, after, choice: Choice, refits, passes, timings,
+                 mlps: list[tuple[str, int]]) -> dict:  # fmt: skip
+    """`mlps`: (name, width) of each MLP of a layer, as `choice.channels` lists them."""
     import transformers
 
     def mean_of(key: str) -> dict:
@@ -31,12 +33,15 @@ def build_report(cfg, old: Shape, new: Shape, before, after, choice: Choice, ref
         "decoder_kept": after["decoder"] / before["decoder"],
         "removed": {
             "layers": choice.removed_layers,
-            "channels_per_layer": old.intermediate - new.intermediate,
+            "channels_per_layer": old.widths[0][1] - new.widths[0][1],
+            "channels_per_group": {g: w - new.width[g] for g, w in old.widths},
             "query_heads_per_layer": old.heads - new.heads,
             "kv_heads_per_layer": old.kv_heads - new.kv_heads,
-            "channels": {i: _removed(k, old.intermediate) for i, k in choice.channels.items()},
+            "experts_per_layer": old.experts - new.experts,
+            "channels": {i: _channels(kept, mlps) for i, kept in choice.channels.items()},
             "kv_heads_kept": {i: k.tolist() for i, k in choice.groups.items()},
             "query_heads_kept": {i: k.tolist() for i, k in choice.queries.items()},
+            "experts_kept": {i: k.tolist() for i, k in choice.kept_experts.items()},
         },
         "estimated_cost": choice.cost,
         "candidates": choice.candidates,
@@ -53,6 +58,12 @@ def build_report(cfg, old: Shape, new: Shape, before, after, choice: Choice, ref
         "timings": timings,
         "transformers": transformers.__version__,
     }
+
+
+def _channels(kept: list[torch.Tensor], mlps: list[tuple[str, int]]) -> list[int] | dict[str, list[int]]:
+    """The channels removed from a layer: a list for its one MLP, else {MLP name: list}."""
+    lists = {n: _removed(k, width) for (n, width), k in zip(mlps, kept, strict=True)}
+    return next(iter(lists.values())) if len(lists) == 1 else lists
 
 
 def _removed(kept: torch.Tensor, n: int) -> list[int]:

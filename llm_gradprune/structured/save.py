@@ -19,8 +19,9 @@ from ..io.atomic import write_folder, write_json
 from ..io.checkpoint import safetensors_files, scan_files
 from ..io.manifest import write_manifest
 
-SHAPE_KEYS = ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "mlp_bias", "attention_bias")  # fmt: skip
+SHAPE_KEYS = ("num_hidden_layers", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts",
+              "n_routed_experts", "mlp_bias", "attention_bias")  # fmt: skip
 
 
 class SaveCheckError(RuntimeError):

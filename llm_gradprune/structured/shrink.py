@@ -27,12 +27,22 @@ from ..calibration.loop import LossFn, causal_lm_loss, gather_statistics
 from ..calibration.stats import Statistics
 from ..errors import ConfigError
 from ..executors.blocks import capture_block_inputs, run_block
-from .choose import Choice, choose
+from .choose import Choice, check_reachable, choose, experts_kept, widths_at
 from .compensate import refit_columns
 from .config import StructureConfig
-from .importance import IMPORTANCES, ROLES, LayerScores
+from .importance import IMPORTANCES, MLP_ROLES, LayerScores, LayerTensors
 from .report import build_report
-from .units import LayerUnits, ModelUnits, Shape, config_accepts, find_units, head_options, new_config_values
+from .units import (
+    LayerUnits,
+    ModelUnits,
+    Part,
+    Shape,
+    check_heads,
+    config_accepts,
+    find_units,
+    head_options,
+    new_config_values,
+)
 from .unitstats import UnitStats, consumers, gather_unit_statistics
 
 BIAS_FLAGS = {"channels": ("mlp_bias", "down_proj"), "heads": ("attention_bias", "o_proj")}
@@ -50,9 +60,43 @@ def _check_bias(config, cfg: StructureConfig) -> None:
             )
 
 
+def _top_k(model) -> int:
+    return getattr(model.config, "num_experts_per_tok", 1) or 1
+
+
+def check_plan(model: nn.Module, cfg: StructureConfig) -> tuple[ModelUnits, list[tuple[int, int]]]:
+    """Every refusal that depends on the model, before any text is read or statistic gathered: the
+    units, the bias flags, per-head tensors, the head counts the config accepts, an MoE for experts, the
+    experts kept and a reachable target. Returns (units, head options)."""
+    units = find_units(model)
+    _check_bias(model.config, cfg)
+    options = head_options(model.config, units.shape, cfg.head_unit) if "heads" in cfg.kinds else []
+    if "heads" in cfg.kinds:
+        check_heads(units)
+    if "experts" in cfg.kinds and not units.shape.experts:
+        raise ConfigError(
+            f"structure 'experts' removes routed experts, but {type(model).__name__} has no MoE layer"
+        )
+    if "experts" in cfg.explicit_keeps:
+        experts_kept(units.shape, cfg.keep_experts, _top_k(model))
+    if "channels" in cfg.explicit_keeps:
+        widths_at(units.shape, cfg.keep_channels, cfg.channel_multiple)
+    if cfg.target_params is not None and not cfg.explicit_keeps:
+        check_reachable(units.shape, units.costs, cfg.kinds, options, cfg.target_params, cfg.channel_multiple,
+                        cfg.structure, _top_k(model))  # fmt: skip
+    return units, options
+
+
 def _hessians_cover(stats: Statistics, layers: list[LayerUnits]) -> bool:
+    """Do the gathered Hessians hold every consumer's inputs (an expert's may hold none: it was unrouted)?"""
     h = stats.by_source.get("hessian")
-    return h is not None and all(h.tokens.get(h.owner(n), 0) > 0 for n in consumers(layers))
+    if h is None:
+        return False
+    names = consumers(layers)
+    return all(
+        h.owner(n) in h.tokens and (t.expert is not None or h.tokens[h.owner(n)] > 0)
+        for n, t in names.items()
+    )
 
 
 def _statistics(
@@ -66,14 +110,16 @@ def _statistics(
     refit = cfg.compensate == "lsq" or cfg.mean_bias
     dense_inputs = refit and cfg.refit_inputs == "dense" and set(cfg.kinds) & {"channels", "heads"}
     have = stats.by_source.get("unit")
+    reap = cfg.importance == "reap"
     need_unit = (unit_need == "backward" and (have is None or not have.backward)) or (
-        have is None and (unit_need == "forward" or (dense_inputs and cfg.mean_bias))
+        (have is None or (reap and not have.reap))
+        and (unit_need == "forward" or (dense_inputs and cfg.mean_bias))
     )
     need_hessians = bool(dense_inputs) and not _hessians_cover(stats, units.layers)
     if (missing or need_unit or need_hessians) and batches is None:
         raise ConfigError(f"importance {cfg.importance!r} with these settings needs calibration batches")
     if missing:
-        ws, counters = gather_statistics(model, batches, set(missing), units.modules(), loss_fn=loss_fn,
+        ws, counters = gather_statistics(model, batches, set(missing), units.targets(), loss_fn=loss_fn,
                                          progress=progress, num_batches=len(batches))  # fmt: skip
         stats.by_source.update(ws.by_source)
         stats.needs |= ws.needs
@@ -81,7 +127,8 @@ def _statistics(
     if need_unit or need_hessians:
         us, counters = gather_unit_statistics(
             model, batches, units.layers, units.shape, backward=unit_need == "backward" or (
-                have is not None and have.backward), hessians=need_hessians, loss_fn=loss_fn, progress=progress,
+                have is not None and have.backward), hessians=need_hessians, reap=reap, loss_fn=loss_fn,
+            progress=progress,
         )  # fmt: skip
         if not need_unit:
             us.by_source.pop("unit")
@@ -90,17 +137,30 @@ def _statistics(
     return passes
 
 
+def _tensors(lu: LayerUnits, of) -> LayerTensors:
+    """A LayerTensors of fp32 [out, in] rows of each unit part: of(target) is the target's whole matrix."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def rows(part: Part) -> torch.Tensor:
+        t = part.target
+        if t.name not in cache:
+            cache[t.name] = of(t).to(torch.float32)
+        return part.rows(cache[t.name])
+
+    return LayerTensors({r: rows(p) for r, p in lu.attn.items()},
+                        [{r: rows(m.part(r)) for r in MLP_ROLES} for m in lu.mlps], [m.expert for m in lu.mlps])  # fmt: skip
+
+
 def layer_scores(units: ModelUnits, cfg: StructureConfig, stats: Statistics) -> list[LayerScores]:
     imp = IMPORTANCES.get(cfg.importance)
     form = cfg.importance_form
     unit = stats.by_source.get("unit")
     out = []
     for lu in units.layers:
-        weights = {r: lu.modules[r].weight.detach().to(torch.float32) for r in ROLES}
+        weights = _tensors(lu, lambda t: t.weight.detach())
         per = None
         if imp.weight_needs(form):
-            stat = imp.weight_stat
-            per = {r: stats.mean(stat, f"{lu.full(r)}.weight").to(weights[r].device) for r in ROLES}
+            per = _tensors(lu, lambda t: stats.mean(imp.weight_stat, t.key).to(t.weight.device))
         means = unit.means(lu.index) if imp.unit_needs(form) else None
         out.append(imp.scores(form, weights, units.shape.geometry, per, means))
     return out
@@ -111,9 +171,10 @@ def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
     return (units.unsqueeze(1) * size + torch.arange(size, device=units.device)).reshape(-1)
 
 
-def _refit(module: nn.Linear, keep: torch.Tensor, inputs, cfg: StructureConfig) -> tuple[dict, dict | None]:
-    """The consuming projection's new weight (and bias) for kept input columns `keep`, plus refit info."""
-    W = module.weight.detach()
+def _refit(
+    W: torch.Tensor, bias, keep: torch.Tensor, inputs, cfg: StructureConfig
+) -> tuple[dict, dict | None]:
+    """The consuming matrix's new weight (and bias) for kept input columns `keep`, plus refit info."""
     out = {}
     info = None
     if inputs is None:
@@ -124,48 +185,76 @@ def _refit(module: nn.Linear, keep: torch.Tensor, inputs, cfg: StructureConfig) 
                                     bias=cfg.mean_bias, percdamp=cfg.refit_damp)  # fmt: skip
         out["weight"] = Wk.to(W.dtype)
         if b is not None:
-            old = module.bias.detach().to(torch.float32) if module.bias is not None else 0.0
+            old = bias.detach().to(torch.float32) if bias is not None else 0.0
             out["bias"] = (old + b).to(W.dtype)
-    if "bias" not in out and module.bias is not None:
-        out["bias"] = module.bias.detach().clone()
+    if "bias" not in out and bias is not None:
+        out["bias"] = bias.detach().clone()
     return out, info
+
+
+def _cuts(lu: LayerUnits, choice: Choice, shape: Shape) -> tuple[dict, dict]:
+    """({target name: [(part, kept rows of the part)]}, {consumer name: kept input columns}) of a layer."""
+    i = lu.index
+    rows: dict[str, list] = {}
+    cols: dict[str, torch.Tensor] = {}
+    if i in choice.channels:
+        for m, keep in zip(lu.mlps, choice.channels[i], strict=True):
+            for role in ("gate", "up"):
+                rows.setdefault(m.part(role).target.name, []).append((m.part(role), keep))
+            cols[m.down.target.name] = keep
+    if i in choice.queries:
+        qrows, kvrows = _rows(choice.queries[i], shape.head_dim), _rows(choice.groups[i], shape.head_dim)
+        for role, keep in (("q", qrows), ("k", kvrows), ("v", kvrows)):
+            rows.setdefault(lu.attn[role].target.name, []).append((lu.attn[role], keep))
+        cols[lu.attn["o"].target.name] = qrows
+    return rows, cols
 
 
 def shrunk_state(
     lu: LayerUnits, choice: Choice, shape: Shape, cfg: StructureConfig, inputs: dict
 ) -> tuple[dict, dict]:
-    """The block's state dict with its units sliced out and its consumers refit; (state, refit info)."""
-    i, m = lu.index, lu.modules
+    """The block's state dict with its units sliced out and its consumers refit; (state, refit info).
+    `inputs`: {consumer name: (E[x x^T], E[x] or None)} for a refit."""
     state = dict(lu.block.state_dict())
+    rows, cols = _cuts(lu, choice, shape)
     info: dict[str, Any] = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}  # fused expert parameter -> expert -> new matrix
+    for name, t in lu.targets().items():
+        if name not in rows and name not in cols:
+            continue
+        W = t.weight.detach()
+        bias = getattr(t.module, "bias", None) if t.expert is None else None
+        new = {"weight": W, **({"bias": bias.detach()} if bias is not None else {})}
+        if name in rows:
+            idx = torch.cat(
+                [p.start + keep.to(W.device) for p, keep in sorted(rows[name], key=lambda x: x[0].start)]
+            )
+            new = {k: v[idx].clone() for k, v in new.items()}
+        if name in cols:
+            new, refit_info = _refit(new["weight"], new.get("bias"), cols[name], inputs.get(name), cfg)
+            if refit_info is not None:
+                info[name[len(lu.name) + 1 :]] = refit_info
+        local = t.tensor_name[len(lu.name) + 1 :]
+        if t.expert is None:
+            state[local] = new["weight"]
+            if "bias" in new:
+                state[local.rsplit(".", 1)[0] + ".bias"] = new["bias"]
+        else:
+            stacks.setdefault(local, {})[t.expert] = new["weight"].T if t.transposed else new["weight"]
+    for local, per in stacks.items():
+        state[local] = torch.stack([per[e] for e in range(len(per))])
+    if lu.index in choice.kept_experts:
+        _keep_experts(state, lu, choice.kept_experts[lu.index])
+    return state, info
 
-    def put(role: str, tensors: dict) -> None:
-        for k, t in tensors.items():
-            state[f"{lu.local[role]}.{k}"] = t
 
-    def rows(role: str, idx: torch.Tensor) -> dict:
-        mod = m[role]
-        idx = idx.to(mod.weight.device)
-        out = {"weight": mod.weight.detach()[idx].clone()}
-        if mod.bias is not None:
-            out["bias"] = mod.bias.detach()[idx].clone()
-        return out
-
-    if i in choice.channels:
-        keep = choice.channels[i]
-        put("gate", rows("gate", keep))
-        put("up", rows("up", keep))
-        new, info["down"] = _refit(m["down"], keep, inputs.get("down"), cfg)
-        put("down", new)
-    if i in choice.queries:
-        qrows = _rows(choice.queries[i], shape.head_dim)
-        kvrows = _rows(choice.groups[i], shape.head_dim)
-        put("q", rows("q", qrows))
-        put("k", rows("k", kvrows))
-        put("v", rows("v", kvrows))
-        new, info["o"] = _refit(m["o"], qrows, inputs.get("o"), cfg)
-        put("o", new)
-    return state, {k: v for k, v in info.items() if v is not None}
+def _keep_experts(state: dict, lu: LayerUnits, kept: torch.Tensor) -> None:
+    """Keep the experts `kept` of the layer's fused stacks and the matching rows of its routers."""
+    E = lu.experts.count  # noqa: N806
+    prefixes = [lu.experts.module + "."] + [r.rsplit(".", 1)[0] + "." for r in lu.experts.routers]
+    for key, t in state.items():
+        if any(key.startswith(p) for p in prefixes) and t.dim() >= 1 and t.shape[0] == E:
+            state[key] = t.index_select(0, kept.to(t.device)).clone()
 
 
 def rebuild_block(block: nn.Module, config, layer_idx: int, state: dict) -> nn.Module:
@@ -194,8 +283,8 @@ def _param_counts(model: nn.Module, prefix: str) -> dict[str, int]:
 
 def _new_config(model, units: ModelUnits, choice: Choice, cfg: StructureConfig) -> tuple[Any, dict, Shape]:
     s = units.shape
-    shape = Shape(s.layers - len(choice.removed_layers), s.hidden, choice.intermediate, choice.heads,
-                  choice.kv_heads, s.head_dim)  # fmt: skip
+    shape = s.but(layers=s.layers - len(choice.removed_layers), widths=tuple(choice.widths.items()),
+                  heads=choice.heads, kv_heads=choice.kv_heads, experts=choice.experts)  # fmt: skip
     kept = [i for i in range(s.layers) if i not in choice.removed_layers]
     values = new_config_values(model.config, shape, kept)
     if cfg.mean_bias and choice.channels:
@@ -211,6 +300,17 @@ def _new_config(model, units: ModelUnits, choice: Choice, cfg: StructureConfig) 
     return new, values, shape
 
 
+def _refit_inputs(lu: LayerUnits, hs: Hessians, means) -> dict[str, tuple]:
+    """{consumer: (E[x x^T], E[x] or None)} of a layer's o and down matrices; an expert no calibration
+    token reached has none (it is sliced without a refit)."""
+    ch = [None] * len(lu.mlps) if means is None else means.ch_mean
+    pairs = [(lu.attn["o"].target, None if means is None else means.hd_mean)]
+    pairs += [(m.down.target, mean) for m, mean in zip(lu.mlps, ch, strict=True)]
+    return {
+        t.name: (hs.hessian(t.name) / 2, mean) for t, mean in pairs if hs.tokens.get(hs.owner(t.name), 0) > 0
+    }
+
+
 @torch.no_grad()
 def _apply(
     model, units: ModelUnits, choice: Choice, cfg: StructureConfig, stats: Statistics, batches, loss_fn
@@ -220,7 +320,7 @@ def _apply(
     refit = cfg.compensate == "lsq" or cfg.mean_bias
     changed = [lu for lu in units.layers if lu.index in choice.channels or lu.index in choice.queries]
     sequential = refit and cfg.refit_inputs == "sequential" and bool(changed)
-    device = units.layers[0].modules["down"].weight.device
+    device = units.layers[0].attn["o"].weight.device
     blocks = model.get_submodule(units.prefix)
     calls = (
         capture_block_inputs(model, blocks, batches, loss_fn=loss_fn, device=device) if sequential else None
@@ -243,9 +343,7 @@ def _apply(
                     us.detach()
             else:
                 hs, us = stats.by_source["hessian"], stats.by_source.get("unit")
-            means = us.means(i) if us is not None and cfg.mean_bias else None
-            inputs = {"down": (hs.hessian(lu.full("down")) / 2, None if means is None else means.ch_mean),
-                      "o": (hs.hessian(lu.full("o")) / 2, None if means is None else means.hd_mean)}  # fmt: skip
+            inputs = _refit_inputs(lu, hs, us.means(i) if us is not None and cfg.mean_bias else None)
         state, info[i] = shrunk_state(lu, choice, units.shape, cfg, inputs)
         block = rebuild_block(lu.block, new_cfg, new_idx, state)
         blocks[i] = block
@@ -278,9 +376,7 @@ def shrink_(
     """
     cfg = cfg or StructureConfig()
     t0 = time.perf_counter()
-    units = find_units(model)
-    _check_bias(model.config, cfg)
-    options = head_options(model.config, units.shape, cfg.head_unit) if "heads" in cfg.kinds else []
+    units, options = check_plan(model, cfg)
     batches = list(batches) if batches is not None else None
     before = _param_counts(model, units.prefix)
     stats = statistics if statistics is not None else Statistics()
@@ -288,11 +384,14 @@ def shrink_(
     t1 = time.perf_counter()
     scores = layer_scores(units, cfg, stats)
     choice = choose(units.shape, units.costs, scores, cfg.kinds, options, target=cfg.target_params,
-                    keeps=cfg.explicit_keeps, multiple=cfg.channel_multiple, structure=cfg.structure)  # fmt: skip
+                    keeps=cfg.explicit_keeps, multiple=cfg.channel_multiple, structure=cfg.structure,
+                    groups=[m.group for m in units.layers[0].mlps],
+                    least_experts=_top_k(model))  # fmt: skip
     t2 = time.perf_counter()
     old_shape = units.shape
     shape, refits = _apply(model, units, choice, cfg, stats, batches, loss_fn)
     t3 = time.perf_counter()
     after = _param_counts(model, units.prefix)
     return build_report(cfg, old_shape, shape, before, after, choice, refits, passes,
-                        {"statistics": t1 - t0, "choose": t2 - t1, "shrink": t3 - t2, "total": t3 - t0})  # fmt: skip
+                        {"statistics": t1 - t0, "choose": t2 - t1, "shrink": t3 - t2, "total": t3 - t0},
+                        [(m.name, m.width) for m in units.layers[0].mlps])  # fmt: skip
