@@ -253,6 +253,23 @@ class ModelShape:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     head_dim: int | None = None
+    moe_intermediate_size: int | None = None  # an MoE's expert width, where the config has its own key
+    shared_expert_intermediate_size: int | None = None
+    num_local_experts: int | None = None  # routed experts per MoE layer, under the config's own key
+    num_experts: int | None = None
+    n_routed_experts: int | None = None
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        """(config key, what it counts, value) of every count this shape has, for tables and plots."""
+        return [(f.name, SHAPE_LABELS.get(f.name, f.name), getattr(self, f.name)) for f in fields(self)
+                if f.name in SHAPE_LABELS and getattr(self, f.name) is not None]  # fmt: skip
+
+
+SHAPE_LABELS = {"num_hidden_layers": "decoder layers", "intermediate_size": "MLP channels",
+                "moe_intermediate_size": "channels per expert", "shared_expert_intermediate_size": "shared expert channels",
+                "num_attention_heads": "query heads per layer", "num_key_value_heads": "key/value heads per layer",
+                "num_local_experts": "experts per MoE layer", "num_experts": "experts per MoE layer",
+                "n_routed_experts": "experts per MoE layer"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -274,11 +291,14 @@ class Removed:
 
     layers: list[int] = field(default_factory=list)
     channels_per_layer: int = 0
+    channels_per_group: dict[str, int] = field(default_factory=dict)  # per width key (dense, experts, shared)
     query_heads_per_layer: int = 0
     kv_heads_per_layer: int = 0
-    channels: dict[str, list[int]] = field(default_factory=dict)
+    experts_per_layer: int = 0
+    channels: dict[str, Any] = field(default_factory=dict)  # a list per layer, or {MLP: list} with several
     kv_heads_kept: dict[str, list[int]] = field(default_factory=dict)
     query_heads_kept: dict[str, list[int]] = field(default_factory=dict)
+    experts_kept: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

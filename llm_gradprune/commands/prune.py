@@ -52,10 +52,10 @@ def outcome_line(r: Report) -> str:
     if r.structured:
         s = r.shrinking
         before, after, shape = s.params_before, s.params_after, s.shape_after
+        counts = ", ".join(f"{key} {value}" for key, _, value in shape.rows())
         return (f"removed {s.structure} by {s.importance.name}: {after.decoder:,} of {before.decoder:,} decoder "
-                f"parameters kept ({s.decoder_kept:.2%}), {after.total:,} in all; shape {shape.num_hidden_layers} "
-                f"layers, intermediate {shape.intermediate_size}, {shape.num_attention_heads}/"
-                f"{shape.num_key_value_heads} heads; {s.file_bytes_before:,} -> {r.file_bytes:,} bytes")  # fmt: skip
+                f"parameters kept ({s.decoder_kept:.2%}), {after.total:,} in all; shape {counts}; "
+                f"{s.file_bytes_before:,} -> {r.file_bytes:,} bytes")  # fmt: skip
     p = r.sparsity
     kinds = summary_counts(p)
     return (f"pruned {p.targets} tensors: {p.overall_sparsity:.4%} of {p.target_weights:,} target weights are zero "

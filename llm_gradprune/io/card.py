@@ -257,8 +257,6 @@ STRUCTURED_PARAGRAPH = (
     "plain PyTorch/transformers with no sparse kernel. Its config is a stock one with smaller widths, head "
     "counts or layer count, so `AutoModelForCausalLM.from_pretrained` loads it without remote code."
 )
-SHAPE_NAMES = (("num_hidden_layers", "decoder layers"), ("intermediate_size", "MLP channels per layer"),
-               ("num_attention_heads", "query heads per layer"), ("num_key_value_heads", "key/value heads per layer"))  # fmt: skip
 
 
 def structured_card(
@@ -276,7 +274,11 @@ def structured_card(
     form = f" ({imp.form} form)" if imp.form else ""
     refit = ("none (sliced only)" if comp.compensate == "none" else
              f"least-squares refit of down_proj / o_proj on {comp.refit_inputs} calibration inputs")  # fmt: skip
-    units = shrunk.structure if shrunk.structure != "mixed" else "channels, heads and layers"
+    if shrunk.structure == "experts":
+        refit = "none needed: whole experts go, and no kept weight reads their outputs"
+    units = {"mixed": "channels, heads and layers", "experts": "routed experts"}.get(
+        shrunk.structure, shrunk.structure
+    )
     lines = [
         *_heading(
             r, f"{base.name}, {shrunk.decoder_kept:.0%} of the decoder ({shrunk.structure}, {imp.name})"
@@ -297,10 +299,7 @@ def structured_card(
         "",
         f"- importance `{imp.name}`{form}, ranked over the whole model under one width per layer (the "
         "shape a stock config describes)",
-        f"- removed: {'layers ' + str(removed.layers) if removed.layers else 'no layers'}, "
-        f"{removed.channels_per_layer} MLP "
-        f"channels and {removed.query_heads_per_layer} query heads ({removed.kv_heads_per_layer} key/value "
-        "heads) per layer",
+        f"- removed: {removed_text(removed)}",
         f"- compensation: {refit}"
         + ("; the removed units' mean output added as a bias" if comp.mean_bias else ""),
     ]
@@ -314,14 +313,26 @@ def structured_card(
     return "\n".join(lines) + "\n"
 
 
+def removed_text(removed) -> str:
+    """What a structured run removed, per layer, in words: layers, channels of each MLP width, heads, experts."""
+    groups = removed.channels_per_group or {"intermediate_size": removed.channels_per_layer}
+    per = [f"{n} channels of each MLP of width `{g}`" for g, n in groups.items() if n]
+    if removed.query_heads_per_layer:
+        per.append(
+            f"{removed.query_heads_per_layer} query heads ({removed.kv_heads_per_layer} key/value heads)"
+        )
+    if removed.experts_per_layer:
+        per.append(f"{removed.experts_per_layer} routed experts (with their router rows)")
+    layers = "layers " + str(removed.layers) if removed.layers else "no layers"
+    return layers + ("; per layer " + ", ".join(per) if per else "")
+
+
 def shape_table(r: Report) -> list[str]:
     """The shape, parameters and file bytes before and after a structured run."""
     shrunk = r.shrinking
     lines = ["## Shape", "", "| | before | after |", "|---|---|---|"]
-    for key, label in SHAPE_NAMES:
-        lines.append(
-            f"| {label} | {getattr(shrunk.shape_before, key)} | {getattr(shrunk.shape_after, key)} |"
-        )
+    for key, label, value in shrunk.shape_before.rows():
+        lines.append(f"| {label} (`{key}`) | {value} | {getattr(shrunk.shape_after, key)} |")
     lines.append(f"| parameters | {shrunk.params_before.total:,} | {shrunk.params_after.total:,} |")
     if shrunk.file_bytes_before and r.file_bytes:
         lines.append(f"| safetensors bytes | {shrunk.file_bytes_before:,} | {r.file_bytes:,} |")

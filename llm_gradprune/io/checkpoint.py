@@ -364,5 +364,8 @@ def read_report(folder: str | Path) -> dict[str, Any]:
 
 
 def tensor_shapes_of(model) -> dict[str, list[int]]:
-    """Every tensor's shape in the model's state dict: what a structured run's checkpoint must hold."""
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
+    """Every tensor's shape as the checkpoint files hold it (`io.layout.stored_shapes`): what a structured
+    run's checkpoint must hold."""
+    from .layout import stored_shapes
+
+    return stored_shapes(model)

@@ -75,3 +75,13 @@ def stored_layout(model: nn.Module, keys: list[str]) -> dict[str, list[list[Any]
         for i, t in enumerate(targets):
             out[t.key] = [list(p) for p in found.get(i, [])]
     return out
+
+
+def stored_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """{file tensor: shape} of every tensor `save_pretrained` writes for the model's state dict, through
+    the same reverse conversion (a fused expert stack becomes its per-expert tensors)."""
+    out: dict[str, list[int]] = {}
+    for name, t in model.state_dict().items():
+        written = _revert(model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        out.update({k: list(v.shape) for k, v in written.items()})
+    return out

@@ -88,18 +88,18 @@ def _shape_plot(plt, r: Report, folder: Path) -> str:
     """Kept share of each kind of unit and of the parameters, after a structured run."""
     shrunk = r.shrinking
     old, new = shrunk.shape_before, shrunk.shape_after
-    kinds = [("layers", "num_hidden_layers"), ("MLP channels", "intermediate_size"),
-             ("query heads", "num_attention_heads"), ("kv heads", "num_key_value_heads")]  # fmt: skip
+    kinds = [(label.removesuffix(" per layer").removesuffix(" per MoE layer"), key) for key, label, _ in old.rows()
+             if key != "head_dim"]  # fmt: skip
     names = [k for k, _ in kinds] + ["decoder params", "all params"]
     kept = [getattr(new, key) / getattr(old, key) for _, key in kinds] + [
         shrunk.decoder_kept, shrunk.params_after.total / shrunk.params_before.total]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.85 * len(names)), 3.8))
     bars = ax.bar(names, kept, color=["#4f81bd"] * len(kinds) + ["#9bbb59", "#9bbb59"])
     ax.bar_label(bars, fmt="%.2f")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("kept / before")
     ax.set_title(f"structure {shrunk.structure}: kept share")
-    ax.tick_params(axis="x", rotation=20)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(folder / "shape.png", dpi=110)
     plt.close(fig)
