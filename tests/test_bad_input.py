@@ -69,6 +69,20 @@ def moe_with(*args):
     return lambda ws, a: [*moe_folder(ws, a), *args]
 
 
+def family_with(name: str, *args):
+    """A tiny model of another family (tests/families.py) with the word tokenizer, and flags."""
+
+    def setup(ws, a):
+        from .families import BY_NAME
+        from .tiny_folder import make_tokenizer
+
+        BY_NAME[name].build().save_pretrained(ws / name)
+        make_tokenizer().save_pretrained(ws / name)
+        return ["--model", str(ws / name), *args]
+
+    return setup
+
+
 def vit_folder(ws, a):
     from transformers import ViTConfig
 
@@ -332,6 +346,20 @@ ROWS = [
     ("yaml-flag-syntax", flags("--criterion-params", "a: [1"),
      r"argument --criterion-params: 'a: \[1' is not valid YAML: expected ',' or '\]'"),
     ("model-is-a-file", lambda ws, a: ["--model", str(a["text"])], r"model '.*t\.txt' is a file, not a model folder"),
+    # issue 24: structured pruning across families, expert removal
+    ("structured-family-refused", family_with("gpt_neox", "--structure", "channels"),
+     r"structured pruning needs q/k/v/o \(or qkv\) attention projections and gated gate/up/down \(or gate_up\) MLPs in "
+     r"every layer; GPTNeoXForCausalLM: layer 0 has attention\.query_key_value, which is none of these$"),
+    ("heads-with-a-norm-across-heads", family_with("olmo2", "--structure", "heads"),
+     r"structure heads cannot remove heads of Olmo2ForCausalLM: model\.layers\.0's q_norm\.weight \(32,\) is per head"),
+    ("experts-on-a-dense-model", flags("--structure", "experts"),
+     r"structure 'experts' removes routed experts, but LlamaForCausalLM has no MoE layer$"),
+    ("keep-experts-below-top-k", moe_with("--structure", "experts", "--keep-experts", "0.25"),
+     r"keep_experts 0\.25 keeps 1 of 4 experts per layer, fewer than the 2 each token is routed to \(num_experts_per_tok\)$"),
+    ("experts-target-unreachable", moe_with("--structure", "experts", "--target-params", "0.2"),
+     r"structure 'experts' can remove at most 44\.\d% of the decoder parameters, but target_params 0\.2 asks for 80\.0%"),
+    ("keep-channels-keeps-none", moe_with("--structure", "channels", "--keep-channels", "0.05"),
+     r"keep_channels 0\.05 keeps no channel of 64 \(intermediate_size, in multiples of 8\)$"),
 ]  # fmt: skip
 
 
