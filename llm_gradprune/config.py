@@ -320,6 +320,9 @@ class PruneConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+OFFLOADS = ("none", "cpu", "disk")
+
+
 @dataclass
 class JobConfig:
     """The job around pruning: model, text, evaluation, output, devices and resume. Holds `prune`."""
@@ -363,6 +366,15 @@ class JobConfig:
                          choices=DTYPES, commands=FLAG_COMMANDS)  # fmt: skip
     trust_remote_code: bool = setting(
         False, "allow model code from the Hub (off unless asked)", "model and data", commands=FLAG_COMMANDS
+    )
+    offload: str = setting(
+        "none",
+        "where the weights live in a layer-wise run: none (all on the device), cpu (in host memory; one block "
+        "at a time on the device) or disk (read block by block from the safetensors files, each pruned block "
+        "written to the output as soon as it is done; one block in memory)",
+        "model and data",
+        choices=OFFLOADS,
+        commands=("prune",),
     )
     # -- evaluation: none of it changes the pruned weights --------------------------------------
     eval: bool = setting(
@@ -462,6 +474,7 @@ class JobConfig:
             )
         self.eval_tasks = tasks
         self._check_recovery_eval()
+        self._check_offload()
         self.max_shard_bytes = parse_size(self.max_shard_size)
         p = self.prune
         crit, alloc = CRITERIA.get(p.criterion), ALLOCATIONS.get(p.allocation)
@@ -474,6 +487,35 @@ class JobConfig:
         if self.eval_stride is not None and self.eval_stride > (self.eval_seq_len or self.seq_len):
             raise ConfigError(
                 f"eval_stride {self.eval_stride} is larger than eval_seq_len {self.eval_seq_len or self.seq_len}"
+            )
+
+    def _check_offload(self) -> None:
+        if self.offload == "none":
+            return
+        if self.structured is not None:
+            raise ConfigError(
+                f"offload {self.offload!r} is not available with structure yet: structured pruning holds the whole "
+                "model; drop --offload"
+            )
+        if not self.prune.layer_wise:
+            raise ConfigError(
+                f"offload {self.offload!r} applies to layer-wise runs (criterion sparsegpt, reconstruct obs/lsq, "
+                f"or sequential: true), not to criterion {self.prune.criterion!r} with the whole model at once"
+            )
+        whole_model = {"eval": "eval scores perplexity", "eval_tasks": "eval_tasks score tasks",
+                       "fsdp": "fsdp shards", "resume": "resume continues a calibration of",
+                       "save_state_every": "save_state_every saves a calibration of"}  # fmt: skip
+        for key, what in whole_model.items():
+            if getattr(self, key):
+                raise ConfigError(
+                    f"{key} with offload {self.offload!r} is not supported: {what} the whole model at once; "
+                    f"run it on the output afterwards, or drop --offload"
+                )
+        if self.recover.steps or self.prune.rounds > 1:
+            what = "recover_steps trains" if self.recover.steps else "rounds retrain and recalibrate"
+            raise ConfigError(
+                f"{what} the whole model at once, which offload {self.offload!r} does not hold: recover the output "
+                "with llm-gradprune recover afterwards, or drop --offload"
             )
 
     def _check_recovery_eval(self) -> None:

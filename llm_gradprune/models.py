@@ -26,8 +26,10 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer, local_path_or_id) for a Hub id, a local folder or a built-in alias."""
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False, weights: bool = True):
+    """(model, tokenizer, local_path_or_id) for a Hub id, a local folder or a built-in alias. Without
+    `weights` (offload disk) the model is a skeleton on the meta device; its files are scanned for
+    NaN/inf one tensor at a time instead."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name)
@@ -50,6 +52,8 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
         if not isinstance(err, OSError | ValueError):
             raise
         raise ConfigError(f"model {name!r} cannot be loaded: {_first_line(err)}") from None
+    if not weights:
+        return _skeleton(name, path, dtype, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
@@ -125,3 +129,21 @@ def describe_dataset(name: str) -> str | None:
     if name in UPSTREAM:
         return UPSTREAM[name]["hub_id"]
     return None if looks_local(name) or Path(name).suffix else name
+
+
+def _skeleton(name: str, path: str, dtype: str, trust_remote_code: bool):
+    """The model with no weight read (parameters on the meta device), for a local safetensors folder."""
+    from transformers import AutoTokenizer
+
+    from .io.checkpoint import scan_files
+    from .offload import skeleton
+
+    if not looks_local(path) or not any(Path(path).glob("*.safetensors")):
+        raise ConfigError(
+            f"offload 'disk' reads a local folder's safetensors files, and model {name!r} has none here"
+        )
+    bad = scan_files(path).nonfinite
+    if bad is not None:
+        raise ConfigError(f"model {name!r} has NaN/inf values in {bad[0]}: refusing to calibrate on it")
+    model = skeleton(path, DTYPES[dtype], trust_remote_code)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), path

@@ -91,6 +91,33 @@ class Plan:
         return "adaptive" if self.criterion.adaptive else self.cfg.scope
 
 
+def split_statistics(cfg: PruneConfig, layer_wise: bool) -> tuple[set[str], set[str]]:
+    """(statistics gathered over the whole dense model first, statistics gathered per block or stage)."""
+    crit, alloc, update = (
+        CRITERIA.get(cfg.criterion),
+        ALLOCATIONS.get(cfg.allocation),
+        UPDATES.get(cfg.reconstruct),
+    )
+    reads = set(crit.needs)
+    if layer_wise:  # per-block statistics are gathered on the blocks' own inputs
+        per_stage = {s for s in reads if STATISTICS.get(s).per_block}
+        if update.needs_hessian or crit.adaptive:
+            per_stage.add("hessian")
+        whole = reads - per_stage
+    else:
+        per_stage, whole = set(), reads
+    whole |= crit.statistics(cfg.criterion_params) - set(crit.needs)  # e.g. sparsegpt's prior: dense model
+    whole |= set(alloc.needs)
+    return whole, per_stage
+
+
+def needs_whole_model(cfg: PruneConfig) -> bool:
+    """Does a layer-wise run read the whole model before its block-by-block pass (whole-model
+    statistics, or the global scope's exact counts over every weight)? With `offload` those are taken
+    on the whole model, which is released before the pass streams."""
+    return bool(split_statistics(cfg, True)[0]) or (cfg.scope == "global" and cfg.nm is None)
+
+
 def make_plan(
     model: nn.Module,
     cfg: PruneConfig,
@@ -113,19 +140,9 @@ def make_plan(
     params = {t.key: t.weight for t in targets.values()}
     check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
     shapes = {n: weight_rows(p) for n, p in params.items()}
-    alloc = ALLOCATIONS.get(cfg.allocation)
-    update = UPDATES.get(cfg.reconstruct)
+    alloc, update = ALLOCATIONS.get(cfg.allocation), UPDATES.get(cfg.reconstruct)
     executor = "sharded" if collective.rows_sharded else ("layer_wise" if cfg.layer_wise else "whole_model")
-    reads = set(crit.needs)
-    if executor == "layer_wise":  # per-block statistics are gathered on the blocks' own inputs
-        per_stage = {s for s in reads if STATISTICS.get(s).per_block}
-        if update.needs_hessian or crit.adaptive:
-            per_stage.add("hessian")
-        whole = reads - per_stage
-    else:
-        per_stage, whole = set(), reads
-    whole |= crit.statistics(cfg.criterion_params) - set(crit.needs)  # e.g. sparsegpt's prior: dense model
-    whole |= set(alloc.needs)
+    whole, per_stage = split_statistics(cfg, executor == "layer_wise")
     notes = list(cfg.notes)
     for note in notes:
         log.info("note: %s", note)
@@ -469,6 +486,7 @@ class RunInputs:
     num_batches: int | None = None
     calib_state: Any = None  # io.calib_state.CalibState: saves and resumes the calibration pass
     statistics: Any = None  # calibration.stats.Statistics filled before (a sweep calibrates once)
+    offload: Any = None  # offload.BlockStore: where a layer-wise run keeps the blocks between turns
 
 
 class Timer:

@@ -42,6 +42,7 @@ def prune_(
     statistics: Statistics | None = None,
     already_pruned: dict[str, torch.Tensor] | None = None,
     nm_cap: tuple[int, int] | None = None,
+    offload=None,
 ) -> PruneResult:
     """Calibrate (if the criterion needs it), score, select, update and zero the target weights in place.
 
@@ -50,7 +51,8 @@ def prune_(
     masks hold this rank's rows when the model is row-sharded; report counts are global. `calib_state`
     (io.calib_state.CalibState) saves and resumes the calibration pass. `already_pruned` (True = pruned,
     by weight name) are pruned again whatever their scores and `nm_cap` keeps an N:M pattern reachable:
-    what pruning in rounds (`rounds`) needs.
+    what pruning in rounds (`rounds`) needs. `offload` (an `offload.BlockStore`): where a layer-wise
+    run keeps the blocks between their turns (default: all on the device).
     """
     cfg = cfg or PruneConfig()
     plan = make_plan(model, cfg, targets, collective_for(model), resume=calib_state is not None)
@@ -59,7 +61,8 @@ def prune_(
     threads = cfg.threads or default_threads()
     torch.set_num_threads(threads)
     try:
-        inputs = RunInputs(batches, loss_fn, accelerator, return_masks, num_batches, calib_state, statistics)
+        inputs = RunInputs(batches, loss_fn, accelerator, return_masks, num_batches, calib_state, statistics,
+                           offload)  # fmt: skip
         result = EXECUTORS[plan.executor](model, plan, inputs)
     finally:
         torch.set_num_threads(before)

@@ -218,16 +218,22 @@ def capture_block_inputs(
     loss_fn: LossFn = causal_lm_loss,
     device: torch.device | None = None,
     store: torch.device | str | None = None,
+    stubbed: bool = False,
 ) -> BlockCalls:
     """Every block's call for every batch, moved to `store` (default: left where they come).
 
     `layers`: the decoder blocks in call order (one block: that block's calls only). The forward stops
     at the last block's call, or at the first one's where the blocks are known to be called alike.
+    `stubbed`: the blocks do not run (their weights are elsewhere, `offload`): each passes its hidden
+    states on, so every block's own inputs are still recorded; only block 0's hidden states are kept.
     """
     device = device or next(model.parameters()).device
     blocks = list(layers) if isinstance(layers, nn.ModuleList | list | tuple) else [layers]
     recorder = _Recorder(len(blocks))
     handles = [b.register_forward_pre_hook(recorder.hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    if stubbed:
+        for b in blocks:
+            b.forward = _pass_hidden
     calls = BlockCalls()
     config = getattr(model, "config", None)
     old_cache = getattr(config, "use_cache", None)
@@ -248,9 +254,16 @@ def capture_block_inputs(
     finally:
         for handle in handles:
             handle.remove()
+        if stubbed:
+            for b in blocks:
+                del b.forward  # the class's own forward again
         if old_cache is not None:
             config.use_cache = old_cache
     return calls
+
+
+def _pass_hidden(*args, **kwargs):
+    return hidden_states_of(args, kwargs)
 
 
 @torch.no_grad()

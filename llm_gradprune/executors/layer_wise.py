@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..calibration.loop import reduce_counters_, reduce_statistics_
 from ..calibration.stats import Statistics, make_statistics
 from ..errors import ConfigError
+from ..offload import BlockStore
 from ..plan import Plan, PruneResult, Record, RunInputs, Timer, build_report, prune_stage, resolve_budgets
 from ..status import set_stage
 from ..targets import block_list_prefix
@@ -139,7 +140,10 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     accelerator, loss_fn, return_masks = inputs.accelerator, inputs.loss_fn, inputs.return_masks
     cfg, coll = plan.cfg, plan.collective
     batches = _batches_on_every_rank(inputs.batches, plan)
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    store = inputs.offload
+    device = (store.device if store is not None else accelerator.device if accelerator is not None
+              else next(model.parameters()).device)  # fmt: skip
+    store = store or BlockStore(device)
     prefix, layers = _decoder_layers(model)
     per_layer = split_by_block(plan.targets, prefix, len(layers))
     weights = {t.key: t.weight.data for t in plan.targets.values()}
@@ -151,12 +155,12 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     timer.timings["calibration"] = counters["seconds"]
     with timer("budgets"):
         budgets, scope, allocation = resolve_budgets(plan, weights, whole)
+    store.release_all(model, prefix)  # the whole model was needed up to here; now one block at a time
 
     was_training = model.training
     model.eval()
     with timer("capture_inputs"):
-        store = torch.device("cpu") if cfg.offload_inputs else None
-        calls = capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=store)
+        calls = _capture(model, prefix, layers, batches, loss_fn, device, store, cfg.offload_inputs)
     if not counters["batches"]:
         _count_what_layers_read(counters, calls, batches, plan)
     pruning = _LayerPruning(
@@ -167,8 +171,13 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
         for index, layer in enumerate(tqdm(layers, desc="layer-wise pruning", unit="block",
                                            disable=not (cfg.progress and main))):  # fmt: skip
             set_stage(f"layer-wise pruning, block {index + 1} of {len(layers)}")
+            with timer("offload_fetch"):
+                store.fetch(index, layer)
+            weights.update({t.key: t.weight.data for t in per_layer[index].values()})
             calls.use_block(index)  # this block's own mask and rotary embeddings, the current hidden states
             pruning.prune_layer_(layer, per_layer[index], calls)
+            with timer("offload_release"):
+                store.release(index, layer)
     finally:
         model.train(was_training)
     del calls
@@ -177,3 +186,18 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     report = build_report(plan, record, counters, whole, timer.timings, device=device, allocation=allocation,
                           mode={"stages_per_block": pruning.stages_per_layer})  # fmt: skip
     return PruneResult(masks=record.masks if return_masks else None, report=report)
+
+
+def _capture(model, prefix: str, layers, batches, loss_fn, device, store: BlockStore, offload_inputs: bool):
+    """Every block's recorded inputs. Offloaded, only what runs before the blocks is brought in (the
+    blocks are stubbed), and the inputs are kept on the host."""
+    host = torch.device("cpu") if offload_inputs else None
+    if store.mode == "none":
+        return capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=host)
+    store.inputs_side(model, prefix, True)
+    try:
+        return capture_block_inputs(
+            model, layers, batches, loss_fn=loss_fn, device=device, store=host, stubbed=True
+        )
+    finally:
+        store.inputs_side(model, prefix, False)

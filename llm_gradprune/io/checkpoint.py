@@ -310,6 +310,7 @@ def save_pruned(
     max_shard_bytes: int = 5 * 10**9,
     state_dict: dict | None = None,
     model_id: str | None = None,
+    weights_writer=None,
 ) -> Path:
     """Write, verify and atomically install the checkpoint; returns its final path.
 
@@ -320,6 +321,8 @@ def save_pruned(
     `state_dict`: the full weights when the model itself holds only a shard (FSDP); default its own.
     `model_id`: what the card's loading snippet loads (the Hub repo the job pushes to; default the folder).
     A tensor holding NaN/inf is refused in one line (ConfigError) and nothing is installed.
+    `weights_writer(folder)`: writes the weights and config instead of `save_pretrained` (offload disk:
+    the pruned blocks were written while the run went on).
     """
 
     if report.get("per_tensor") and "stored_as" not in report:
@@ -327,7 +330,10 @@ def save_pruned(
     shown_settings, _ = split_local(settings)
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, max_shard_size=max_shard_bytes, state_dict=state_dict)
+        if weights_writer is not None:
+            weights_writer(tmp)
+        else:
+            model.save_pretrained(tmp, max_shard_size=max_shard_bytes, state_dict=state_dict)
         # Until it is verified the folder must not load: its config.json waits under another name.
         os.rename(tmp / "config.json", tmp / PENDING_CONFIG)
         if tokenizer is not None:

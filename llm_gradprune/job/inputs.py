@@ -22,8 +22,12 @@ def text_source(cfg: JobConfig, split: str | None = None, seed: int | None = Non
 
 
 def load(cfg: JobConfig, name: str | None = None):
-    """(model, tokenizer, path) of `name` (default the job's model) with the job's dtype and trust."""
-    return load_model(name or cfg.model, cfg.dtype, cfg.trust_remote_code)
+    """(model, tokenizer, path) of `name` (default the job's model) with the job's dtype and trust. The
+    job's own model under `offload: disk` is a skeleton unless whole-model statistics need its weights."""
+    from ..plan import needs_whole_model
+
+    weights = name is not None or cfg.offload != "disk" or needs_whole_model(cfg.prune)
+    return load_model(name or cfg.model, cfg.dtype, cfg.trust_remote_code, weights=weights)
 
 
 def check_context(model, seq_len: int, what: str = "seq_len") -> None:

@@ -67,6 +67,7 @@ class Job:
     train: tuple[list[torch.Tensor], str] | None = None
     saved_states: list[Any] = field(default_factory=list)  # cleared once the checkpoint is in place
     lock: Path | None = None  # the output lock (io/atomic.claim_output), on the main process
+    store: Any = None  # offload.BlockStore of a run with offload (disk: stages the pruned blocks)
 
     @property
     def main(self) -> bool:
@@ -100,6 +101,8 @@ def run_job(cfg: JobConfig, transform) -> dict[str, Any]:
     try:  # the output lock is held from the plan to the end, whatever ends the run (Ctrl-C too)
         return run_planned(job)
     finally:
+        if job.store is not None and hasattr(job.store, "cleanup"):
+            job.store.cleanup()  # offload disk's staged blocks: moved into the output, or dropped
         release_output(job.lock)
 
 
@@ -245,8 +248,10 @@ def finish(job: Job, report: dict[str, Any]) -> None:
         model = job.accelerator.unwrap_model(job.model)
         job.timings["before_save"] = time.perf_counter() - job.start
         try:
+            writer = job.store.write_weights if getattr(job.store, "mode", None) == "disk" else None
             save_pruned(model, job.tokenizer, report, job.out, settings=cfg.to_flat(),
-                        max_shard_bytes=cfg.max_shard_bytes, state_dict=state_dict, model_id=cfg.push_to_hub)  # fmt: skip
+                        max_shard_bytes=cfg.max_shard_bytes, state_dict=state_dict, model_id=cfg.push_to_hub,
+                        weights_writer=writer)  # fmt: skip
         except Exception as err:
             if space_error(err) is None:
                 raise

@@ -25,12 +25,13 @@ from ..io.calib_state import CalibState, check_state_dir, resolve_state_dir, run
 from ..io.checkpoint import read_report, tensor_shapes_of
 from ..io.hub import check_verifiable
 from ..parallel.fsdp import shard_model, uses_fsdp
+from ..plan import needs_whole_model
 from ..recovery.trainer import check_lora_targets
 from ..report import calibration_record
 from ..rounds import prune_in_rounds_
 from ..status import set_stage
 from ..support import SupportQuery, check_support
-from ..targets import check_views_supported, find_targets
+from ..targets import block_list_prefix, check_views_supported, find_targets
 from .inputs import calibration_samples, check_context, check_teacher, with_training_seq_len
 from .preflight import weight_bytes
 from .recovery import settings_identity
@@ -86,6 +87,11 @@ class Prune(Transform):
 
     def check(self, cfg: JobConfig, accelerator) -> bool:
         sharded = uses_fsdp(cfg.fsdp, accelerator)
+        if cfg.offload != "none" and accelerator.num_processes > 1:
+            raise ConfigError(
+                f"offload {cfg.offload!r} runs in one process for now, but this launch has {accelerator.num_processes}: "
+                "launch without --num_processes (or with 1)"
+            )
         check_support(
             SupportQuery(cfg.prune, processes=accelerator.num_processes, sharded=sharded, job=cfg.to_flat())
         )
@@ -97,6 +103,10 @@ class Prune(Transform):
                 "to resume, or without recover_save_state_every"
             )
         return sharded
+
+    def check_model(self, job) -> None:
+        super().check_model(job)
+        job.store = make_store(job.cfg, job)  # disk: every tensor must be in the files by name
 
     def check_outputs(self, cfg: JobConfig) -> None:
         # a saved calibration is never silently overwritten
@@ -120,6 +130,10 @@ class Prune(Transform):
 
         cfg, acc = job.cfg, job.accelerator
         job.device = torch.device(cfg.device) if cfg.device else acc.device
+        if cfg.offload != "none":
+            if needs_whole_model(cfg.prune):  # the whole-model statistics first, then one block at a time
+                job.model.to(job.device)
+            return
         if job.sharded:  # FSDP2: every rank holds some rows of every weight; see parallel/fsdp.py
             job.model = shard_model(job.model, acc, job.device)
         elif acc.distributed_type == DistributedType.NO and cfg.device is None:
@@ -150,11 +164,42 @@ class Prune(Transform):
             if state is not None:
                 job.saved_states.append(state)
             result = prune_(job.model, batches, cfg.prune, accelerator=job.accelerator, return_masks=False,
-                            num_batches=len(batches) if batches is not None else None, calib_state=state)  # fmt: skip
+                            num_batches=len(batches) if batches is not None else None, calib_state=state,
+                            offload=job.store)  # fmt: skip
         report = result.report
+        if cfg.offload != "none":
+            report["offload"] = offload_record(cfg.offload, job.device)
         job.timings.update(report.pop("timings_s"))
         report["calibration"].update(calibration_input(cfg, job.samples))
         return report
+
+
+def make_store(cfg: JobConfig, job):
+    """Where the layer-wise pass keeps the blocks (`offload`), checked before any text is read; disk: its
+    pruned blocks are staged beside the output folder and moved into it when the checkpoint is written."""
+    from ..io.atomic import make_partial_dir
+    from ..offload import BlockStore, DiskStore
+
+    if cfg.offload == "none":
+        return None
+    device = torch.device(cfg.device) if cfg.device else job.accelerator.device
+    if cfg.offload == "cpu":
+        return BlockStore(device, "cpu")
+    prefix = block_list_prefix(job.model)
+    store = DiskStore(device, resolve_model(cfg.model), None, getattr(torch, cfg.dtype), prefix,
+                      len(job.model.get_submodule(prefix)))  # fmt: skip
+    store.check(job.model)
+    store.staging = make_partial_dir(job.out)
+    return store
+
+
+def offload_record(mode: str, device) -> dict[str, Any]:
+    """The offload mode and the peaks it reached: host RSS and, on a GPU, device memory allocated."""
+    import resource
+
+    peak_device = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
+    return {"mode": mode, "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_device_bytes": peak_device}  # fmt: skip
 
 
 class Shrink(Transform):

@@ -1,0 +1,221 @@
+"""Where a layer-wise run keeps the decoder blocks' weights between their turns (`offload`).
+
+- `none`: the whole model is on the device; nothing moves.
+- `cpu`: the weights live in host memory. A block is moved to the device for its turn and moved back
+  after it; while the blocks' inputs are recorded, the modules outside the blocks that run before them
+  (the input embeddings) are on the device.
+- `disk`: the model is a skeleton whose parameters are on the meta device (buffers, such as rotary
+  frequencies, are real). A block's tensors are read from the model's safetensors files for its turn,
+  cast to the run's dtype exactly as `from_pretrained` casts them; after its turn the pruned block is
+  written to the output's staging folder as one shard and its weights are dropped again. The tensors
+  outside the blocks are read only while needed (the input embeddings while the inputs are recorded)
+  and copied file to file into the output at the end. So at most one block is in memory, plus the
+  recorded hidden states.
+
+Statistics that need the whole model (gradients, a global budget) are taken on the whole model before
+the blocks are released (`release_all`): the plan says so; the layer-wise pass then streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+OFFLOADS = ("none", "cpu", "disk")
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: file} of a safetensors model folder, from the index or the headers."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            out.update({k: path for k in fh.keys()})
+    return out
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """The output head's weight where the config ties it to the input embeddings (saved once, as those)."""
+    head = model.get_output_embeddings()
+    if head is None or not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {f"{n}.weight" for n, m in model.named_modules() if m is head}
+
+
+class BlockStore:
+    """The weights' home between block turns (mode `none` or `cpu`): `fetch` before a block's turn,
+    `release` after it, `inputs_side` around the recording of the blocks' inputs."""
+
+    def __init__(self, device: torch.device, mode: str = "none"):
+        self.device = torch.device(device)
+        self.host = torch.device("cpu")
+        self.mode = mode
+
+    def outside(self, model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+        """The modules outside the block list that own parameters, but the output head (not run before
+        the blocks): the input embeddings, a final norm."""
+        head = model.get_output_embeddings()
+        out = []
+        for name, module in model.named_modules():
+            if name == prefix or name.startswith(prefix + ".") or module is head:
+                continue
+            if any(True for _ in module.parameters(recurse=False)):
+                out.append((name, module))
+        return out
+
+    def inputs_side(self, model: nn.Module, prefix: str, on: bool) -> None:
+        if self.mode == "none":
+            return
+        for _, module in self.outside(model, prefix):
+            module.to(self.device if on else self.host)
+
+    def fetch(self, index: int, block: nn.Module) -> None:
+        if self.mode == "cpu":
+            block.to(self.device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        if self.mode == "cpu":
+            block.to(self.host)
+
+    def release_all(self, model: nn.Module, prefix: str) -> None:
+        """After the whole-model statistics: every block back home (cpu: host memory)."""
+        if self.mode == "cpu":
+            for block in model.get_submodule(prefix):
+                block.to(self.host)
+
+
+class DiskStore(BlockStore):
+    """Blocks read from the model's safetensors files and written, pruned, to `staging` one by one."""
+
+    def __init__(self, device: torch.device, source: str | Path, staging: Path | None, dtype: torch.dtype,
+                 prefix: str, n_blocks: int):  # fmt: skip
+        super().__init__(device, "disk")
+        self.source = Path(source)
+        self.staging = staging
+        self.dtype = dtype
+        self.prefix = prefix
+        self.files = _tensor_files(self.source)
+        self.n_shards = n_blocks + 1
+        self.written: dict[str, str] = {}  # tensor -> shard file name
+
+    def shard_name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def check(self, model: nn.Module) -> None:
+        """Every tensor the model holds must be in the files under its own name (a checkpoint that
+        transformers converts on load, e.g. Mixtral's per-expert tensors into fused stacks, is not)."""
+        self.model = model
+        for name in model.state_dict():
+            if name not in self.files and name not in _tied_names(model):
+                raise ConfigError(
+                    f"offload 'disk' reads each block's tensors by name, but {self.source.name} holds no {name} "
+                    "(the model converts its checkpoint on load): use --offload cpu"
+                )
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for k in keys:
+                    t = fh.get_tensor(k)
+                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def _load(self, module: nn.Module, name: str, device: torch.device) -> None:
+        local = module.state_dict(keep_vars=True)
+        tensors = self._read([f"{name}.{k}" for k in local])
+        state = {k: tensors[f"{name}.{k}"].to(device) for k in local}
+        module.load_state_dict(state, strict=True, assign=True)
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+    def inputs_side(self, model: nn.Module, prefix: str, on: bool) -> None:
+        for name, module in self.outside(model, prefix):
+            if on:
+                self._load_own(module, name)
+            else:
+                module.to("meta")
+
+    def _load_own(self, module: nn.Module, name: str) -> None:
+        """A module's own parameters (not its children's) from the files."""
+        own = [k for k, _ in module.named_parameters(recurse=False)]
+        tensors = self._read([f"{name}.{k}" if name else k for k in own])
+        for k in own:
+            t = tensors[f"{name}.{k}" if name else k].to(self.device)
+            setattr(module, k, nn.Parameter(t, requires_grad=False))
+
+    def fetch(self, index: int, block: nn.Module) -> None:
+        self._load(block, f"{self.prefix}.{index}", self.device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Write the pruned block as its own shard, then drop its weights."""
+        from safetensors.torch import save_file
+
+        name = f"{self.prefix}.{index}"
+        state = {f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        file = self.shard_name(index)
+        save_file(state, str(self.staging / file), metadata={"format": "pt"})
+        self.written.update({k: file for k in state})
+        block.to("meta")
+
+    def release_all(self, model: nn.Module, prefix: str) -> None:
+        """Drop every weight (after whole-model statistics, or on a freshly loaded model)."""
+        for module in model.modules():
+            for k, p in list(module.named_parameters(recurse=False)):
+                if not p.is_meta:
+                    setattr(module, k, nn.Parameter(p.to("meta"), requires_grad=False))
+
+    def finish(self, model: nn.Module) -> None:
+        """Copy the tensors outside the blocks file to file into the last shard, and write the index."""
+        from safetensors.torch import save_file
+
+        rest = [n for n in model.state_dict() if n not in self.written and n in self.files]
+        file = self.shard_name(self.n_shards - 1)
+        save_file({k: v.contiguous() for k, v in self._read(rest).items()}, str(self.staging / file),
+                  metadata={"format": "pt"})  # fmt: skip
+        self.written.update({k: file for k in rest})
+
+    def write_weights(self, folder: Path) -> None:
+        """The staged shards, the tensors outside the blocks, the index and the config into `folder` (the
+        checkpoint being written): what `save_pretrained` would have written for the pruned model."""
+        model = self.model
+        self.finish(model)
+        for file in sorted(set(self.written.values())):
+            os.replace(self.staging / file, folder / file)
+        total = sum((folder / f).stat().st_size for f in set(self.written.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.written.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        model.config.save_pretrained(folder)
+        if (self.source / "generation_config.json").is_file():
+            shutil.copyfile(self.source / "generation_config.json", folder / "generation_config.json")
+
+    def cleanup(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def skeleton(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of a folder with every parameter on the meta device (its buffers real): nothing read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()

@@ -1,0 +1,132 @@
+"""`--offload cpu|disk` (issue 25): the layer-wise pass with one block at a time in memory.
+
+Masks and weights are identical to the in-memory run for sparsegpt, lsq, true_sequential and a gradient
+recipe (whole-model statistics, then the streamed pass); offload disk reads no whole model when no
+whole-model statistic is needed, writes the pruned blocks as they finish, and refuses in one line what
+it cannot do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_gradprune import commands as cli
+
+from .tiny_folder import make_model_folder, make_text_file
+
+pytestmark = pytest.mark.slow
+
+RUNS = {
+    "sparsegpt": ["--criterion", "sparsegpt"],
+    "sparsegpt-2:4": ["--criterion", "sparsegpt", "--pattern", "2:4"],
+    "wanda-lsq": ["--criterion", "wanda", "--reconstruct", "lsq"],
+    "true-sequential": ["--criterion", "sparsegpt", "--true-sequential"],
+    "fisher-global-lsq": ["--criterion", "fisher", "--scope", "global", "--reconstruct", "lsq", "--allow-empty-tensors"],
+    "sparsegpt-owl": ["--criterion", "sparsegpt", "--allocation", "owl"],
+}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("offload")
+    return root, make_model_folder(root / "model"), make_text_file(root / "t.txt")
+
+
+def _prune(assets, out: str, *extra: str) -> Path:
+    root, model, text = assets
+    argv = ["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "8", "--seq-len", "32",
+            "--output-dir", str(root / out), "--no-progress", *extra]  # fmt: skip
+    assert cli.main(argv) == 0
+    return root / out
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_offload_gives_the_in_memory_weights(assets, run):
+    ref = _tensors(_prune(assets, f"{run}-none", *RUNS[run]))
+    for mode in ("cpu", "disk"):
+        out = _prune(assets, f"{run}-{mode}", *RUNS[run], "--offload", mode)
+        got = _tensors(out)
+        assert sorted(got) == sorted(ref), mode
+        for name, t in ref.items():
+            assert torch.equal(got[name], t), (mode, name)
+        report = json.loads((out / "pruning_report.json").read_text())
+        assert report["offload"]["mode"] == mode and report["offload"]["peak_host_bytes"] > 0
+    assert not list(assets[0].glob(".*partial*"))  # the staged blocks went into the output
+
+
+def test_disk_reads_no_whole_model_and_writes_a_shard_per_block(assets, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*a, **k):
+        raise AssertionError("offload disk loaded the whole model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    out = _prune(assets, "disk-only", "--criterion", "sparsegpt", "--offload", "disk")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["model.layers.0.self_attn.q_proj.weight"] == "model-00001-of-00003.safetensors"
+    assert index["model.layers.1.mlp.down_proj.weight"] == "model-00002-of-00003.safetensors"
+    assert index["model.embed_tokens.weight"] == "model-00003-of-00003.safetensors"
+    monkeypatch.undo()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    w = loaded.model.layers[1].mlp.down_proj.weight
+    assert abs(float((w == 0).float().mean()) - 0.5) < 0.01
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--criterion", "fisher"], r"offload 'cpu' applies to layer-wise runs .*not to criterion 'fisher'"),
+        (
+            ["--criterion", "sparsegpt", "--eval"],
+            r"eval with offload 'cpu' is not supported: eval scores perplexity",
+        ),
+        (
+            ["--criterion", "sparsegpt", "--recover-steps", "2"],
+            r"recover_steps trains the whole model at once",
+        ),
+        (
+            ["--criterion", "sparsegpt", "--structure", "channels"],
+            r"offload 'cpu' is not available with structure",
+        ),
+    ],
+)
+def test_what_offload_cannot_do_is_refused_in_one_line(assets, extra, message, capsys):
+    root, model, text = assets
+    argv = ["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "8", "--seq-len", "32",
+            "--output-dir", str(root / "refused"), "--offload", "cpu", *extra]  # fmt: skip
+    if "--structure" in extra:
+        argv.remove("--criterion")
+        argv.remove("sparsegpt")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    import re
+
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (root / "refused").exists()
+
+
+def test_disk_refuses_a_checkpoint_converted_on_load(tmp_path, capsys):
+    from .families import BY_NAME
+    from .tiny_folder import make_tokenizer
+
+    BY_NAME["mixtral"].build().save_pretrained(tmp_path / "moe")
+    make_tokenizer().save_pretrained(tmp_path / "moe")
+    text = make_text_file(tmp_path / "t.txt")
+    argv = ["prune", "--model", str(tmp_path / "moe"), "--dataset", str(text), "--num-samples", "8", "--seq-len",
+            "32", "--criterion", "sparsegpt", "--offload", "disk", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "offload 'disk' reads each block's tensors by name" in err and "use --offload cpu" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
