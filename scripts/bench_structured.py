@@ -14,9 +14,18 @@ tokens (greedy, KV cache) after a 16-token prompt. The TinyLlama-shape model is 
 means nothing): it is shrunk with magnitude (channels, heads), block_influence (layers) or fisher on two
 random 128-token blocks (mixed), without refit, which does not change the shape.
 
+Family shapes (issue 24): `speed --family NAME... | all` scales the configs of tests/families.py (llama,
+qwen3, gemma3, phi3, mixtral, qwen2_moe, qwen3_moe) to `--hidden` (heads 64 wide, 4 query heads per KV
+head, MLP 2.75x hidden, a routed expert half that, a shared expert the full width), `--layers` and
+`--experts` (top-2), vocab 32000, random weights. Each is shrunk without calibration (magnitude, no
+compensation): channels to 0.75 of the decoder parameters, then half the query heads (dense) or half
+the experts (MoE), and timed against its dense model as above, every family in one process; the rows
+go under `family_speed` (a run with other settings replaces them).
+
     nice -n 10 python scripts/bench_structured.py quality            # rows accumulate in docs/bench_structured.json
     nice -n 10 python scripts/bench_structured.py speed --model smollm2
     nice -n 10 python scripts/bench_structured.py speed --model tinyllama [--layers 22]
+    nice -n 10 python scripts/bench_structured.py speed --family all --new-tokens 32 --reps 3 --threads 1
     python scripts/bench_structured.py report                        # the tables from the JSON
 
 Recovery training is not part of this benchmark yet: `--recover MODULE:FUNCTION` applies
@@ -29,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -109,12 +120,12 @@ def key(spec: dict) -> str:
 
 
 def load_json(args) -> dict:
-    return result_of(JSON, args.key, default={})
+    return result_of(args.json, args.key, default={})
 
 
 def save_json(args, results: dict) -> None:
     """Every part (quality, speed per model) accumulates under one key, its command line kept with it."""
-    record(JSON, args.key, [command_line()], results, append=True)
+    record(args.json, args.key, [command_line()], results, append=True)
 
 
 def file_bytes(model, tokenizer=None) -> int:
@@ -279,7 +290,7 @@ def speed(args) -> None:
         batches = proto.batches()
         del proto.calib
     else:
-        dense, tok, vocab, stats = tinyllama(args.layers), None, 32000, None
+        dense, tok, vocab, stats = tinyllama(args.layers or 22), None, 32000, None
         batches = list(torch.randint(0, vocab, (2, 1, 128), generator=torch.Generator().manual_seed(0)))
     for p in dense.parameters():
         p.requires_grad_(False)
@@ -301,7 +312,7 @@ def speed(args) -> None:
         )
         for p in pruned.parameters():
             p.requires_grad_(False)
-        m = measure(dense, pruned, args.reps, vocab)
+        m = measure(dense, pruned, args.reps, vocab, args.seq, args.new_tokens)
         s[k] = {**spec, **m, "shape": report["shape_after"], "decoder_kept": report["decoder_kept"],
                 "params_total": report["params_after"]["total"], "file_bytes": file_bytes(pruned, tok)}  # fmt: skip
         print(
@@ -311,6 +322,127 @@ def speed(args) -> None:
         save_json(args, results)
         del pruned
         gc.collect()
+
+
+# -- speed across family shapes ---------------------------------------------------------------
+# the families of tests/families.py timed here, by the name the table uses (llama: the untied one)
+FAMILY_SHAPES = {"llama": "llama_untied", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3",
+                 "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}  # fmt: skip
+FAMILY_VOCAB = 32000
+HEAD_DIM = 64
+FAMILY_LAYERS = 6
+
+
+def families_module():
+    """tests/families.py, loaded by its path: a script run by path has only scripts/ on its import path."""
+    spec = importlib.util.spec_from_file_location("bench_structured_families", ROOT / "tests" / "families.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building Family
+    spec.loader.exec_module(module)
+    return module
+
+
+def scaled_config(config: dict, hidden: int, layers: int, experts: int) -> dict:
+    """A tiny family config of tests/families.py at a benchmark size: the same keys, every size scaled.
+
+    The dense MLP is 2.75x hidden (Llama's ratio), a routed expert half that and a shared expert the full
+    width; heads are 64 wide with 4 query heads per KV head. `layer_types` goes, so the config derives
+    its own layer pattern for `layers` (Gemma3: five sliding layers to one full)."""
+    inter = hidden * 11 // 4
+    heads = hidden // HEAD_DIM
+    moe = "num_experts" in config or "num_local_experts" in config
+    out = {k: v for k, v in config.items() if k not in ("layer_types", "no_rope_layers")}
+    out |= {"vocab_size": FAMILY_VOCAB, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4),
+            "max_position_embeddings": 4096,
+            # Mixtral's experts read intermediate_size; the Qwen MoEs have a key of their own for them
+            "intermediate_size": inter // 2 if moe and "moe_intermediate_size" not in config else inter}  # fmt: skip
+    sized = {"head_dim": HEAD_DIM, "query_pre_attn_scalar": HEAD_DIM, "sliding_window": 512,
+             "num_experts": experts, "num_local_experts": experts, "moe_intermediate_size": inter // 2,
+             "shared_expert_intermediate_size": inter}  # fmt: skip
+    return out | {k: v for k, v in sized.items() if k in config}
+
+
+def family_specs(moe: bool) -> list[dict]:
+    """No calibration: magnitude importance, no compensation (random weights: speed is all that counts)."""
+    second = (
+        {"structure": "experts", "keep_experts": 0.5} if moe else {"structure": "heads", "keep_heads": 0.5}
+    )
+    base = {"importance": "magnitude", "compensate": "none"}
+    return [{"structure": "channels", "target_params": 0.75, **base}, {**second, **base}]
+
+
+def shape_text(shape: dict) -> str:
+    """`L8 h16/4 I2816 E8`: layers, query/KV heads, each MLP width, routed experts."""
+    short = {"intermediate_size": "I", "moe_intermediate_size": "moeI", "shared_expert_intermediate_size": "shI",
+             "num_experts": "E", "num_local_experts": "E"}  # fmt: skip
+    skip = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    rest = " ".join(f"{short.get(k, k)}{v}" for k, v in shape.items() if k not in skip)
+    return (
+        f"L{shape['num_hidden_layers']} h{shape['num_attention_heads']}/{shape['num_key_value_heads']} {rest}"
+    )
+
+
+def family_setup(dense) -> dict:
+    units = find_units(dense)
+    return {"config": {k: v for k, v in dense.config.to_diff_dict().items() if not isinstance(v, dict)},
+            "shape": units.shape.to_dict(), "dense_params_total": sum(p.numel() for p in dense.parameters()),
+            "dense_params_decoder": units.decoder_params()}  # fmt: skip
+
+
+def speed_families(args) -> None:
+    """Each family shape dense and shrunk, alternating, every family in this one process."""
+    families = families_module().BY_NAME
+    names = list(FAMILY_SHAPES) if "all" in args.family else args.family
+    results = load_json(args)
+    setup = {"hidden": args.hidden, "layers": args.layers or FAMILY_LAYERS, "experts": args.experts,
+             "vocab": FAMILY_VOCAB, "seq": args.seq, "new_tokens": args.new_tokens, "reps": args.reps,
+             "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}  # fmt: skip
+    if results.get("family_speed", {}).get("setup") != setup:  # one table, one run's settings
+        results["family_speed"] = {"setup": setup}
+    fs = results["family_speed"]
+    print(FAMILY_HEADER, flush=True)
+    for name in names:
+        fam = families[FAMILY_SHAPES[name]]
+        config = scaled_config(fam.config, args.hidden, args.layers or FAMILY_LAYERS, args.experts)
+        dense = dataclasses.replace(fam, config=config).build()
+        for p in dense.parameters():
+            p.requires_grad_(False)
+        entry = fs.setdefault(name, {})
+        entry["setup"] = family_setup(dense)
+        for spec in family_specs(find_units(dense).shape.experts > 0):
+            k = key(spec)
+            pruned = copy.deepcopy(dense)
+            try:
+                report = shrink_(pruned, None, StructureConfig(**spec), progress=False)
+            except Exception as e:  # a family the structured path refuses or breaks on is a finding
+                entry[k] = {**spec, "error": f"{type(e).__name__}: {e}"}
+                print(f"{name:9s} {k:70s} FAILED {entry[k]['error']}", flush=True)
+                save_json(args, results)
+                continue
+            for p in pruned.parameters():
+                p.requires_grad_(False)
+            m = measure(dense, pruned, args.reps, FAMILY_VOCAB, args.seq, args.new_tokens)
+            entry[k] = {**spec, **m, "shape": report["shape_after"], "decoder_kept": report["decoder_kept"],
+                        "params_total": report["params_after"]["total"]}  # fmt: skip
+            print(family_line(name, entry["setup"], entry[k]), flush=True)
+            save_json(args, results)
+            del pruned
+            gc.collect()
+        del dense
+        gc.collect()
+
+
+FAMILY_HEADER = (f"{'family':9s} {'remove':8s} {'kept':>5s} {'dense shape':28s}    {'shrunk shape':28s} "
+                 f"{'prefill':>7s} {'shrunk':>7s} {'x':>6s} {'decode':>6s} {'shrunk':>6s} {'x':>6s}")  # fmt: skip
+
+
+def family_line(name: str, setup: dict, r: dict) -> str:
+    return (f"{name:9s} {r['structure']:8s} {r['decoder_kept']:5.3f} {shape_text(setup['shape']):28s} -> "
+            f"{shape_text(r['shape']):28s} {r['dense_prefill_tps']:7.1f} {r['pruned_prefill_tps']:7.1f} "
+            f"{r['prefill_speedup']:6.3f} {r['dense_decode_tps']:6.2f} {r['pruned_decode_tps']:6.2f} "
+            f"{r['decode_speedup']:6.3f}")  # fmt: skip
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -332,6 +464,7 @@ def report(args) -> None:
         print(f"{r['structure']:9s} {r['importance']:16s} {str(r['importance_form'] or '-'):8s} {r['decoder_kept']:5.3f} "
               f"{refit:10s} {str(r.get('mean_bias', False))[:5]:5s} {shape:17s} {r['params_total'] / 1e6:7.1f} "
               f"{r['file_bytes'] / 1e6:6.0f} {r['ppl']:9.2f} {r['ppl'] / dense['ppl']:7.2f}")  # fmt: skip
+    family_report(results.get("family_speed", {}))
     for name, s in results.get("speed", {}).items():
         setup = s.get("setup", {})
         print(
@@ -350,6 +483,26 @@ def report(args) -> None:
                   f"{r['decode_speedup']:6.3f}")  # fmt: skip
 
 
+def family_report(fs: dict) -> None:
+    if not fs:
+        return
+    setup = fs["setup"]
+    print(f"\nspeed across family shapes: hidden {setup['hidden']}, {setup['layers']} layers, {setup['experts']} "
+          f"experts, prefill {setup['seq']} tokens, decode {setup['new_tokens']} tokens, best of {setup['reps']}")  # fmt: skip
+    print(FAMILY_HEADER)
+    for name, entry in fs.items():
+        if name == "setup":
+            continue
+        for k, r in entry.items():
+            if k == "setup":
+                continue
+            print(
+                family_line(name, entry["setup"], r)
+                if "error" not in r
+                else f"{name:9s} {k} FAILED {r['error']}"
+            )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("part", choices=["quality", "speed", "report"])
@@ -357,11 +510,27 @@ def main(argv=None) -> int:
         "--rows", nargs="+", default=["main", "ablation", "sweep"], choices=["main", "ablation", "sweep"]
     )
     ap.add_argument("--model", choices=["smollm2", "tinyllama"], default="smollm2")
-    ap.add_argument("--layers", type=int, default=22, help="TinyLlama-shape layers (22 = the real shape)")
+    ap.add_argument("--family", nargs="+", choices=[*FAMILY_SHAPES, "all"], default=None,
+                    help="speed: time these family shapes (random, --hidden/--layers/--experts) instead of --model")  # fmt: skip
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="layers of the random model (TinyLlama: 22, family shapes: 6)",
+    )
+    ap.add_argument("--hidden", type=int, default=1024, help="family shapes: hidden size (heads are 64 wide)")
+    ap.add_argument(
+        "--experts", type=int, default=8, help="family shapes: routed experts per MoE layer (top-2)"
+    )
+    ap.add_argument("--seq", type=int, default=512, help="speed: tokens of the timed prefill forward")
+    ap.add_argument("--new-tokens", type=int, default=128, help="speed: tokens generated in the timed decode")
     ap.add_argument("--reps", type=int, default=5, help="timed repeats per model (best is kept)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     ap.add_argument("--key", default="main", help="key of docs/bench_structured.json the results go under")
+    ap.add_argument(
+        "--json", type=Path, default=JSON, help="the results file (default docs/bench_structured.json)"
+    )
     ap.add_argument(
         "--recover", default=None, help="MODULE:FUNCTION(model, tokenizer, train_blocks) run before eval"
     )
@@ -369,7 +538,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
-    {"quality": quality, "speed": speed, "report": report}[args.part](args)
+    {"quality": quality, "speed": speed_families if args.family else speed, "report": report}[args.part](args)
     return 0
 
 

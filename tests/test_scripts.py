@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -134,3 +135,21 @@ def test_every_imported_name_exists(path):
             missing = [a.name for a in node.names if not hasattr(module, a.name)]
             missing = [n for n in missing if importlib.util.find_spec(f"{node.module}.{n}") is None]
             assert not missing, (path.name, node.module, missing)
+
+
+@pytest.mark.slow
+def test_bench_structured_family_speed_runs_on_toy_shapes(tmp_path):
+    """The family speed path end to end at toy sizes (nothing is timed seriously): it loads tests/families.py
+    by its path, shrinks a dense and an MoE family both ways and records every row without an error."""
+    out = tmp_path / "bench.json"
+    args = ["speed", "--family", "llama", "qwen2_moe", "--hidden", "128", "--layers", "2", "--experts", "4",
+            "--reps", "1", "--seq", "16", "--new-tokens", "2", "--threads", "1", "--json", str(out), "--key", "smoke"]  # fmt: skip
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_structured.py"), *args], capture_output=True,
+                          text=True, cwd="/", timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())["smoke"]["result"]["family_speed"]
+    for name, second in (("llama", "heads"), ("qwen2_moe", "experts")):
+        rows = [r for k, r in result[name].items() if k != "setup"]
+        assert [r.get("error") for r in rows] == [None, None], rows
+        assert [r["structure"] for r in rows] == ["channels", second]
+        assert all(0 < r["decoder_kept"] < 1 and r["pruned_decode_tps"] > 0 for r in rows)
