@@ -1,145 +1,69 @@
-"""Memory model of gradient calibration: bytes per parameter and per token, and what they predict.
+"""The memory model (llm_gradprune/memory.py, docs/MEMORY.md) as tables: gradient calibration, recovery
+training, and the peak host and device memory of a layer-wise run per offload mode.
 
-    python scripts/memory_model.py [--measured docs/bench_calibration.json [--key fisher_5x256]]
+    python scripts/memory_model.py [--out memory.json] [--record docs/bench_memory.json]
+    python scripts/memory_model.py --measured docs/bench_calibration.json [--key fisher_5x256]
 
-Terms (P = all parameters, T = target parameters, b = bytes of the model dtype, s = statistics the
-criterion reads: fisher/taylor/gradient 1, gblm/blend 1 + per-channel activation sums, magnitude 0):
+Calibration terms (P = all parameters, T = target parameters, b = bytes of the model dtype, s =
+statistics the criterion reads: fisher/taylor/gradient 1, gblm/blend 1 + per-channel activation sums):
 
     model           b * P
     statistics      4 * s * T                       (fp32; on the host with stats_device=cpu)
     gradients       naive loop: b * T (every .grad kept); ours: b * largest target tensor (one in flight)
-                    (+ 4 * T for grad_accum > 1; + 2 pinned host buffers of the largest tensor for cpu stats)
-    activations     b * tokens * layers * (8h + 2kv + 4i + 2 * heads * seq_if_math_attention)
+    activations     b * tokens * layers * (8h + 2kv + 4i + 2 * heads * seq_if_math_attention) for a Llama
                     + 12 * tokens * vocab (fp32 logits, log-softmax and its gradient)
                     with gradient checkpointing: b * tokens * layers * h + one layer's full activations
 
-The activation count follows the tensors autograd saves in a Llama layer: the layer input and the
-two norm outputs, q, the two kv projections and their GQA-repeated copies, the attention output, the
-second norm's input, gate/SiLU/up/product of the MLP, and with the plain ("math") attention used on a
-CPU the attention scores and probabilities (flash attention on a GPU keeps none).
+The offload table: bf16 weights, sparsegpt layer-wise (no whole-model statistics), 128 x 2048
+calibration tokens, one process; the phases and terms of each peak are in docs/MEMORY.md.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 
-from benchjson import result_of
+from benchjson import result_of, save
 
-GB = 1e9
-
-
-@dataclass
-class Shape:
-    name: str
-    layers: int
-    hidden: int
-    inter: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool
-
-    @property
-    def kv(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
-
-    @property
-    def layer_targets(self) -> int:
-        h, kv, i = self.hidden, self.kv, self.inter
-        return 2 * h * h + 2 * h * kv + 3 * h * i
-
-    @property
-    def targets(self) -> int:
-        return self.layers * self.layer_targets
-
-    @property
-    def params(self) -> int:
-        emb = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.targets + emb + (2 * self.layers + 1) * self.hidden
-
-    @property
-    def largest(self) -> int:
-        return self.hidden * self.inter
-
-
-SHAPES = {
-    "smollm2-135m": Shape("SmolLM2-135M", 30, 576, 1536, 9, 3, 49152, True),
-    "tinyllama-4l": Shape("TinyLlama-1.1B shape, 4 layers", 4, 2048, 5632, 32, 4, 32000, False),
-    "tinyllama-1.1b": Shape("TinyLlama-1.1B shape", 22, 2048, 5632, 32, 4, 32000, False),
-    "llama2-7b": Shape("Llama-2-7B", 32, 4096, 11008, 32, 32, 32000, False),
-    "llama2-70b": Shape("Llama-2-70B", 80, 8192, 28672, 64, 8, 32000, False),
-}
-
-
-def predict(
-    s: Shape, *, b: int, tokens: int, seq: int, variant: str = "ours", stats: int = 1,
-    math_attention: bool = False, checkpointing: bool = False, stats_on_host: bool = False,
-    shards: int = 1,
-) -> dict[str, float]:  # fmt: skip
-    """Bytes on one device (and on the host) for calibration; `shards` = FSDP ranks sharing P and T."""
-    per_tok_layer = 8 * s.hidden + 2 * s.kv + 4 * s.inter + (2 * s.heads * seq if math_attention else 0)
-    if checkpointing:
-        acts = b * tokens * (s.layers * s.hidden + per_tok_layer)
-    else:
-        acts = b * tokens * s.layers * per_tok_layer
-    acts += 12 * tokens * s.vocab
-    out = {"model": b * s.params / shards, "activations": acts}
-    if variant == "naive":
-        out["gradients"] = b * s.targets / shards
-        out["statistics"] = 0.0
-    else:
-        out["gradients"] = b * s.largest
-        out["statistics"] = 0.0 if stats_on_host else 4 * stats * s.targets / shards
-    if shards > 1:  # FSDP gathers one layer (and prefetches the next) in full
-        out["gathered_layers"] = 2 * b * s.layer_targets
-    out["device_total"] = sum(out.values())
-    out["host_statistics"] = 4 * stats * s.targets / shards if stats_on_host else 0.0
-    return out
-
-
-def predict_recovery(
-    s: Shape, *, b: int, tokens: int, seq: int, lora_r: int = 0, checkpointing: bool = False,
-    teacher_on_device: bool = False,
-) -> dict[str, float]:  # fmt: skip
-    """Bytes on one device for masked recovery training (recovery/trainer.py).
-
-    Full: the target weights train, so their gradients (b T) and AdamW's two moments join the model;
-    below fp32 (b < 4) the optimizer steps fp32 master copies (4 T) with fp32 moments (8 T) and fp32
-    gradients (4 T; each b-byte gradient is freed as it is copied), else the moments are 2 b T; LoRA rank r: only the adapters train (r (in + out) per target:
-    r (9h + 2kv + 3i) per layer), the frozen base weights form no gradient. Both keep the pruned masks
-    (one bool byte per target weight) and the same activations as calibration; distillation adds the
-    teacher (b P) unless it sits on the host (`teacher_device: cpu`)."""
-    acts = predict(s, b=b, tokens=tokens, seq=seq, checkpointing=checkpointing)["activations"]
-    out = {"model": b * s.params, "masks": 1.0 * s.targets, "activations": acts}
-    if lora_r:
-        adapters = lora_r * s.layers * (9 * s.hidden + 2 * s.kv + 3 * s.inter)
-        out["adapters+grads+adamw"] = 4 * b * adapters
-    else:
-        out["gradients"] = max(b, 4) * s.targets
-        if b < 4:
-            out["fp32 masters"] = 4.0 * s.targets
-            out["adamw"] = 8.0 * s.targets
-        else:
-            out["adamw"] = 2 * b * s.targets
-    if teacher_on_device:
-        out["teacher"] = b * s.params
-    out["device_total"] = sum(out.values())
-    return out
+from llm_gradprune.memory import BIG, GB, OFFLOADS, SHAPES, RunSettings, calibration_terms, recovery_terms
+from llm_gradprune.memory import predict as predict_peaks
 
 
 def fmt(d: dict[str, float]) -> str:
     return ", ".join(f"{k} {v / GB:.2f}" for k, v in d.items())
 
 
+OFFLOAD_RUN = RunSettings(dtype_bytes=2, samples=128, seq_len=2048)  # sparsegpt layer-wise, bf16, 1 GPU
+
+
+def offload_table() -> dict:
+    """Peak host and device GB per offload mode of the five large shapes; printed as docs/MEMORY.md's table."""
+    print(
+        "\nLayer-wise sparsegpt, bf16, 128 x 2048 tokens, 1 process: peak GB per offload mode (host / device)"
+    )
+    print("| model | parameters | " + " | ".join(f"{m}: host | {m}: device" for m in OFFLOADS) + " |")
+    print("|---|---|" + "---|---|" * len(OFFLOADS))
+    rows = {}
+    for key in BIG:
+        s = SHAPES[key]
+        peaks = {m: predict_peaks(s, OFFLOAD_RUN, m) for m in OFFLOADS}
+        rows[key] = {"name": s.name, "params": s.params, "targets": s.targets,
+                     **{m: {"host_gb": p.host / GB, "device_gb": p.device / GB, "host_terms": p.host_terms,
+                            "device_terms": p.device_terms} for m, p in peaks.items()}}  # fmt: skip
+        cells = " | ".join(f"{p.host / GB:.1f} | {p.device / GB:.1f}" for p in peaks.values())
+        print(f"| {s.name} | {s.params / 1e9:.1f} B | {cells} |")
+    return {"settings": vars(OFFLOAD_RUN), "offload": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measured", default=None, help="docs/bench_calibration.json to compare with")
     ap.add_argument("--key", default="fisher_5x256", help="the --measured record's key (a 5-block run)")
+    ap.add_argument("--out", default=None, help="write the offload table's numbers to this JSON file")
+    ap.add_argument("--record", default=None, help="with --out: merge them into this record (key offload)")
     args = ap.parse_args()
     for key, s in SHAPES.items():
         print(f"{s.name}: P = {s.params / 1e9:.3f} B, T = {s.targets / 1e9:.3f} B, largest target "
-              f"{s.largest / 1e6:.1f} M ({key})")  # fmt: skip
+              f"{s.largest_matrix / 1e6:.1f} M ({key})")  # fmt: skip
     print("\nPredictions in GB (b = bytes per weight; one gradient statistic, e.g. fisher):")
     cases = [
         ("Llama-2-7B bf16, 1x2048, 1 GPU, naive", "llama2-7b", dict(b=2, tokens=2048, seq=2048, variant="naive")),
@@ -154,7 +78,7 @@ def main() -> None:
         ("Llama-2-70B bf16, 1x2048/rank, 8 GPUs FSDP, naive + ckpt", "llama2-70b", dict(b=2, tokens=2048, seq=2048, checkpointing=True, shards=8, variant="naive")),
     ]  # fmt: skip
     for label, key, kw in cases:
-        p = predict(SHAPES[key], **kw)
+        p = calibration_terms(SHAPES[key], **kw)
         fits = "fits" if p["device_total"] < 80 * GB * 0.95 else "DOES NOT FIT"
         print(f"- {label}: {fmt(p)} -> {fits} in 80 GB")
     print("\nRecovery training, GB on one device (Llama-2-7B, 1x2048 tokens per micro-batch):")
@@ -166,11 +90,14 @@ def main() -> None:
         ("LoRA r 16, fp32, checkpointing", dict(b=4, lora_r=16, checkpointing=True)),
     ]  # fmt: skip
     for label, kw in rec_cases:
-        p = predict_recovery(SHAPES["llama2-7b"], tokens=2048, seq=2048, **kw)
+        p = recovery_terms(SHAPES["llama2-7b"], tokens=2048, seq=2048, **kw)
         fits = [g for g in (24, 40, 80) if p["device_total"] < g * GB * 0.95]
         print(
             f"- {label}: {fmt(p)} -> fits in {fits[0]} GB" if fits else f"- {label}: {fmt(p)} -> over 80 GB"
         )
+    table = offload_table()
+    if args.out:
+        save(argparse.Namespace(out=args.out, record=args.record, key="offload", threads=None), table)
     if args.measured:
         rows = result_of(args.measured, args.key)["rows"]
         print("\nMeasured on this CPU (calibration-phase peak RSS, MB) vs predicted (MB):")
@@ -180,7 +107,9 @@ def main() -> None:
             seq = r["naive"]["tokens"] // 5 if r["naive"]["tokens"] % 5 == 0 else r["naive"]["tokens"]
             for variant in ("naive", "ours"):
                 m = r[variant]
-                p = predict(SHAPES[key], b=b, tokens=seq, seq=seq, variant=variant, math_attention=True)
+                p = calibration_terms(
+                    SHAPES[key], b=b, tokens=seq, seq=seq, variant=variant, math_attention=True
+                )
                 print(f"- {r['model']} {r['dtype']} {variant}: measured {m['calib_peak_rss_mb']:.0f} "
                       f"(after build {m['rss_after_build_mb']:.0f}, so +{m['calib_peak_rss_mb'] - m['rss_after_build_mb']:.0f}); "
                       f"predicted model+grads/stats+activations {p['device_total'] / 1e6:.0f} "

@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from ..config import JobConfig, read_yaml
+from ..errors import ConfigError
 from ..io.checkpoint import check_not_an_input
 from ..io.coverage import summary_counts
 from ..report import Report
@@ -18,6 +19,8 @@ HELP = "calibrate, prune and save a checkpoint"
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help=HELP, description=HELP + "; every YAML key is a flag of the same name")
     p.add_argument("--config", help="YAML file whose keys are the flags below (flags win)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (path, targets, statistics, memory per "
+                   "offload mode, time) without loading any weight; exit 2 if the run cannot fit here")  # fmt: skip
     add_field_flags(p, "prune")
     return p
 
@@ -31,6 +34,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return dry_run(config_from_args(args))
     from ..job import prune_job
 
     report = prune_job(config_from_args(args))
@@ -44,6 +49,17 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    return 0
+
+
+def dry_run(cfg: JobConfig) -> int:
+    """Print the plan; a run that cannot fit here ends in its one-line refusal (exit 2)."""
+    from ..job.dry_run import dry_run as plan
+
+    result = plan(cfg)
+    print("\n".join(result.lines), flush=True)
+    if result.refusal:
+        raise ConfigError(result.refusal)
     return 0
 
 
