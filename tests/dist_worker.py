@@ -155,6 +155,9 @@ def main(out_dir: str) -> None:
             result["fsdp_masks"][case] = gather_rows(res.masks)
             result["fsdp_reports"][case] = {k: res.report[k] for k in ("zero_weights", "masked_weights")}
     result["moe_masks"], result["moe_reports"] = moe_cases(mine, accelerator if size > 1 else None)
+    result["lw_masks"], result["lw_reports"] = moe_cases(mine, accelerator if size > 1 else None, "llama_untied",
+                                                         LAYER_WISE_CASES)  # fmt: skip
+    result["lw_weights"] = layer_wise_weights(mine, accelerator if size > 1 else None)
     if size > 1:
         try:
             cfg = JobConfig.from_flat({"progress": False, "criterion": "fisher"}).prune
@@ -170,6 +173,11 @@ def main(out_dir: str) -> None:
     accelerator.wait_for_everyone()
 
 
+LAYER_WISE_CASES = {
+    "sparsegpt/true_sequential": {"criterion": "sparsegpt", "true_sequential": True},
+    "wanda/lsq": {"criterion": "wanda", "reconstruct": "lsq"},
+    "sparsegpt/2:4": {"criterion": "sparsegpt", "pattern": "2:4"},
+}
 MOE_CASES = {
     "token_fisher/row": {"criterion": "token_fisher"},
     "sparsegpt": {"criterion": "sparsegpt"},
@@ -177,17 +185,26 @@ MOE_CASES = {
 }
 
 
-def moe_cases(mine, accelerator) -> tuple[dict, dict]:
-    """A tiny Mixtral on replicated processes: every expert's masks and routed tokens, as one process."""
+def moe_cases(mine, accelerator, family: str = "mixtral", cases: dict = MOE_CASES) -> tuple[dict, dict]:
+    """A tiny Mixtral on replicated processes: every expert's masks and routed tokens, as one process.
+    Layer-wise, each rank solves its share of a block's tensors and the results are shared."""
     masks, reports = {}, {}
-    for case, flat in MOE_CASES.items():
-        model = BY_NAME["mixtral"].build()
+    for case, flat in cases.items():
+        model = BY_NAME[family].build()
         res = prune_(
             model, mine, JobConfig.from_flat({"progress": False, **flat}).prune, accelerator=accelerator
         )
         masks[case] = {n: (t.weight == 0).clone() for n, t in find_targets(model).items()}
         reports[case] = {"zero_weights": res.report["zero_weights"], "experts": res.report["experts"]}
     return masks, reports
+
+
+def layer_wise_weights(mine, accelerator) -> dict[str, torch.Tensor]:
+    """Every target weight after layer-wise lsq with each rank solving its share: equal to one process."""
+    model = BY_NAME["llama_untied"].build()
+    prune_(model, mine, JobConfig.from_flat({"progress": False, "criterion": "wanda", "reconstruct": "lsq"}).prune,
+           accelerator=accelerator)  # fmt: skip
+    return {n: t.weight.detach().clone() for n, t in find_targets(model).items()}
 
 
 def tied_scores() -> dict[str, torch.Tensor]:

@@ -150,6 +150,25 @@ def test_two_processes_same_masks_every_criterion_and_scope(runs):
 
 
 @pytest.mark.slow
+def test_two_processes_share_the_layer_wise_work_and_give_one_process_masks(runs):
+    """Layer-wise with 2 processes: each rank solves its share of every block's tensors (largest first to
+    the least loaded rank) and the results are broadcast; masks, reports and updated weights are those of
+    one process (sparsegpt with true_sequential and 2:4, wanda + lsq)."""
+    from llm_gradprune.parallel import Collective
+
+    one, two = runs
+    for case, masks in one["lw_masks"].items():
+        for name, m in masks.items():
+            assert torch.equal(m, two["lw_masks"][case][name]), (case, name)
+        assert two["lw_reports"][case] == one["lw_reports"][case]
+    for name, w in one["lw_weights"].items():
+        assert torch.allclose(w, two["lw_weights"][name], atol=1e-6, rtol=1e-5), name
+    owners = Collective.owners.__get__(type("Two", (Collective,), {"processes": 2})())
+    # gate (8) to rank 0; q (4), k (2), v (2) to rank 1, the less loaded, until both hold 8
+    assert owners({"q": 4, "k": 2, "v": 2, "gate": 8}) == {"gate": 0, "q": 1, "k": 1, "v": 1}
+
+
+@pytest.mark.slow
 def test_two_processes_prune_every_expert_as_one_process(runs):
     """Replicated processes on a tiny Mixtral: routed tokens summed, every expert's mask identical
     (layer-wise Hessians of experts a rank never routed to are summed too); FSDP refuses experts."""

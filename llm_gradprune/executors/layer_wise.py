@@ -130,10 +130,36 @@ class _LayerPruning:
             reduce_statistics_(stats, plan.collective, chunk_elems=plan.cfg.select_chunk_elems)
         with self.timer("prune"):
             names = [m.key for m in modules.values()]
-            prune_stage(plan, names, self.weights, self.budgets, self.scope, self.record, stage=stats,
+            coll = plan.collective
+            owners = coll.owners({n: self.weights[n].numel() for n in names})
+            mine = [n for n in names if owners[n] == coll.rank]
+            prune_stage(plan, mine, self.weights, self.budgets, self.scope, self.record, stage=stats,
                         whole=self.whole)  # fmt: skip
             if "hessian" in stats.by_source:
                 stats.by_source["hessian"].free()
+        if coll.processes > 1:
+            with self.timer("share"):
+                _share_results(coll, names, owners, self.weights, self.record)
+
+
+def _share_results(coll, names: list[str], owners: dict[str, int], weights: dict, record: Record) -> None:
+    """After each rank solved its share of a group: every rank gets every pruned tensor (and its mask)
+    from its owner, and the owners' report entries, so the replicas stay identical."""
+    coll.share_({n: weights[n] for n in names}, owners)
+    if record.keep_masks:
+        masks = {n: (record.masks[n] if owners[n] == coll.rank else torch.zeros(weights[n].shape, dtype=torch.bool))
+                 .to(weights[n].device) for n in names}  # fmt: skip
+        coll.share_(masks, owners)
+        record.masks.update({n: m.cpu() for n, m in masks.items()})
+    mine = {n: (record.per_tensor[n], record.hessian_bytes.get(n), record.routed_tokens.get(n))
+            for n in names if owners[n] == coll.rank}  # fmt: skip
+    for part in coll.gather_objects(mine):
+        for n, (per, hessian, routed) in part.items():
+            record.per_tensor[n] = per
+            if hessian is not None:
+                record.hessian_bytes[n] = hessian
+            if routed is not None:
+                record.routed_tokens[n] = routed
 
 
 def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:

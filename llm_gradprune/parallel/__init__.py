@@ -281,6 +281,40 @@ class Collective:
     def local(self, p: torch.Tensor, name: str = "parameter") -> torch.Tensor:
         return p.data
 
+    def owners(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Which rank solves each tensor of a layer-wise group: the largest first, each to the rank with
+        the least work so far (ties: the lower rank), the same on every rank."""
+        load = [0] * self.processes
+        out = {}
+        for name in sorted(sizes, key=lambda n: (-sizes[n], list(sizes).index(n))):
+            rank = min(range(self.processes), key=lambda r: (load[r], r))
+            out[name] = rank
+            load[rank] += sizes[name]
+        return out
+
+    def share_(self, tensors: dict[str, torch.Tensor], owners: dict[str, int]) -> None:
+        """Every rank gets each tensor as its owner holds it (in place)."""
+        if self.processes == 1:
+            return
+        import torch.distributed as dist
+
+        for name, t in tensors.items():
+            buf = t if t.is_contiguous() and t.dtype != torch.bool else t.contiguous().to(
+                torch.uint8 if t.dtype == torch.bool else t.dtype)  # fmt: skip
+            dist.broadcast(buf, src=owners[name])
+            if buf is not t:
+                t.copy_(buf.to(t.dtype))
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order."""
+        if self.processes == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.processes
+        dist.all_gather_object(out, obj)
+        return out
+
 
 class RowShards(Collective):
     """A model sharded by rows (FSDP2): every rank takes a piece of the *same* micro-batch.
