@@ -358,6 +358,15 @@ ROWS = [
      r"keep_experts 0\.25 keeps 1 of 4 experts per layer, fewer than the 2 each token is routed to \(num_experts_per_tok\)$"),
     ("experts-target-unreachable", moe_with("--structure", "experts", "--target-params", "0.2"),
      r"structure 'experts' can remove at most 44\.\d% of the decoder parameters, but target_params 0\.2 asks for 80\.0%"),
+    # issue 25: offload
+    ("offload-whole-model-criterion", flags("--offload", "disk"),
+     r"offload 'disk' applies to layer-wise runs \(criterion sparsegpt, reconstruct obs/lsq, or sequential: true\), "
+     r"not to criterion 'token_fisher' with the whole model at once$"),
+    ("offload-with-eval", flags("--criterion", "sparsegpt", "--offload", "cpu", "--eval"),
+     r"eval with offload 'cpu' is not supported: eval scores perplexity the whole model at once"),
+    ("offload-disk-converted-checkpoint", moe_with("--criterion", "sparsegpt", "--offload", "disk"),
+     r"offload 'disk' reads each block's tensors by name, but moe holds no model\.layers\.0\.mlp\.gate\.weight "
+     r"\(the model converts its checkpoint on load\): use --offload cpu$"),
     ("keep-channels-keeps-none", moe_with("--structure", "channels", "--keep-channels", "0.05"),
      r"keep_channels 0\.05 keeps no channel of 64 \(intermediate_size, in multiples of 8\)$"),
 ]  # fmt: skip
