@@ -167,11 +167,12 @@ class DiskStore(BlockStore):
         """Write the pruned block as its own shard, then drop its weights."""
         from safetensors.torch import save_file
 
-        name = f"{self.prefix}.{index}"
-        state = {f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        file = self.shard_name(index)
-        save_file(state, str(self.staging / file), metadata={"format": "pt"})
-        self.written.update({k: file for k in state})
+        if self.staging is not None:  # several processes hold the same block: the main one writes it
+            name = f"{self.prefix}.{index}"
+            state = {f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+            file = self.shard_name(index)
+            save_file(state, str(self.staging / file), metadata={"format": "pt"})
+            self.written.update({k: file for k in state})
         block.to("meta")
 
     def release_all(self, model: nn.Module, prefix: str) -> None:

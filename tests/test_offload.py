@@ -26,7 +26,15 @@ RUNS = {
     "sparsegpt-2:4": ["--criterion", "sparsegpt", "--pattern", "2:4"],
     "wanda-lsq": ["--criterion", "wanda", "--reconstruct", "lsq"],
     "true-sequential": ["--criterion", "sparsegpt", "--true-sequential"],
-    "fisher-global-lsq": ["--criterion", "fisher", "--scope", "global", "--reconstruct", "lsq", "--allow-empty-tensors"],
+    "fisher-global-lsq": [
+        "--criterion",
+        "fisher",
+        "--scope",
+        "global",
+        "--reconstruct",
+        "lsq",
+        "--allow-empty-tensors",
+    ],
     "sparsegpt-owl": ["--criterion", "sparsegpt", "--allocation", "owl"],
 }
 
@@ -130,3 +138,32 @@ def test_disk_refuses_a_checkpoint_converted_on_load(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "offload 'disk' reads each block's tensors by name" in err and "use --offload cpu" in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("mode", ["cpu", "disk"])
+def test_two_processes_with_offload_give_the_one_process_weights(assets, mode):
+    """Two gloo processes, each holding only the current block (disk: read from the files by every rank,
+    written by the main one), each solving its share of the block's tensors: the one-process weights."""
+    import os
+    import subprocess
+
+    from .tiny_folder import ROOT
+
+    root, model, text = assets
+    ref = _tensors(_prune(assets, f"two-ref-{mode}", "--criterion", "sparsegpt", "--true-sequential"))
+    out = root / f"two-{mode}"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "prune_llama.py"),
+           "--model", str(model), "--dataset", str(text), "--num-samples", "8", "--seq-len", "32", "--criterion",
+           "sparsegpt", "--true-sequential", "--offload", mode, "--output-dir", str(out), "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    got = _tensors(out)
+    assert sorted(got) == sorted(ref)
+    for name, t in ref.items():
+        assert torch.allclose(got[name], t, atol=1e-6, rtol=1e-5), name
+        assert torch.equal(got[name] == 0, t == 0), name  # the same masks
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["calibration"]["processes"] == 2 and report["offload"]["mode"] == mode
+    assert not list(root.glob(f".two-{mode}.partial*"))

@@ -87,10 +87,10 @@ class Prune(Transform):
 
     def check(self, cfg: JobConfig, accelerator) -> bool:
         sharded = uses_fsdp(cfg.fsdp, accelerator)
-        if cfg.offload != "none" and accelerator.num_processes > 1:
+        if cfg.offload != "none" and sharded:
             raise ConfigError(
-                f"offload {cfg.offload!r} runs in one process for now, but this launch has {accelerator.num_processes}: "
-                "launch without --num_processes (or with 1)"
+                f"offload {cfg.offload!r} with fsdp is not supported: each rank holds the current block whole; "
+                "launch without fsdp"
             )
         check_support(
             SupportQuery(cfg.prune, processes=accelerator.num_processes, sharded=sharded, job=cfg.to_flat())
@@ -189,7 +189,7 @@ def make_store(cfg: JobConfig, job):
     store = DiskStore(device, resolve_model(cfg.model), None, getattr(torch, cfg.dtype), prefix,
                       len(job.model.get_submodule(prefix)))  # fmt: skip
     store.check(job.model)
-    store.staging = make_partial_dir(job.out)
+    store.staging = make_partial_dir(job.out) if job.main else None  # one process writes the blocks
     return store
 
 
