@@ -492,12 +492,7 @@ class JobConfig:
     def _check_offload(self) -> None:
         if self.offload == "none":
             return
-        if self.structured is not None:
-            raise ConfigError(
-                f"offload {self.offload!r} is not available with structure yet: structured pruning holds the whole "
-                "model; drop --offload"
-            )
-        if not self.prune.layer_wise:
+        if self.structured is None and not self.prune.layer_wise:
             raise ConfigError(
                 f"offload {self.offload!r} applies to layer-wise runs (criterion sparsegpt, reconstruct obs/lsq, "
                 f"or sequential: true), not to criterion {self.prune.criterion!r} with the whole model at once"

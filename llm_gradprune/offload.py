@@ -45,6 +45,12 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+def _retie(model: nn.Module) -> None:
+    """A tied head shares the input embeddings' parameter again after one of them was replaced."""
+    if _tied_names(model):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
 def _tied_names(model: nn.Module) -> set[str]:
     """The output head's weight where the config ties it to the input embeddings (saved once, as those)."""
     head = model.get_output_embeddings()
@@ -85,8 +91,12 @@ class BlockStore:
             block.to(self.device)
 
     def release(self, index: int, block: nn.Module) -> None:
+        """After a block's turn; `index` is its place in the output (layers may have been removed)."""
         if self.mode == "cpu":
             block.to(self.host)
+
+    def drop(self, block: nn.Module) -> None:
+        pass
 
     def release_all(self, model: nn.Module, prefix: str) -> None:
         """After the whole-model statistics: every block back home (cpu: host memory)."""
@@ -99,18 +109,14 @@ class DiskStore(BlockStore):
     """Blocks read from the model's safetensors files and written, pruned, to `staging` one by one."""
 
     def __init__(self, device: torch.device, source: str | Path, staging: Path | None, dtype: torch.dtype,
-                 prefix: str, n_blocks: int):  # fmt: skip
+                 prefix: str):  # fmt: skip
         super().__init__(device, "disk")
         self.source = Path(source)
         self.staging = staging
         self.dtype = dtype
         self.prefix = prefix
         self.files = _tensor_files(self.source)
-        self.n_shards = n_blocks + 1
         self.written: dict[str, str] = {}  # tensor -> shard file name
-
-    def shard_name(self, k: int) -> str:
-        return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
     def check(self, model: nn.Module) -> None:
         """Every tensor the model holds must be in the files under its own name (a checkpoint that
@@ -151,6 +157,7 @@ class DiskStore(BlockStore):
                 self._load_own(module, name)
             else:
                 module.to("meta")
+        _retie(model)
 
     def _load_own(self, module: nn.Module, name: str) -> None:
         """A module's own parameters (not its children's) from the files."""
@@ -163,6 +170,10 @@ class DiskStore(BlockStore):
     def fetch(self, index: int, block: nn.Module) -> None:
         self._load(block, f"{self.prefix}.{index}", self.device)
 
+    def drop(self, block: nn.Module) -> None:
+        """Let go of a block's weights unwritten (it was read for its scores only)."""
+        block.to("meta")
+
     def release(self, index: int, block: nn.Module) -> None:
         """Write the pruned block as its own shard, then drop its weights."""
         from safetensors.torch import save_file
@@ -170,7 +181,7 @@ class DiskStore(BlockStore):
         if self.staging is not None:  # several processes hold the same block: the main one writes it
             name = f"{self.prefix}.{index}"
             state = {f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-            file = self.shard_name(index)
+            file = f"block-{index:05d}.safetensors"
             save_file(state, str(self.staging / file), metadata={"format": "pt"})
             self.written.update({k: file for k in state})
         block.to("meta")
@@ -181,13 +192,14 @@ class DiskStore(BlockStore):
             for k, p in list(module.named_parameters(recurse=False)):
                 if not p.is_meta:
                     setattr(module, k, nn.Parameter(p.to("meta"), requires_grad=False))
+        _retie(model)
 
     def finish(self, model: nn.Module) -> None:
         """Copy the tensors outside the blocks file to file into the last shard, and write the index."""
         from safetensors.torch import save_file
 
         rest = [n for n in model.state_dict() if n not in self.written and n in self.files]
-        file = self.shard_name(self.n_shards - 1)
+        file = "rest.safetensors"
         save_file({k: v.contiguous() for k, v in self._read(rest).items()}, str(self.staging / file),
                   metadata={"format": "pt"})  # fmt: skip
         self.written.update({k: file for k in rest})
@@ -197,9 +209,12 @@ class DiskStore(BlockStore):
         checkpoint being written): what `save_pretrained` would have written for the pruned model."""
         model = self.model
         self.finish(model)
-        for file in sorted(set(self.written.values())):
-            os.replace(self.staging / file, folder / file)
-        total = sum((folder / f).stat().st_size for f in set(self.written.values()))
+        staged = sorted(set(self.written.values()) - {"rest.safetensors"}) + ["rest.safetensors"]
+        names = {f: f"model-{k + 1:05d}-of-{len(staged):05d}.safetensors" for k, f in enumerate(staged)}
+        for file in staged:
+            os.replace(self.staging / file, folder / names[file])
+        self.written = {k: names[f] for k, f in self.written.items()}
+        total = sum((folder / f).stat().st_size for f in names.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.written.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         model.config.save_pretrained(folder)
@@ -219,4 +234,5 @@ def skeleton(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = Fal
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    _retie(model)
     return model.eval()

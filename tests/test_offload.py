@@ -1,7 +1,8 @@
 """`--offload cpu|disk` (issue 25): the layer-wise pass with one block at a time in memory.
 
-Masks and weights are identical to the in-memory run for sparsegpt, lsq, true_sequential and a gradient
-recipe (whole-model statistics, then the streamed pass); offload disk reads no whole model when no
+Masks and weights are identical to the in-memory run for sparsegpt, lsq, true_sequential, a gradient
+recipe (whole-model statistics, then the streamed pass) and structured runs (channels by magnitude read
+block by block; mixed after whole-model statistics, with the sequential refit); offload disk reads no whole model when no
 whole-model statistic is needed, writes the pruned blocks as they finish, and refuses in one line what
 it cannot do.
 """
@@ -36,6 +37,18 @@ RUNS = {
         "--allow-empty-tensors",
     ],
     "sparsegpt-owl": ["--criterion", "sparsegpt", "--allocation", "owl"],
+    # structured: read block by block (no statistics), and after whole-model statistics with a sequential refit
+    "structure-magnitude": [
+        "--structure",
+        "channels",
+        "--keep-channels",
+        "0.5",
+        "--importance",
+        "magnitude",
+        "--compensate",
+        "none",
+    ],
+    "structure-mixed-lsq": ["--structure", "mixed", "--target-params", "0.7"],
 }
 
 
@@ -104,19 +117,12 @@ def test_disk_reads_no_whole_model_and_writes_a_shard_per_block(assets, monkeypa
             ["--criterion", "sparsegpt", "--recover-steps", "2"],
             r"recover_steps trains the whole model at once",
         ),
-        (
-            ["--criterion", "sparsegpt", "--structure", "channels"],
-            r"offload 'cpu' is not available with structure",
-        ),
     ],
 )
 def test_what_offload_cannot_do_is_refused_in_one_line(assets, extra, message, capsys):
     root, model, text = assets
     argv = ["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "8", "--seq-len", "32",
             "--output-dir", str(root / "refused"), "--offload", "cpu", *extra]  # fmt: skip
-    if "--structure" in extra:
-        argv.remove("--criterion")
-        argv.remove("sparsegpt")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     import re

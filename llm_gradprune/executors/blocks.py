@@ -262,6 +262,19 @@ def capture_block_inputs(
     return calls
 
 
+def capture_with_store(model: nn.Module, prefix: str, layers, batches, loss_fn, device, store, host=None) -> BlockCalls:
+    """Every block's recorded inputs (`capture_block_inputs`) when the blocks live in an
+    `offload.BlockStore`: offloaded, only what runs before the blocks is brought in and the blocks are
+    stubbed; `host`: where the recorded inputs are kept (None: where they come)."""
+    if store.mode == "none":
+        return capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=host)
+    store.inputs_side(model, prefix, True)
+    try:
+        return capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=host, stubbed=True)
+    finally:
+        store.inputs_side(model, prefix, False)
+
+
 def _pass_hidden(*args, **kwargs):
     return hidden_states_of(args, kwargs)
 

@@ -38,7 +38,7 @@ from ..status import set_stage
 from ..targets import block_list_prefix
 from .blocks import (
     call_stages,
-    capture_block_inputs,
+    capture_with_store,
     hidden_states_of,
     run_block,
     run_block_until,
@@ -186,7 +186,8 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     was_training = model.training
     model.eval()
     with timer("capture_inputs"):
-        calls = _capture(model, prefix, layers, batches, loss_fn, device, store, cfg.offload_inputs)
+        host = torch.device("cpu") if cfg.offload_inputs else None
+        calls = capture_with_store(model, prefix, layers, batches, loss_fn, device, store, host)
     if not counters["batches"]:
         _count_what_layers_read(counters, calls, batches, plan)
     pruning = _LayerPruning(
@@ -212,18 +213,3 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     report = build_report(plan, record, counters, whole, timer.timings, device=device, allocation=allocation,
                           mode={"stages_per_block": pruning.stages_per_layer})  # fmt: skip
     return PruneResult(masks=record.masks if return_masks else None, report=report)
-
-
-def _capture(model, prefix: str, layers, batches, loss_fn, device, store: BlockStore, offload_inputs: bool):
-    """Every block's recorded inputs. Offloaded, only what runs before the blocks is brought in (the
-    blocks are stubbed), and the inputs are kept on the host."""
-    host = torch.device("cpu") if offload_inputs else None
-    if store.mode == "none":
-        return capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=host)
-    store.inputs_side(model, prefix, True)
-    try:
-        return capture_block_inputs(
-            model, layers, batches, loss_fn=loss_fn, device=device, store=host, stubbed=True
-        )
-    finally:
-        store.inputs_side(model, prefix, False)

@@ -123,14 +123,19 @@ def _random_block(model: nn.Module, prefix: str, device: torch.device) -> nn.Mod
 
 
 def _time(fn, repeats: int = 2) -> float:
-    fn()  # warm-up: kernels, allocator
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    """Seconds of one call of `fn`: the mean of `repeats` after a warm-up (kernels, allocator), or the
+    warm-up itself when it took over a second (the probe stays short on a slow device)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - start
+    if first > 1.0:
+        return first
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 

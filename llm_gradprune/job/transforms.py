@@ -186,8 +186,7 @@ def make_store(cfg: JobConfig, job):
     if cfg.offload == "cpu":
         return BlockStore(device, "cpu")
     prefix = block_list_prefix(job.model)
-    store = DiskStore(device, resolve_model(cfg.model), None, getattr(torch, cfg.dtype), prefix,
-                      len(job.model.get_submodule(prefix)))  # fmt: skip
+    store = DiskStore(device, resolve_model(cfg.model), None, getattr(torch, cfg.dtype), prefix)
     store.check(job.model)
     store.staging = make_partial_dir(job.out) if job.main else None  # one process writes the blocks
     return store
@@ -220,6 +219,16 @@ class Shrink(Transform):
 
         check_plan(job.model, job.cfg.structured)  # every model-dependent refusal, before any text is read
         super().check_model(job)
+        job.store = make_store(job.cfg, job)
+
+    def place(self, job) -> None:
+        from ..structured.shrink import needs_whole_model as structure_needs_whole
+
+        if job.cfg.offload == "none":
+            return super().place(job)
+        job.device = torch.device(job.cfg.device) if job.cfg.device else job.accelerator.device
+        if structure_needs_whole(job.cfg.structured):  # the statistics first, then one block at a time
+            job.model.to(job.device)
 
     def apply(self, job) -> dict[str, Any]:
         from ..structured import shrink_
@@ -228,7 +237,7 @@ class Shrink(Transform):
         bytes_before = weight_bytes(job.model)
         set_stage("removing units")
         batches = micro_batches(job.samples, cfg.batch_size) if job.samples is not None else None
-        report = shrink_(job.model, batches, cfg.structured, progress=cfg.prune.progress)
+        report = shrink_(job.model, batches, cfg.structured, progress=cfg.prune.progress, offload=job.store)
         job.timings.update({f"structure_{k}": v for k, v in report.pop("timings").items()})
         passes = report.pop("calibration")
         tokens = 0 if job.samples is None else job.samples.numel()
@@ -237,6 +246,8 @@ class Shrink(Transform):
             **calibration_input(cfg, job.samples),
         }
         report["file_bytes_before"] = bytes_before
+        if cfg.offload != "none":
+            report["offload"] = offload_record(cfg.offload, job.device)
         return report
 
     def before_save(self, job, report) -> None:

@@ -26,7 +26,8 @@ from ..calibration.hessians import Hessians
 from ..calibration.loop import LossFn, causal_lm_loss, gather_statistics
 from ..calibration.stats import Statistics
 from ..errors import ConfigError
-from ..executors.blocks import capture_block_inputs, run_block
+from ..executors.blocks import capture_with_store, run_block
+from ..offload import BlockStore
 from .choose import Choice, check_reachable, choose, experts_kept, widths_at
 from .compensate import refit_columns
 from .config import StructureConfig
@@ -58,6 +59,15 @@ def _check_bias(config, cfg: StructureConfig) -> None:
                 f"mean_bias puts a bias on {proj}, but {type(config).__name__} has no {flag} to save it with: "
                 "drop mean_bias"
             )
+
+
+def needs_whole_model(cfg: StructureConfig) -> bool:
+    """Do the statistics read the whole model (importance statistics, a refit on the dense inputs)? With
+    `offload` they are taken on the whole model, which is released before the blocks are shrunk."""
+    imp = IMPORTANCES.get(cfg.importance)
+    refit = cfg.compensate == "lsq" or cfg.mean_bias
+    dense = refit and cfg.refit_inputs == "dense" and bool(set(cfg.kinds) & {"channels", "heads"})
+    return bool(imp.weight_needs(cfg.importance_form) or imp.unit_needs(cfg.importance_form) or dense)
 
 
 def _top_k(model) -> int:
@@ -151,18 +161,24 @@ def _tensors(lu: LayerUnits, of) -> LayerTensors:
                         [{r: rows(m.part(r)) for r in MLP_ROLES} for m in lu.mlps], [m.expert for m in lu.mlps])  # fmt: skip
 
 
-def layer_scores(units: ModelUnits, cfg: StructureConfig, stats: Statistics) -> list[LayerScores]:
+def layer_scores(units: ModelUnits, cfg: StructureConfig, stats: Statistics, store=None) -> list[LayerScores]:
+    """Every layer's unit scores; a layer whose weights are elsewhere (offload disk) is read for its turn."""
     imp = IMPORTANCES.get(cfg.importance)
     form = cfg.importance_form
     unit = stats.by_source.get("unit")
     out = []
     for lu in units.layers:
+        away = store is not None and any(p.is_meta for p in lu.block.parameters())
+        if away:
+            store.fetch(lu.index, lu.block)
         weights = _tensors(lu, lambda t: t.weight.detach())
         per = None
         if imp.weight_needs(form):
             per = _tensors(lu, lambda t: stats.mean(imp.weight_stat, t.key).to(t.weight.device))
         means = unit.means(lu.index) if imp.unit_needs(form) else None
         out.append(imp.scores(form, weights, units.shape.geometry, per, means))
+        if away:
+            store.drop(lu.block)
     return out
 
 
@@ -312,24 +328,25 @@ def _refit_inputs(lu: LayerUnits, hs: Hessians, means) -> dict[str, tuple]:
 
 
 @torch.no_grad()
-def _apply(
-    model, units: ModelUnits, choice: Choice, cfg: StructureConfig, stats: Statistics, batches, loss_fn
-):
-    """Slice, refit and rebuild every kept layer; drop the removed ones; update model.config."""
+def _apply(model, units: ModelUnits, choice: Choice, cfg: StructureConfig, stats: Statistics, batches, loss_fn,
+           store: BlockStore):  # fmt: skip
+    """Slice, refit and rebuild every kept layer, one at a time from `store`; drop the removed ones;
+    update model.config."""
     new_cfg, values, shape = _new_config(model, units, choice, cfg)
     refit = cfg.compensate == "lsq" or cfg.mean_bias
     changed = [lu for lu in units.layers if lu.index in choice.channels or lu.index in choice.queries]
     sequential = refit and cfg.refit_inputs == "sequential" and bool(changed)
-    device = units.layers[0].attn["o"].weight.device
+    device = store.device
     blocks = model.get_submodule(units.prefix)
     calls = (
-        capture_block_inputs(model, blocks, batches, loss_fn=loss_fn, device=device) if sequential else None
+        capture_with_store(model, units.prefix, blocks, batches, loss_fn, device, store) if sequential else None
     )
     kept = [i for i in range(units.shape.layers) if i not in choice.removed_layers]
     last = max(lu.index for lu in changed) if changed else -1
     info: dict[int, dict] = {}
     for new_idx, i in enumerate(kept):
         lu = units.layers[i]
+        store.fetch(i, lu.block)
         if sequential:
             calls.use_block(i)  # layer i's own mask and rotary embeddings, as the dense model called it
         inputs: dict[str, Any] = {}
@@ -349,6 +366,7 @@ def _apply(
         blocks[i] = block
         if sequential and i < last:
             run_block(block, calls, device, keep_outputs=True)
+        store.release(new_idx, block)
     parent, _, attr = units.prefix.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList([blocks[i] for i in kept]))
     for k, v in values.items():
@@ -367,12 +385,15 @@ def shrink_(
     loss_fn: LossFn = causal_lm_loss,
     statistics: Statistics | None = None,
     progress: bool = True,
+    offload: BlockStore | None = None,
 ) -> dict[str, Any]:
     """Remove whole units of `model` in place as `cfg` says; returns the report.
 
     `batches` (re-iterable: a list) feed the statistics the importance reads and the refit; `statistics`:
     statistics gathered before (per-weight ones from `gather_statistics`, unit ones from
     `gather_unit_statistics`), so a sweep calibrates once; what they lack is gathered from `batches`.
+    `offload` (an `offload.BlockStore`): where the blocks live between their turns; the statistics are
+    taken on the whole model first, then each block is shrunk in its turn.
     """
     cfg = cfg or StructureConfig()
     t0 = time.perf_counter()
@@ -382,14 +403,16 @@ def shrink_(
     stats = statistics if statistics is not None else Statistics()
     passes = _statistics(model, units, batches, cfg, stats, loss_fn, progress)
     t1 = time.perf_counter()
-    scores = layer_scores(units, cfg, stats)
+    store = offload or BlockStore(units.layers[0].attn["o"].weight.device)
+    scores = layer_scores(units, cfg, stats, store)
     choice = choose(units.shape, units.costs, scores, cfg.kinds, options, target=cfg.target_params,
                     keeps=cfg.explicit_keeps, multiple=cfg.channel_multiple, structure=cfg.structure,
                     groups=[m.group for m in units.layers[0].mlps],
                     least_experts=_top_k(model))  # fmt: skip
     t2 = time.perf_counter()
     old_shape = units.shape
-    shape, refits = _apply(model, units, choice, cfg, stats, batches, loss_fn)
+    store.release_all(model, units.prefix)
+    shape, refits = _apply(model, units, choice, cfg, stats, batches, loss_fn, store)
     t3 = time.perf_counter()
     after = _param_counts(model, units.prefix)
     return build_report(cfg, old_shape, shape, before, after, choice, refits, passes,
