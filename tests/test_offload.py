@@ -173,3 +173,23 @@ def test_two_processes_with_offload_give_the_one_process_weights(assets, mode):
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["calibration"]["processes"] == 2 and report["offload"]["mode"] == mode
     assert not list(root.glob(f".two-{mode}.partial*"))
+
+
+def test_a_run_that_cannot_fit_is_refused_when_planned_naming_offload(assets, monkeypatch, capsys):
+    """The real run checks the memory model before loading its model: with 266 kB free here the in-memory
+    sparsegpt run cannot fit, and the one line names an offload mode that would."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_gradprune.job import fits
+
+    monkeypatch.setattr(
+        fits, "available_memory", lambda device: (266e3, None)
+    )  # in memory ~255 kB, disk ~238 kB, 90% usable
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    root, model, text = assets
+    argv = ["prune", "--model", str(model), "--dataset", str(text), "--num-samples", "8", "--seq-len", "32",
+            "--criterion", "sparsegpt", "--output-dir", str(root / "too-big")]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "offload 'none' needs about" in err[0] and "use --offload" in err[0], err
+    assert not (root / "too-big").exists()

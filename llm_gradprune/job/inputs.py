@@ -27,7 +27,9 @@ def load(cfg: JobConfig, name: str | None = None):
     from ..plan import needs_whole_model
     from ..structured.shrink import needs_whole_model as structure_needs_whole
 
-    whole = structure_needs_whole(cfg.structured) if cfg.structured is not None else needs_whole_model(cfg.prune)
+    whole = (
+        structure_needs_whole(cfg.structured) if cfg.structured is not None else needs_whole_model(cfg.prune)
+    )
     weights = name is not None or cfg.offload != "disk" or whole
     return load_model(name or cfg.model, cfg.dtype, cfg.trust_remote_code, weights=weights)
 

@@ -31,6 +31,7 @@ from ..parallel.fsdp import full_state_dict
 from ..status import set_stage
 from ..tasks import check_tasks
 from .evaluation import held_out_perplexity, task_scores, tasks_section
+from .fits import check_run_fits
 from .inputs import held_out_samples, load, training_batches
 from .preflight import (
     check_device,
@@ -145,6 +146,9 @@ def plan(cfg: JobConfig, transform) -> Job:
     resolved = resolve_model(cfg.model)
     out = check_output_dir(cfg.output_dir, cfg.overwrite, inputs=run_inputs(cfg, transform, resolved))
     transform.check_outputs(cfg)
+    if cfg.structured is None and not transform.keeps_report:  # what the memory model describes
+        device = torch.device(cfg.device) if cfg.device else accelerator.device
+        check_run_fits(cfg, sharded, accelerator.num_processes, device)
     if looks_local(resolved):
         check_free_space(out, folder_weight_bytes(resolved, cfg.dtype), f"{cfg.dtype} weights of the model")
     if cfg.prune.threads is not None:
