@@ -192,6 +192,26 @@ class PruneConfig:
     offload_inputs: bool | None = setting(
         None, "keep the recorded block inputs on CPU (default false)", "layer-wise"
     )
+    block_steps: int = setting(
+        0,
+        "block refit: after a block's masks are chosen (by any criterion and update rule), train its kept target "
+        "weights jointly for this many full passes over the recorded inputs (Adam) to reproduce the dense "
+        "block's outputs on those inputs; every pruned weight stays exactly 0 (0 = off; turns on layer-wise mode)",
+        "layer-wise",
+        range=">= 0",
+    )
+    block_lr: float = setting(
+        1e-4, "learning rate of the block refit (Adam)", "layer-wise", range="> 0",
+        unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
+    )  # fmt: skip
+    block_loss: str = setting(
+        "mse",
+        "loss of the block refit: mse (mean squared error of the block's outputs) or normalized (each token's "
+        "squared error over its dense output's squared norm)",
+        "layer-wise",
+        choices=("mse", "normalized"),
+        unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -313,8 +333,10 @@ class PruneConfig:
 
     @property
     def layer_wise(self) -> bool:
-        """Whether pruning runs block by block: an adaptive criterion, an update rule, or sequential asked."""
-        return CRITERIA.get(self.criterion).adaptive or self.reconstruct != "none" or bool(self.sequential)
+        """Whether pruning runs block by block: an adaptive criterion, an update rule, sequential asked, or a
+        block refit."""
+        return (CRITERIA.get(self.criterion).adaptive or self.reconstruct != "none" or bool(self.sequential)
+                or self.block_steps > 0)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

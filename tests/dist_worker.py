@@ -158,6 +158,8 @@ def main(out_dir: str) -> None:
     result["lw_masks"], result["lw_reports"] = moe_cases(mine, accelerator if size > 1 else None, "llama_untied",
                                                          LAYER_WISE_CASES)  # fmt: skip
     result["lw_weights"] = layer_wise_weights(mine, accelerator if size > 1 else None)
+    result["block_weights"] = layer_wise_weights(mine, accelerator if size > 1 else None,
+                                                 {"block_steps": 3, "block_lr": 1e-3})  # fmt: skip
     if size > 1:
         try:
             cfg = JobConfig.from_flat({"progress": False, "criterion": "fisher"}).prune
@@ -177,6 +179,7 @@ LAYER_WISE_CASES = {
     "sparsegpt/true_sequential": {"criterion": "sparsegpt", "true_sequential": True},
     "wanda/lsq": {"criterion": "wanda", "reconstruct": "lsq"},
     "sparsegpt/2:4": {"criterion": "sparsegpt", "pattern": "2:4"},
+    "wanda/lsq/block": {"criterion": "wanda", "reconstruct": "lsq", "block_steps": 3, "block_lr": 1e-3},
 }
 MOE_CASES = {
     "token_fisher/row": {"criterion": "token_fisher"},
@@ -199,11 +202,12 @@ def moe_cases(mine, accelerator, family: str = "mixtral", cases: dict = MOE_CASE
     return masks, reports
 
 
-def layer_wise_weights(mine, accelerator) -> dict[str, torch.Tensor]:
-    """Every target weight after layer-wise lsq with each rank solving its share: equal to one process."""
+def layer_wise_weights(mine, accelerator, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every target weight after layer-wise lsq with each rank solving its share (and, with `extra`, the
+    block refit with gradients summed across ranks): equal to one process."""
     model = BY_NAME["llama_untied"].build()
-    prune_(model, mine, JobConfig.from_flat({"progress": False, "criterion": "wanda", "reconstruct": "lsq"}).prune,
-           accelerator=accelerator)  # fmt: skip
+    flat = {"progress": False, "criterion": "wanda", "reconstruct": "lsq", **(extra or {})}
+    prune_(model, mine, JobConfig.from_flat(flat).prune, accelerator=accelerator)
     return {n: t.weight.detach().clone() for n, t in find_targets(model).items()}
 
 

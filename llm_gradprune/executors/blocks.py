@@ -293,6 +293,17 @@ def run_block(
             calls[i] = _with_hidden(args, kwargs, h.to(store))
 
 
+@torch.no_grad()
+def dense_outputs(block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device) -> list[torch.Tensor]:
+    """The block's outputs for every recorded call, kept where the calls' hidden states are."""
+    out = []
+    for args, kwargs in calls:
+        store = hidden_states_of(args, kwargs).device
+        h = block(*_move(args, device), **_move(kwargs, device))
+        out.append((h[0] if isinstance(h, tuple | list) else h).to(store))
+    return out
+
+
 class _StageInputsSeen(Exception):
     """Raised by a hook to stop a block's forward once a stage's last module has read its input."""
 

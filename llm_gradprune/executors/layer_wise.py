@@ -29,16 +29,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration.loop import reduce_counters_, reduce_statistics_
+from ..calibration.loop import reduce_counters_, reduce_statistics_, to_device
 from ..calibration.stats import Statistics, make_statistics
 from ..errors import ConfigError
 from ..offload import BlockStore
 from ..plan import Plan, PruneResult, Record, RunInputs, Timer, build_report, prune_stage, resolve_budgets
+from ..reconstruction.block import refit_block_
 from ..status import set_stage
 from ..targets import block_list_prefix
 from .blocks import (
     call_stages,
     capture_with_store,
+    dense_outputs,
     hidden_states_of,
     run_block,
     run_block_until,
@@ -89,11 +91,17 @@ class _LayerPruning:
     timer: Timer
     device: torch.device
     stages_per_layer: list[int] = field(default_factory=list)
+    block_refits: list[dict] = field(default_factory=list)  # per block: loss per token before and after
 
     def prune_layer_(self, layer: nn.Module, targets: dict[str, nn.Module], calls: Calls) -> None:
-        """Prune `layer`'s targets (in stages with `true_sequential`); with `sequential` its outputs,
-        from the pruned layer, replace the recorded hidden states."""
+        """Prune `layer`'s targets (in stages with `true_sequential`), refit the block (`block_steps`);
+        with `sequential` its outputs, from the pruned layer, replace the recorded hidden states."""
         sequential = self.plan.cfg.sequential is not False
+        refit = self.plan.cfg.block_steps > 0 and bool(targets)
+        if refit:  # the dense block's outputs on the inputs it is pruned on, before any weight changes
+            inputs = list(calls)
+            with self.timer("block_refit"):
+                dense = dense_outputs(layer, inputs, self.device)
         if targets:
             # true_sequential: the layer's targets in stages of modules sharing one input (q/k/v, o,
             # gate/up, down); each stage's statistics are taken after the stages before it are pruned
@@ -106,9 +114,21 @@ class _LayerPruning:
                 self._prune_stage_(
                     {n: targets[n] for n in names}, layer, calls, until, keep_outputs=not sequential
                 )
+        if refit:
+            with self.timer("block_refit"):
+                self.block_refits.append(self._refit_(layer, targets, inputs, dense))
         if sequential or not targets:
             with self.timer("layer_forward"):
                 run_block(layer, calls, self.device, keep_outputs=True)
+
+    def _refit_(self, layer: nn.Module, targets: dict, inputs: Calls, dense: list[torch.Tensor]) -> dict:
+        cfg, coll = self.plan.cfg, self.plan.collective
+        params = list({id(t.param): t.param for t in targets.values()}.values())
+        return refit_block_(
+            layer, params, inputs, dense, steps=cfg.block_steps, lr=cfg.block_lr, loss=cfg.block_loss,
+            move=lambda c: (to_device(c[0], self.device), to_device(c[1], self.device)),
+            sum_=lambda ts: coll.sum_(ts), total_tokens=lambda n: coll.sum_scalars([n])[0],
+        )  # fmt: skip
 
     def _prune_stage_(self, modules: dict[str, nn.Module], layer: nn.Module, calls: Calls,
                       until: nn.Module | None, keep_outputs: bool) -> None:  # fmt: skip
@@ -210,6 +230,10 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     del calls
     timer.timings["total"] = sum(timer.timings.values())
     record = pruning.record
+    mode = {"stages_per_block": pruning.stages_per_layer}
+    if cfg.block_steps:
+        mode["block_refit"] = {"steps": cfg.block_steps, "lr": cfg.block_lr, "loss": cfg.block_loss,
+                               "per_block": pruning.block_refits}  # fmt: skip
     report = build_report(plan, record, counters, whole, timer.timings, device=device, allocation=allocation,
-                          mode={"stages_per_block": pruning.stages_per_layer})  # fmt: skip
+                          mode=mode)  # fmt: skip
     return PruneResult(masks=record.masks if return_masks else None, report=report)

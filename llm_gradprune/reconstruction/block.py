@@ -1,0 +1,105 @@
+"""Block refit: the kept weights of one decoder block trained jointly to reproduce the dense block.
+
+The per-matrix rules (`obs`, `lsq`) make each matrix reproduce its own dense outputs on its own inputs;
+nothing corrects what the errors of q, k, v, o, gate, up and down do together through attention, the
+gate's nonlinearity and the residual stream. Here, once a block's masks are fixed, its target weights are
+trained together on the block's recorded inputs X against the dense block's outputs Y on those same
+inputs (computed before the block was pruned):
+
+    min over kept W   sum_b L(block_W(X_b), Y_b),   W[mask] = 0 throughout
+
+Each step is one full pass over every recorded micro-batch (gradients summed, token-weighted), then one
+Adam step, so the result does not depend on how the micro-batches are split over processes: with
+several, each rank sums its own micro-batches' gradients and the sums are added across ranks before the
+step, so every replica takes the same step. The pruned weights get no gradient and are reset to exactly 0
+after every step. Losses: `mse` (mean over every output element) or `normalized` (per token, the squared
+error over the dense output's squared norm, averaged over tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Call = tuple[tuple, dict]
+
+
+def block_loss(out: torch.Tensor, dense: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sum over the batch's tokens of the per-token loss (divide by the token count for the mean)."""
+    err = (out.float() - dense.float()).square().sum(dim=-1)
+    if kind == "normalized":
+        err = err / dense.float().square().sum(dim=-1).clamp_min(1e-12)
+    else:
+        err = err / out.shape[-1]
+    return err.sum()
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _run(block: nn.Module, call: Call, move: Callable) -> torch.Tensor:
+    args, kwargs = move(call)
+    return _hidden(block(*args, **kwargs))
+
+
+def refit_block_(
+    block: nn.Module,
+    params: list[nn.Parameter],
+    calls: list[Call],
+    dense: list[torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    loss: str = "mse",
+    move: Callable[[Call], Call] = lambda c: c,
+    sum_: Callable[[list[torch.Tensor]], None] = lambda ts: None,
+    total_tokens: Callable[[float], float] = lambda n: n,
+) -> dict[str, float]:
+    """Train `params` (the block's target weights; zeros are the masks) in place for `steps` full passes
+    over `calls` against `dense` outputs. `move(call)` puts a call on the block's device; `sum_` adds
+    tensors across processes in place; `total_tokens(n)` the token count over processes. Returns the loss
+    per token before and after."""
+    masks = [p.detach() == 0 for p in params]
+    tokens = total_tokens(float(sum(d.shape[:-1].numel() for d in dense)))
+    flags = [p.requires_grad for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    before = None
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(steps):
+            seen = 0.0
+            with torch.enable_grad():
+                for call, y in zip(calls, dense, strict=True):
+                    value = block_loss(_run(block, call, move), y.to(params[0].device), loss) / tokens
+                    value.backward()
+                    seen += float(value.detach())
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            seen_t = torch.tensor([seen], device=params[0].device)
+            sum_([*grads, seen_t])
+            before = before if before is not None else float(seen_t)
+            for p, g, m in zip(params, grads, masks, strict=True):
+                p.grad = g.masked_fill_(m, 0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, m in zip(params, masks, strict=True):
+                    p.masked_fill_(m, 0)
+        with torch.no_grad():
+            after = sum(float(block_loss(_run(block, c, move), y.to(params[0].device), loss)) for c, y in
+                        zip(calls, dense, strict=True)) / tokens  # fmt: skip
+        after = _summed(after, sum_)
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+            p.grad = None
+    return {"loss_before": before if before is not None else after, "loss_after": after}
+
+
+def _summed(value: float, sum_: Callable[[list[torch.Tensor]], None]) -> float:
+    t = torch.tensor([value])
+    sum_([t])
+    return float(t)

@@ -1,0 +1,93 @@
+"""The block refit (`block_steps`, issue 26): a block's kept weights trained jointly against the dense block.
+
+Pruned weights stay exactly 0 and 2:4 stays 2:4 (the masks are those of the run without the refit); the
+block's output error after the refit is at most its error after lsq, measured here independently of the
+report; the same settings give the same weights; settings that do not apply are refused. One process
+against two: tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llm_gradprune import PruneConfig, prune_
+from llm_gradprune.errors import ConfigError
+from llm_gradprune.reconstruction.block import block_loss
+from llm_gradprune.targets import find_targets
+
+from .conftest import make_blocks, make_tiny_llama
+
+
+def _batches() -> list[torch.Tensor]:
+    return list(make_blocks(6, 24, seed=3).split(2))
+
+
+def _pruned(model, **kw):
+    result = prune_(model, _batches(), PruneConfig(progress=False, **kw))
+    return model, result.report
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {t.key: t.weight.detach().clone() for t in find_targets(model).values()}
+
+
+@pytest.mark.parametrize(
+    "kw", [{"criterion": "sparsegpt", "pattern": "2:4"}, {"criterion": "wanda", "reconstruct": "lsq"}]
+)
+def test_pruned_weights_stay_zero_and_the_masks_are_those_chosen(kw):
+    """Every weight zero when its block's masks were chosen (the report counts them then) is zero after the
+    refit, and no other: the count is the same and 2:4 stays 2:4. Block 0, whose inputs the refit does not
+    change, gets exactly the masks of the run without it; every target's kept weights moved."""
+    plain, _ = _pruned(make_tiny_llama(), **kw)
+    refit, report = _pruned(make_tiny_llama(), block_steps=5, block_lr=1e-3, **kw)
+    for name, w in _weights(refit).items():
+        assert int((w == 0).sum()) == report["per_tensor"][name]["zeros"], name
+        if name.startswith("model.layers.0."):
+            assert torch.equal(w == 0, _weights(plain)[name] == 0), name
+        assert not torch.equal(w, _weights(plain)[name]), name
+        if kw.get("pattern") == "2:4":
+            assert bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()), name
+    per_block = report["mode"]["block_refit"]["per_block"]
+    assert len(per_block) == 2 and all(b["loss_after"] < b["loss_before"] for b in per_block)
+
+
+def _block0_error(dense, pruned, kind: str) -> float:
+    """Output error per token of `pruned`'s block 0 against the dense block 0, on the dense model's block-0
+    inputs for the calibration batches (the embeddings: the same for every model here)."""
+    from llm_gradprune.executors.blocks import capture_block_inputs, dense_outputs
+
+    dense.eval()
+    calls = capture_block_inputs(dense, dense.model.layers, _batches(), device=torch.device("cpu"))
+    calls.use_block(0)
+    want = dense_outputs(dense.model.layers[0], list(calls), torch.device("cpu"))
+    got = dense_outputs(pruned.model.layers[0], list(calls), torch.device("cpu"))
+    tokens = sum(y.shape[:-1].numel() for y in want)
+    return sum(float(block_loss(g, y, kind)) for g, y in zip(got, want, strict=True)) / tokens
+
+
+@pytest.mark.parametrize("kind", ["mse", "normalized"])
+def test_the_block_error_after_the_refit_is_at_most_the_lsq_one(kind):
+    dense = make_tiny_llama()
+    lsq, _ = _pruned(copy.deepcopy(dense), criterion="wanda", reconstruct="lsq")
+    refit, _ = _pruned(copy.deepcopy(dense), criterion="wanda", reconstruct="lsq", block_steps=10, block_lr=1e-3,
+                       block_loss=kind)  # fmt: skip
+    after_lsq, after_refit = _block0_error(dense, lsq, kind), _block0_error(dense, refit, kind)
+    assert after_refit <= after_lsq and after_refit < 0.9 * after_lsq, (after_lsq, after_refit)
+
+
+def test_the_same_settings_give_the_same_weights():
+    a, _ = _pruned(make_tiny_llama(), criterion="sparsegpt", block_steps=3, block_lr=1e-3)
+    b, _ = _pruned(make_tiny_llama(), criterion="sparsegpt", block_steps=3, block_lr=1e-3)
+    for name, w in _weights(a).items():
+        assert torch.equal(w, _weights(b)[name]), name
+
+
+def test_block_settings_without_steps_are_refused_and_steps_turn_on_layer_wise():
+    with pytest.raises(ConfigError, match=r"block_lr 0\.01 applies with block_steps > 0 only"):
+        PruneConfig(block_lr=0.01)
+    with pytest.raises(ConfigError, match=r"block_loss 'normalized' applies with block_steps > 0 only"):
+        PruneConfig(block_loss="normalized")
+    assert PruneConfig(criterion="wanda", block_steps=2).layer_wise
