@@ -335,7 +335,8 @@ class PruneConfig:
     def layer_wise(self) -> bool:
         """Whether pruning runs block by block: an adaptive criterion, an update rule, sequential asked, or a
         block refit."""
-        return (CRITERIA.get(self.criterion).adaptive or self.reconstruct != "none" or bool(self.sequential)
+        crit = CRITERIA.get(self.criterion)
+        return (crit.adaptive or crit.block_local or self.reconstruct != "none" or bool(self.sequential)
                 or self.block_steps > 0)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:

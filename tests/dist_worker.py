@@ -180,6 +180,7 @@ LAYER_WISE_CASES = {
     "wanda/lsq": {"criterion": "wanda", "reconstruct": "lsq"},
     "sparsegpt/2:4": {"criterion": "sparsegpt", "pattern": "2:4"},
     "wanda/lsq/block": {"criterion": "wanda", "reconstruct": "lsq", "block_steps": 3, "block_lr": 1e-3},
+    "regional/row": {"criterion": "regional"},
 }
 MOE_CASES = {
     "token_fisher/row": {"criterion": "token_fisher"},

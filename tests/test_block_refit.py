@@ -91,3 +91,39 @@ def test_block_settings_without_steps_are_refused_and_steps_turn_on_layer_wise()
     with pytest.raises(ConfigError, match=r"block_loss 'normalized' applies with block_steps > 0 only"):
         PruneConfig(block_loss="normalized")
     assert PruneConfig(criterion="wanda", block_steps=2).layer_wise
+
+
+def test_the_regional_gradient_is_the_block_output_norm_gradient_by_hand():
+    """criterion regional: block_grad_abs_mean of a block-0 weight equals the mean over micro-batches of
+    |d sum_samples ||block0(X)||_2 / dw| computed by autograd on the block's inputs, and the scores are
+    |w| (alpha G + rms(x))."""
+    from llm_gradprune.calibration.stats import make_statistics
+    from llm_gradprune.executors.blocks import capture_block_inputs, run_block_backward
+    from llm_gradprune.scoring.criteria import CRITERIA
+
+    model = make_tiny_llama().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    calls = capture_block_inputs(model, model.model.layers, _batches(), device=torch.device("cpu"))
+    calls.use_block(0)
+    block = model.model.layers[0]
+    targets = {n: t for n, t in find_targets(model).items() if n.startswith("model.layers.0.")}
+    stats = make_statistics({"block_grad_abs_mean"}, targets)
+    acc = stats.by_source["blockgrad"].attach()
+    run_block_backward(block, list(calls), torch.device("cpu"))
+    acc.detach()
+    w = block.mlp.down_proj.weight
+    want = torch.zeros_like(w)
+    for args, kwargs in calls:
+        w.requires_grad_(True)
+        out = block(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+        (g,) = torch.autograd.grad(h.flatten(1).norm(dim=1).sum(), w)
+        want += g.abs()
+        w.requires_grad_(False)
+    got = stats.mean("block_grad_abs_mean", "model.layers.0.mlp.down_proj.weight")
+    assert torch.allclose(got, want / len(calls), rtol=1e-4, atol=1e-8)
+    act = torch.rand(w.shape[1])
+    score = CRITERIA.get("regional").fn(w, got, act, alpha=10.0)
+    assert torch.allclose(score, w.abs() * (10.0 * got + act.sqrt()))
+    assert CRITERIA.get("regional").block_local and PruneConfig(criterion="regional").layer_wise

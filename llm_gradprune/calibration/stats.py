@@ -494,6 +494,9 @@ for _s in (
         "token_grad_sq_mean", "token_grad_sq_sum", "token", True, False, "E_t[(dL/dy_t,i x_t,j)^2] per weight"
     ),  # fmt: skip
     Statistic("hessian", "hessian", "hessian", False, True, "H = 2 X X^T / n per layer input"),
+    Statistic("block_grad_abs_mean", "grad_abs_sum", "blockgrad", False, True,
+              "E_b[|d ||block output||_2 / dw|] per weight: the regional gradient of its decoder block, taken "
+              "on the block's own inputs (layer-wise; Wanda++)"),
 ):
     STATISTICS.add(_s.name, _s)
 
@@ -570,6 +573,7 @@ def make_statistics(
         "token": lambda sums: _token_stats(modules, device),
         "act": lambda sums: ActStats(modules),
         "hessian": lambda sums: Hessians(modules),
+        "blockgrad": lambda sums: GradStats(params, sums, device=device),
     }
     made = {source: make(by_source[source]) for source, make in build.items() if source in by_source}
     if any(getattr(m, "expert", None) is not None for m in modules.values()):

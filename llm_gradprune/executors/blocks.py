@@ -293,6 +293,18 @@ def run_block(
             calls[i] = _with_hidden(args, kwargs, h.to(store))
 
 
+def run_block_backward(block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device) -> None:
+    """Each recorded call through `block` with autograd, then the backward of the sum over its samples of
+    the l2 norm of the block's output (each sample's tokens x hidden): the regional gradient of Wanda++,
+    folded by whatever gradient hooks are attached. Only the parameters that require grad get one."""
+    for args, kwargs in calls:
+        with torch.enable_grad():
+            out = block(*_move(args, device), **_move(kwargs, device))
+            h = out[0] if isinstance(out, tuple | list) else out
+            loss = h.float().flatten(1).norm(dim=1).sum()
+        loss.backward()
+
+
 @torch.no_grad()
 def dense_outputs(block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device) -> list[torch.Tensor]:
     """The block's outputs for every recorded call, kept where the calls' hidden states are."""

@@ -43,6 +43,7 @@ from .blocks import (
     dense_outputs,
     hidden_states_of,
     run_block,
+    run_block_backward,
     run_block_until,
     split_by_block,
 )
@@ -137,7 +138,15 @@ class _LayerPruning:
         plan = self.plan
         stats = make_statistics(plan.stage_stats, modules)
         with self.timer("layer_statistics"):
-            for acc in stats.accumulators():
+            regional = stats.by_source.get("blockgrad")
+            if regional is not None:  # its own pass, with autograd, on the stage's current block
+                regional.attach()
+                try:
+                    run_block_backward(layer, calls, self.device)
+                finally:
+                    regional.detach()
+            forward = [acc for source, acc in stats.by_source.items() if source != "blockgrad"]
+            for acc in forward:
                 acc.attach()
             try:
                 if until is None:
@@ -145,7 +154,7 @@ class _LayerPruning:
                 else:
                     run_block_until(layer, calls, self.device, until)
             finally:
-                for acc in stats.accumulators():
+                for acc in forward:
                     acc.detach()
             reduce_statistics_(stats, plan.collective, chunk_elems=plan.cfg.select_chunk_elems)
         with self.timer("prune"):

@@ -37,6 +37,11 @@ class Criterion:
     row_local: bool = True  # a row's scores depend on that row only (else: not on row-sharded weights)
 
     @property
+    def block_local(self) -> bool:
+        """Reads statistics that exist one decoder block at a time only: runs layer-wise."""
+        return any(STATISTICS.get(s).source == "blockgrad" for s in self.needs)
+
+    @property
     def needs(self) -> tuple[str, ...]:
         """Mean statistics the score function reads, in argument order."""
         if self.fn is None:
@@ -191,6 +196,21 @@ def blend(
     if grad:
         log = log + (0.5 * grad) * grad_sq_mean.clamp_min(tiny).log()
     return log
+
+
+@criterion(
+    "|w|·(α·E_b|∂‖block(X)‖₂/∂w| + rms(x_j))",
+    "regional gradients of one decoder block, Wanda++ RGS (Yang et al., 2025): needs only the block",
+    alpha="weight of the regional gradient term against the activation term",
+)
+def regional(
+    w: torch.Tensor, block_grad_abs_mean: torch.Tensor, act_sq_mean: torch.Tensor, alpha: float = 100.0
+) -> torch.Tensor:
+    """|w| * (alpha * E_b[|d ||block(X_b)||_2 / dw|] + sqrt(E_t[x_j^2])): Wanda's score plus the
+    gradient of the block's own output norm, taken in the layer-wise pass on the block's inputs (Wanda++'s
+    regional gradient score). No whole-model backward: one block at a time, so any model size that fits
+    one block prunes with gradients. Runs layer-wise."""
+    return w.abs() * (alpha * block_grad_abs_mean + _channel(act_sq_mean, w).sqrt())
 
 
 @criterion("w² · E_t[(∂L/∂y_t,i · x_t,j)²]", "OBD with the per-token empirical Fisher")
