@@ -37,6 +37,17 @@ RUNS = {
         "--allow-empty-tensors",
     ],
     "sparsegpt-owl": ["--criterion", "sparsegpt", "--allocation", "owl"],
+    "block-refit": [
+        "--criterion",
+        "wanda",
+        "--reconstruct",
+        "lsq",
+        "--block-steps",
+        "2",
+        "--block-lr",
+        "1e-3",
+    ],
+    "regional": ["--criterion", "regional"],
     # structured: read block by block (no statistics), and after whole-model statistics with a sequential refit
     "structure-magnitude": [
         "--structure",
