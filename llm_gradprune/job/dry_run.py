@@ -174,15 +174,10 @@ def _duration(s: float) -> str:
 
 # -- the plan ----------------------------------------------------------------------------------------
 def checked(cfg: JobConfig):
-    """The planning checks of a real run (job/skeleton.plan) that write nothing and take no lock:
+    """The planning checks of a real run (`skeleton.checked_plan`) that write nothing and take no lock:
     (cfg, sharded, processes, device)."""
-    from ..calibration.assets import resolve_model
-    from ..io.checkpoint import check_output_dir
-    from ..io.hub import check_repo_id, check_revision
     from ..parallel import make_accelerator
-    from ..tasks import check_tasks
-    from .preflight import check_device
-    from .skeleton import run_inputs
+    from .skeleton import checked_plan
     from .transforms import transform_for
 
     if cfg.structured is not None:
@@ -192,16 +187,7 @@ def checked(cfg: JobConfig):
     transform = transform_for(cfg)
     cfg = transform.adjust(cfg)
     accelerator = make_accelerator(cpu=cfg.device == "cpu")
-    check_device(cfg.device)
-    sharded = transform.check(cfg, accelerator)
-    check_tasks(cfg.eval_tasks, cfg.eval_tasks_include_path)
-    if cfg.push_to_hub:
-        check_repo_id(cfg.push_to_hub)
-        check_revision(cfg.push_revision)
-    resolved = resolve_model(cfg.model)
-    check_output_dir(cfg.output_dir, cfg.overwrite, inputs=run_inputs(cfg, transform, resolved))
-    transform.check_outputs(cfg)
-    device = torch.device(cfg.device) if cfg.device else accelerator.device
+    sharded, _, _, device = checked_plan(cfg, transform, accelerator)
     return cfg, sharded, accelerator.num_processes, device
 
 

@@ -134,6 +134,20 @@ def run_planned(job: Job) -> dict[str, Any]:
 def plan(cfg: JobConfig, transform) -> Job:
     """Everything checked before any work (raises ConfigError): the Job to run."""
     accelerator = make_accelerator(cpu=cfg.device == "cpu")  # CPU-only machines: see parallel/
+    sharded, resolved, out, device = checked_plan(cfg, transform, accelerator)
+    if cfg.structured is None and not transform.keeps_report:  # what the memory model describes
+        check_run_fits(cfg, sharded, accelerator.num_processes, device)
+    if looks_local(resolved):
+        check_free_space(out, folder_weight_bytes(resolved, cfg.dtype), f"{cfg.dtype} weights of the model")
+    if cfg.prune.threads is not None:
+        torch.set_num_threads(cfg.prune.threads)
+    lock = claim_on_main(accelerator, out)  # last: a refusal above leaves no lock behind
+    return Job(cfg, transform, accelerator, out, sharded, lock=lock)
+
+
+def checked_plan(cfg: JobConfig, transform, accelerator) -> tuple[bool, str, Path, torch.device]:
+    """The planning checks that write nothing and take no lock (also what `--dry-run` runs): (rows
+    sharded, the resolved model, the output folder, the device)."""
     check_device(cfg.device)
     sharded = transform.check(cfg, accelerator)
     check_tasks(cfg.eval_tasks, cfg.eval_tasks_include_path)
@@ -146,15 +160,7 @@ def plan(cfg: JobConfig, transform) -> Job:
     resolved = resolve_model(cfg.model)
     out = check_output_dir(cfg.output_dir, cfg.overwrite, inputs=run_inputs(cfg, transform, resolved))
     transform.check_outputs(cfg)
-    if cfg.structured is None and not transform.keeps_report:  # what the memory model describes
-        device = torch.device(cfg.device) if cfg.device else accelerator.device
-        check_run_fits(cfg, sharded, accelerator.num_processes, device)
-    if looks_local(resolved):
-        check_free_space(out, folder_weight_bytes(resolved, cfg.dtype), f"{cfg.dtype} weights of the model")
-    if cfg.prune.threads is not None:
-        torch.set_num_threads(cfg.prune.threads)
-    lock = claim_on_main(accelerator, out)  # last: a refusal above leaves no lock behind
-    return Job(cfg, transform, accelerator, out, sharded, lock=lock)
+    return sharded, resolved, out, torch.device(cfg.device) if cfg.device else accelerator.device
 
 
 def run_inputs(cfg: JobConfig, transform, model: str) -> dict[str, str | None]:
