@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-samples", type=int, default=32, help="held-out windows per domain")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per block")
     ap.add_argument(
-        "--recover-steps", type=int, default=100, help="recovery steps after removal (0: no such row)"
+        "--recover-steps", type=int, default=50, help="recovery steps after removal (0: no such row)"
     )
     ap.add_argument("--recover-lr", type=float, default=5e-4, help="recovery peak learning rate")
     ap.add_argument("--recover-batch", type=int, default=4, help="recovery blocks per step")
