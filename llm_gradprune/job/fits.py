@@ -66,10 +66,16 @@ def check_run_fits(cfg: JobConfig, sharded: bool, processes: int, device: torch.
     """When a real run is planned, before its model is loaded: the memory model's prediction for its
     offload mode against the memory free here, from the config and a meta-device skeleton only;
     ConfigError (one line, naming the option that would fit) where it cannot fit."""
+    from types import SimpleNamespace
+
+    from ..plan import split_statistics
+
     config, _ = read_config(cfg.model, cfg.trust_remote_code)
-    model = meta_model(config, cfg.dtype, cfg.trust_remote_code)
+    model = meta_model(config, cfg.dtype, cfg.trust_remote_code, name=cfg.model)
     targets = find_targets(model, cfg.prune.include, cfg.prune.exclude)
     shape = model_shape(model, targets, cfg.model)
-    m = cfg.prune.nm[1] * 8 if cfg.prune.nm else 64
-    plan = statistics_plan(cfg, nn.Linear(m, m, bias=False, device="meta"))
+    layer_wise = cfg.prune.layer_wise and not sharded
+    # what run_settings reads of a plan, without make_plan (it would log the run's notes a second time)
+    plan = SimpleNamespace(whole_stats=split_statistics(cfg.prune, layer_wise)[0],
+                           executor="layer_wise" if layer_wise else "whole_model")  # fmt: skip
     check_memory(cfg, shape, plan, processes, sharded, device)

@@ -47,7 +47,7 @@ def read_config(name: str, trust_remote_code: bool = False):
         raise ConfigError(f"model {name!r} cannot be loaded: {first}") from None
 
 
-def meta_model(config, dtype: str, trust_remote_code: bool = False) -> nn.Module:
+def meta_model(config, dtype: str, trust_remote_code: bool = False, name: str | None = None) -> nn.Module:
     """The model's skeleton on the meta device: every module and parameter shape, no storage."""
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +58,8 @@ def meta_model(config, dtype: str, trust_remote_code: bool = False) -> nn.Module
             )
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
-            raise ConfigError(f"{type(config).__name__} is not a causal language model") from None
+            what = f"model {name!r} ({type(config).__name__})" if name else type(config).__name__
+            raise ConfigError(f"{what} is not a causal language model") from None
         raise
 
 
