@@ -234,6 +234,9 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
             pruning.prune_layer_(layer, per_layer[index], calls)
             with timer("offload_release"):
                 store.release(index, layer)
+            # the block's entries now point where its weights live (meta under offload disk): the dict
+            # must not keep a released block's tensors alive
+            weights.update({t.key: t.weight.data for t in per_layer[index].values()})
     finally:
         model.train(was_training)
     del calls
