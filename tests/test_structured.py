@@ -370,7 +370,9 @@ def test_channel_and_head_sums_by_hand():
     assert s.groups.tolist() == [2 + 3 + 11, 4 + 5 + 22] and s.layer == pytest.approx(float(
         q.sum() + k.sum() + v.sum() + o.sum() + gate.sum() + up.sum() + down.sum()))  # fmt: skip
     mag = IMPORTANCES.get("magnitude").scores(None, t, GEO)
-    assert mag.channels[0][0] == pytest.approx((1 + 4 + 1 + 1 + 1 + 1) ** 0.5)  # sqrt of gate^2 + up^2 + down^2
+    assert mag.channels[0][0] == pytest.approx(
+        (1 + 4 + 1 + 1 + 1 + 1) ** 0.5
+    )  # sqrt of gate^2 + up^2 + down^2
     assert mag.groups[0] == pytest.approx(
         (1 + 4 + 1 + 1 + 100 + 1) ** 0.5
     )  # q^2 + o^2 of heads 0, 1 + k^2 + v^2
@@ -386,7 +388,9 @@ def test_vector_forms_flap_and_block_influence_by_hand():
                   blk_z=-0.5, blk_zz=0.25, blk_tt=0.75)  # fmt: skip
     t = vector_scores(u, GEO, "taylor")
     assert (
-        t.channels[0].tolist() == [1, 2] and t.queries.tolist() == [1, 3, 2, 2] and t.groups.tolist() == [2, 4]
+        t.channels[0].tolist() == [1, 2]
+        and t.queries.tolist() == [1, 3, 2, 2]
+        and t.groups.tolist() == [2, 4]
     )
     assert t.layer == 0.5
     f = vector_scores(u, GEO, "fisher")
@@ -447,17 +451,27 @@ def test_choose_meets_the_target_from_below_and_mixed_takes_the_cheapest():
     from llm_gradprune.structured.importance import LayerScores
 
     shape = Shape(layers=2, hidden=4, widths=(("intermediate_size", 8),), heads=2, kv_heads=1, head_dim=2)
-    costs = UnitCosts(fixed=10, channel={"intermediate_size": 12}, query=16, kv=16)  # layer: 10 + 96 + 32 + 16 = 154
+    costs = UnitCosts(
+        fixed=10, channel={"intermediate_size": 12}, query=16, kv=16
+    )  # layer: 10 + 96 + 32 + 16 = 154
     s = [
         LayerScores([torch.arange(8.0)], torch.tensor([1.0, 50.0]), torch.tensor([100.0]), 1000.0)
         for _ in range(2)
     ]
     c = choose(shape, costs, s, ("channels",), [], target=0.75, multiple=1)
     # budget 115.5 per layer: (115.5 - 10 - 48) / 12 = 4.79 -> 4 channels, the highest scored
-    assert c.widths == {"intermediate_size": 4} and c.channels[0][0].tolist() == [4, 5, 6, 7] and c.params_after == 2 * 106
+    assert (
+        c.widths == {"intermediate_size": 4}
+        and c.channels[0][0].tolist() == [4, 5, 6, 7]
+        and c.params_after == 2 * 106
+    )
     assert c.cost == 2 * (0 + 1 + 2 + 3)
     m = choose(shape, costs, s, ("channels", "heads", "layers"), [(1, 2), (1, 1)], target=0.75, multiple=1,
                structure="mixed")  # fmt: skip
     # dropping query head 0 (cost 1) frees 16 params: (115.5 - 10 - 32) / 12 -> 6 channels kept, cost 1 + 0 + 1
-    assert (m.group, m.widths["intermediate_size"]) == (1, 6) and m.cost == 2 * (1 + 0 + 1) and m.queries[0].tolist() == [1]
+    assert (
+        (m.group, m.widths["intermediate_size"]) == (1, 6)
+        and m.cost == 2 * (1 + 0 + 1)
+        and m.queries[0].tolist() == [1]
+    )
     assert m.removed_layers == [] and m.params_after == 2 * (10 + 72 + 16 + 16)

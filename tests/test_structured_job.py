@@ -89,7 +89,8 @@ def test_the_card_gives_the_new_shape_and_sizes(shrunk):
     assert "structured-pruning" in meta["tags"] and "mixed" in meta["tags"] and "sparse" not in meta["tags"]
     before, after = report["shape_before"], report["shape_after"]
     assert (
-        f"| MLP channels (`intermediate_size`) | {before['intermediate_size']} | {after['intermediate_size']} |" in card
+        f"| MLP channels (`intermediate_size`) | {before['intermediate_size']} | {after['intermediate_size']} |"
+        in card
     )
     assert (
         f"| parameters | {report['params_before']['total']:,} | {report['params_after']['total']:,} |" in card

@@ -14,7 +14,9 @@ from llm_gradprune.targets import find_targets
 from .conftest import make_blocks, make_tiny_llama
 
 # every criterion that scores (sparsegpt chooses its masks layer-wise: test_layer_wise.py)
-BASIC = [c for c, crit in CRITERIA.items() if not crit.adaptive and not crit.block_local]  # whole-model criteria
+BASIC = [
+    c for c, crit in CRITERIA.items() if not crit.adaptive and not crit.block_local
+]  # whole-model criteria
 
 
 def untouched(model):

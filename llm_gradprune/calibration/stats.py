@@ -494,9 +494,15 @@ for _s in (
         "token_grad_sq_mean", "token_grad_sq_sum", "token", True, False, "E_t[(dL/dy_t,i x_t,j)^2] per weight"
     ),  # fmt: skip
     Statistic("hessian", "hessian", "hessian", False, True, "H = 2 X X^T / n per layer input"),
-    Statistic("block_grad_abs_mean", "grad_abs_sum", "blockgrad", False, True,
-              "E_b[|d ||block output||_2 / dw|] per weight: the regional gradient of its decoder block, taken "
-              "on the block's own inputs (layer-wise; Wanda++)"),
+    Statistic(
+        "block_grad_abs_mean",
+        "grad_abs_sum",
+        "blockgrad",
+        False,
+        True,
+        "E_b[|d ||block output||_2 / dw|] per weight: the regional gradient of its decoder block, taken "
+        "on the block's own inputs (layer-wise; Wanda++)",
+    ),
 ):
     STATISTICS.add(_s.name, _s)
 

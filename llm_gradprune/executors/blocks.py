@@ -262,7 +262,9 @@ def capture_block_inputs(
     return calls
 
 
-def capture_with_store(model: nn.Module, prefix: str, layers, batches, loss_fn, device, store, host=None) -> BlockCalls:
+def capture_with_store(
+    model: nn.Module, prefix: str, layers, batches, loss_fn, device, store, host=None
+) -> BlockCalls:
     """Every block's recorded inputs (`capture_block_inputs`) when the blocks live in an
     `offload.BlockStore`: offloaded, only what runs before the blocks is brought in and the blocks are
     stubbed; `host`: where the recorded inputs are kept (None: where they come)."""
@@ -270,7 +272,9 @@ def capture_with_store(model: nn.Module, prefix: str, layers, batches, loss_fn, 
         return capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=host)
     store.inputs_side(model, prefix, True)
     try:
-        return capture_block_inputs(model, layers, batches, loss_fn=loss_fn, device=device, store=host, stubbed=True)
+        return capture_block_inputs(
+            model, layers, batches, loss_fn=loss_fn, device=device, store=host, stubbed=True
+        )
     finally:
         store.inputs_side(model, prefix, False)
 
@@ -306,7 +310,9 @@ def run_block_backward(block: nn.Module, calls: list[tuple[tuple, dict]], device
 
 
 @torch.no_grad()
-def dense_outputs(block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device) -> list[torch.Tensor]:
+def dense_outputs(
+    block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device
+) -> list[torch.Tensor]:
     """The block's outputs for every recorded call, kept where the calls' hidden states are."""
     out = []
     for args, kwargs in calls:

@@ -339,7 +339,9 @@ def _apply(model, units: ModelUnits, choice: Choice, cfg: StructureConfig, stats
     device = store.device
     blocks = model.get_submodule(units.prefix)
     calls = (
-        capture_with_store(model, units.prefix, blocks, batches, loss_fn, device, store) if sequential else None
+        capture_with_store(model, units.prefix, blocks, batches, loss_fn, device, store)
+        if sequential
+        else None
     )
     kept = [i for i in range(units.shape.layers) if i not in choice.removed_layers]
     last = max(lu.index for lu in changed) if changed else -1
