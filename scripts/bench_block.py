@@ -14,6 +14,7 @@ A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS]]. BASE is one of
   sgpt50     plain sparsegpt 50% per row (its own OBS update): the time reference
   r50mask    configs/recipe_50.yaml without its update (fisher global masks, dense weights kept)
   r50        configs/recipe_50.yaml as is (+ lsq)
+  r24mask    configs/recipe_2of4.yaml without its update (SparseGPT's 2:4 masks, dense weights kept)
   r24obs     configs/recipe_2of4.yaml with SparseGPT's own update instead of lsq
   r24        configs/recipe_2of4.yaml as is (+ lsq)
 and `+bSTEPS` adds the block refit (`block_steps`, `block_lr` default 1e-4, `block_loss` default mse),
@@ -25,6 +26,7 @@ calib_<num-samples>) of docs/bench_block.json, so an interrupted run keeps what 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -53,6 +55,7 @@ BASES = {
     "sgpt50": {"criterion": "sparsegpt", "sparsity": 0.5},
     "r50mask": recipe("recipe_50", reconstruct="none"),
     "r50": recipe("recipe_50"),
+    "r24mask": recipe("recipe_2of4", reconstruct="none"),
     "r24obs": recipe("recipe_2of4", reconstruct="obs"),
     "r24": recipe("recipe_2of4"),
 }
@@ -116,7 +119,7 @@ CLOCK = RefitClock()
 def one_row(spec: str, proto: Protocol, stats, ood: torch.Tensor, threads: int) -> dict:
     kw = row_config(spec)
     proto.restore_dense_()
-    row: dict = {"settings": kw, "command": command_line()}
+    row: dict = {"settings": kw, "command": command_line(), "load_before": os.getloadavg()[0]}
     if kw is not None:
         t, CLOCK.seconds = time.perf_counter(), 0.0
         report = prune_(proto.model, proto.batches(), PruneConfig(threads=threads, **kw), targets=proto.targets,
@@ -128,12 +131,14 @@ def one_row(spec: str, proto: Protocol, stats, ood: torch.Tensor, threads: int) 
     for name, blocks in (("imdb", proto.eval_blocks), ("ood", ood)):
         r = perplexity(proto.model, blocks, batch_size=4, progress=False)
         row[f"ppl_{name}"], row[f"eval_{name}_s"] = r["ppl"], r["seconds"]
+    row["load_after"] = os.getloadavg()[0]  # other jobs share the 2 cores: seconds compare within one window
     return row
 
 
-def table(result: dict) -> str:
+def table(result: dict, ref: dict | None = None) -> str:
+    """The rows as markdown; `ref`: the sparsegpt row the times are relative to (default this run's)."""
     rows = result["rows"]
-    dense, ref = rows.get("dense"), rows.get("sgpt50")
+    dense, ref = rows.get("dense"), ref or rows.get("sgpt50")
     lines = ["| row | settings | IMDB ppl | x dense | out-of-domain ppl | x dense-ood | layer-wise s "
              "| x sparsegpt | block refit s | block loss before -> after |", "|---" * 10 + "|"]  # fmt: skip
     for spec, r in rows.items():
@@ -162,10 +167,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_block.json"), help="this run's raw result")
     ap.add_argument("--key", default=None, help="record key (default calib_<num-samples>)")
     ap.add_argument("--report", action="store_true", help="print the recorded table and exit")
+    ap.add_argument("--ref-key", help="--report: times relative to the sgpt50 row of this record key")
     args = ap.parse_args(argv)
     args.key = args.key or f"calib_{args.num_samples}"
     if args.report:
-        print(table(result_of(args.record, args.key)))
+        ref = result_of(args.record, args.ref_key)["rows"]["sgpt50"] if args.ref_key else None
+        print(table(result_of(args.record, args.key), ref))
         return 0
     specs = [s for s in args.rows.split(",") if s]
     for s in specs:
