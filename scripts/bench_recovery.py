@@ -52,6 +52,20 @@ ROWS = ["dense", "dense-ft", "r50", "r50+lm", "r50+kd", "r24", "r24+lm", "r24+kd
 LICENSES = Path("/usr/share/common-licenses")
 
 
+def protocol_with_ood(num_samples: int, threads: int):
+    """(protocol with its first `num_samples` calibration blocks, 32 x 512 out-of-domain windows, its
+    whole-model statistics): the setup the block-level benchmarks share."""
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    proto = Protocol()
+    proto.calib = proto.calib[:num_samples]
+    ood = load_samples(TextSource(str(ood_text(LICENSES)), split="all"), proto.tokenizer, 32, 512)
+    t = time.perf_counter()
+    stats = proto.statistics()
+    print(f"statistics over {len(proto.calib)} blocks ready in {time.perf_counter() - t:.0f} s", flush=True)
+    return proto, ood, stats
+
+
 def ood_text(folder: Path) -> Path:
     """The licence texts as one paragraph per line (a local .txt the library reads)."""
     out = ROOT / "out" / "bench_recovery" / "licenses.txt"

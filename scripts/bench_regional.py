@@ -34,12 +34,11 @@ import time
 import torch
 import yaml
 from bench_quality import parse_row
-from bench_recovery import LICENSES, ood_text
+from bench_recovery import protocol_with_ood
 from benchjson import command_line, result_of, save
 from protocol import ROOT, Protocol, token_hash
 
 from llm_gradprune import PruneConfig, prune_
-from llm_gradprune.calibration.data import TextSource, load_samples
 from llm_gradprune.evaluate import perplexity
 
 PRUNE_FIELDS = set(PruneConfig.__dataclass_fields__)
@@ -173,14 +172,7 @@ def main(argv=None) -> int:
     specs = [s for item in args.rows.split(",") if item for s in ROW_SETS.get(item, [item])]
     for s in specs:
         row_config(s)
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    proto = Protocol()
-    proto.calib = proto.calib[: args.num_samples]
-    ood = load_samples(TextSource(str(ood_text(LICENSES)), split="all"), proto.tokenizer, 32, 512)
-    t = time.perf_counter()
-    stats = proto.statistics()
-    print(f"statistics over {len(proto.calib)} blocks ready in {time.perf_counter() - t:.0f} s", flush=True)
+    proto, ood, stats = protocol_with_ood(args.num_samples, args.threads)
     result = result_of(args.record, args.key, default={"rows": {}})
     result["dense"] = dense_row(token_hash(proto.eval_blocks))
     result["protocol"] = {"model": proto.job.model, "calibration_blocks": len(proto.calib), "seq_len": 512,
