@@ -204,3 +204,24 @@ def test_a_run_that_cannot_fit_is_refused_when_planned_naming_offload(assets, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "offload 'none' needs about" in err[0] and "use --offload" in err[0], err
     assert not (root / "too-big").exists()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mixtral", "gpt2"])
+def test_offloaded_blocks_replay_with_their_own_calls_on_other_families(family):
+    """The stubbed capture still records each block's own call (Gemma's sliding and full layers), and
+    experts and Conv1D blocks prune as in memory: sparsegpt with offload cpu gives the in-memory weights."""
+    from llm_gradprune import PruneConfig, prune_
+    from llm_gradprune.offload import BlockStore
+    from llm_gradprune.targets import find_targets
+
+    from .families import BY_NAME
+
+    out = []
+    for store in (None, BlockStore("cpu", "cpu")):
+        model = BY_NAME[family].build()
+        g = torch.Generator().manual_seed(1)
+        batches = list(torch.randint(0, model.config.vocab_size, (4, 32), generator=g).split(2))
+        prune_(model, batches, PruneConfig(progress=False, criterion="sparsegpt"), offload=store)
+        out.append({n: t.weight.detach().clone() for n, t in find_targets(model).items()})
+    for name, w in out[0].items():
+        assert torch.equal(w, out[1][name]), name
