@@ -55,17 +55,22 @@ def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tens
     update ever flows into or out of them. Damping starts at `percdamp` x mean diagonal; if a Cholesky
     fails it is multiplied by 10 (up to 5 times) with a warning.
     """
-    H, dead, damp = damped_hessian(H, percdamp, add=False)
-    idx = torch.arange(H.shape[0], device=H.device)
+    damp = None
     for attempt in range(6):
-        Hd = H.clone()
-        Hd[idx, idx] += damp
+        # one working copy at a time: the damped copy is dropped once factored, the factor once
+        # inverted (peak: the caller's H and two [in, in] copies)
+        Hd, dead, first = damped_hessian(H, percdamp, add=False)
+        damp = first if damp is None else damp
+        Hd.diagonal().add_(damp)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            L = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(L, upper=True)
+            del L
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, dead, damp
+            del U
         if attempt == 5:
             break
         warnings.warn(
