@@ -178,9 +178,8 @@ def test_two_processes_with_offload_give_the_one_process_weights(assets, mode):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     got = _tensors(out)
     assert sorted(got) == sorted(ref)
-    for name, t in ref.items():
-        assert torch.allclose(got[name], t, atol=1e-6, rtol=1e-5), name
-        assert torch.equal(got[name] == 0, t == 0), name  # the same masks
+    for name, t in ref.items():  # bit for bit: every rank sums its tensors' Hessians in one process's order
+        assert torch.equal(got[name], t), name
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["calibration"]["processes"] == 2 and report["offload"]["mode"] == mode
     assert not list(root.glob(f".two-{mode}.partial*"))

@@ -290,5 +290,13 @@ def round_robin_chunks(items: list, group: int, rank: int, world: int) -> list:
     return [item for g in round_robin(groups, rank, world) for item in g]
 
 
+def merge_round_robin_chunks(parts: list[list], group: int) -> list:
+    """The inverse of `round_robin_chunks`: every rank's share (`parts`, in rank order) back in the
+    order of the items one process gets."""
+    groups = [[p[i : i + group] for i in range(0, len(p), group)] for p in parts]
+    rounds = max((len(g) for g in groups), default=0)
+    return [item for k in range(rounds) for g in groups if k < len(g) for item in g[k]]
+
+
 def token_hash(blocks: torch.Tensor) -> str:
     return hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()

@@ -126,7 +126,7 @@ def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor | None) -> Call:
+def with_hidden(args: tuple, kwargs: dict, h: torch.Tensor | None) -> Call:
     if args:
         return (h, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": h}
@@ -154,7 +154,7 @@ class BlockCalls(list):
         """Give every call block `index`'s own inputs besides the hidden states."""
         for j, own in enumerate(self.own):
             if own is not None:
-                self[j] = _with_hidden(*own[index], hidden_states_of(*self[j]))
+                self[j] = with_hidden(*own[index], hidden_states_of(*self[j]))
 
 
 class _Recorder:
@@ -182,7 +182,7 @@ class _Recorder:
             call = (tuple(args), kwargs)
             if index == 0:
                 self.hidden, self.signature = hidden_states_of(*call), _signature(call)
-            self.seen.append(_with_hidden(*call, None))
+            self.seen.append(with_hidden(*call, None))
             if index == self.last or (index == 0 and self._known_alike()):
                 raise _StopForward
 
@@ -206,7 +206,7 @@ class _Recorder:
         own = None if own is None else [_map_call(move, c) for c in own]
         base = own[0] if own is not None else _map_call(move, seen[0])
         hidden, self.hidden = move(self.hidden), None
-        return _with_hidden(*base, hidden), own
+        return with_hidden(*base, hidden), own
 
 
 @torch.no_grad()
@@ -294,7 +294,7 @@ def run_block(
         out = block(*a, **kw)
         if keep_outputs:
             h = out[0] if isinstance(out, tuple | list) else out
-            calls[i] = _with_hidden(args, kwargs, h.to(store))
+            calls[i] = with_hidden(args, kwargs, h.to(store))
 
 
 def run_block_backward(block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device) -> None:

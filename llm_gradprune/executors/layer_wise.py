@@ -13,9 +13,15 @@
    (statistics of the dense model). `true_sequential` splits a block into stages, each its own group,
    calibrated after the stages before it.
 
-Only one group's statistics are alive at a time. With several processes (a replicated model) each rank
-records its own micro-batches; a group's statistics are summed across ranks before it is pruned, so
-every rank applies the same update and the replicas stay identical.
+Only one group's statistics are alive at a time. With several processes (a replicated model) the work
+is shared and the result is one process's, bit for bit: every rank records every micro-batch's block
+inputs (`_every_batch`, in one process's order); each group's tensors are dealt to the ranks
+(`Collective.owners`), each rank gathers the statistics of its own tensors over every micro-batch and
+solves them, and the pruned tensors, masks and report entries are broadcast from their owners. A
+block's outputs are computed one micro-batch per rank in turn and broadcast. The block refit runs on
+every rank over every micro-batch (summing per-rank gradients would round differently). The
+whole-model statistics before the layer-wise pass are still each rank's micro-batches summed across
+ranks, so a gradient criterion's scores agree with one process's up to rounding.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from ..calibration.loop import reduce_counters_, reduce_statistics_, to_device
+from ..calibration.data import merge_round_robin_chunks
+from ..calibration.loop import to_device
 from ..calibration.stats import Statistics, make_statistics
 from ..errors import ConfigError
 from ..offload import BlockStore
@@ -46,6 +54,7 @@ from .blocks import (
     run_block_backward,
     run_block_until,
     split_by_block,
+    with_hidden,
 )
 from .whole_model import statistics_of
 
@@ -72,11 +81,25 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return prefix, model.get_submodule(prefix)
 
 
-def _count_what_layers_read(counters: dict[str, Any], calls: Calls, batches: list, plan: Plan) -> None:
-    """With no calibration pass (nothing read the whole model): batches and tokens the layers read."""
+def _count_what_layers_read(counters: dict[str, Any], calls: Calls) -> None:
+    """With no calibration pass (nothing read the whole model): batches and tokens the layers read
+    (every rank holds every micro-batch's calls)."""
     tokens = sum(int(hidden_states_of(a, k).shape[:-1].numel()) for a, k in calls)
-    counters.update({"batches": len(batches), "tokens": tokens})
-    reduce_counters_(counters, plan.collective)
+    counters.update({"batches": len(calls), "tokens": tokens})
+
+
+def _every_batch(batches: list[Any], plan: Plan) -> list[Any]:
+    """Every rank's micro-batches, on every rank, in the order one process runs them (the job deals
+    whole groups of `grad_accum` micro-batches round-robin, `calibration.data.round_robin_chunks`).
+
+    Each rank then runs every block on every micro-batch in that order and sums the statistics of the
+    tensors it solves itself, exactly as one process does: summing each rank's partial sums instead
+    rounds differently, and SparseGPT turns a last-bit difference of a Hessian into a different mask."""
+    coll = plan.collective
+    if coll.processes == 1:
+        return batches
+    mine = tree_map(lambda x: x.detach().cpu().clone() if isinstance(x, torch.Tensor) else x, batches)
+    return merge_round_robin_chunks(coll.gather_objects(mine), plan.cfg.grad_accum)
 
 
 @dataclass
@@ -93,16 +116,17 @@ class _LayerPruning:
     device: torch.device
     stages_per_layer: list[int] = field(default_factory=list)
     block_refits: list[dict] = field(default_factory=list)  # per block: loss per token before and after
+    dense_hidden: list[torch.Tensor] | None = None  # block_target dense: the dense model's hidden states
 
     def prune_layer_(self, layer: nn.Module, targets: dict[str, nn.Module], calls: Calls) -> None:
         """Prune `layer`'s targets (in stages with `true_sequential`), refit the block (`block_steps`);
         with `sequential` its outputs, from the pruned layer, replace the recorded hidden states."""
         sequential = self.plan.cfg.sequential is not False
         refit = self.plan.cfg.block_steps > 0 and bool(targets)
-        if refit:  # the dense block's outputs on the inputs it is pruned on, before any weight changes
+        if refit or self.dense_hidden is not None:  # the dense block's outputs, before any weight changes
             inputs = list(calls)
             with self.timer("block_refit"):
-                dense = dense_outputs(layer, inputs, self.device)
+                dense = self._dense_targets(layer, inputs)
         if targets:
             # true_sequential: the layer's targets in stages of modules sharing one input (q/k/v, o,
             # gate/up, down); each stage's statistics are taken after the stages before it are pruned
@@ -120,50 +144,83 @@ class _LayerPruning:
                 self.block_refits.append(self._refit_(layer, targets, inputs, dense))
         if sequential or not targets:
             with self.timer("layer_forward"):
-                run_block(layer, calls, self.device, keep_outputs=True)
+                self._outputs(layer, calls, replace=True)
+
+    def _dense_targets(self, layer: nn.Module, inputs: Calls) -> list[torch.Tensor]:
+        """What the refit reproduces: the dense block's outputs on the calls' inputs (`block_target`
+        pruned), or on the dense model's own hidden states, which they then replace (dense)."""
+        if self.dense_hidden is None:
+            return self._outputs(layer, inputs)
+        dense = self._outputs(
+            layer, [with_hidden(*c, h) for c, h in zip(inputs, self.dense_hidden, strict=True)]
+        )
+        self.dense_hidden = dense
+        return dense
+
+    def _outputs(self, layer: nn.Module, calls: Calls, replace: bool = False) -> list[torch.Tensor] | None:
+        """The block's outputs on every call, kept where the calls' hidden states are; `replace`: they
+        replace the calls' hidden states one by one instead. With several processes each rank computes
+        the micro-batches dealt to it and broadcasts them: a micro-batch's output does not depend on
+        which rank computes it, so this is one process's result."""
+        coll = self.plan.collective
+        if coll.processes == 1:
+            return run_block(layer, calls, self.device, keep_outputs=True) if replace else dense_outputs(
+                layer, calls, self.device)  # fmt: skip
+        done = {j: dense_outputs(layer, [calls[j]], self.device)[0]
+                for j in range(coll.rank, len(calls), coll.processes)}  # fmt: skip
+        out = []
+        for j, call in enumerate(calls):
+            h = hidden_states_of(*call)
+            buf = done.pop(j).to(self.device) if j in done else torch.empty_like(h, device=self.device)
+            coll.share_({"h": buf}, {"h": j % coll.processes})
+            if replace:
+                calls[j] = with_hidden(*call, buf.to(h.device))
+            else:
+                out.append(buf.to(h.device))
+        return None if replace else out
 
     def _refit_(self, layer: nn.Module, targets: dict, inputs: Calls, dense: list[torch.Tensor]) -> dict:
-        cfg, coll = self.plan.cfg, self.plan.collective
+        """Every rank runs the refit on every micro-batch in one process's order (gradients summed
+        across ranks would round differently): the replicas take one process's steps."""
+        cfg = self.plan.cfg
         params = list({id(t.param): t.param for t in targets.values()}.values())
         return refit_block_(
             layer, params, inputs, dense, steps=cfg.block_steps, lr=cfg.block_lr, loss=cfg.block_loss,
             move=lambda c: (to_device(c[0], self.device), to_device(c[1], self.device)),
-            sum_=lambda ts: coll.sum_(ts), total_tokens=lambda n: coll.sum_scalars([n])[0],
         )  # fmt: skip
 
     def _prune_stage_(self, modules: dict[str, nn.Module], layer: nn.Module, calls: Calls,
                       until: nn.Module | None, keep_outputs: bool) -> None:  # fmt: skip
-        """Gather the group's statistics from the recorded inputs (up to `until`, or the whole layer),
-        sum them across ranks, and prune the group."""
-        plan = self.plan
-        stats = make_statistics(plan.stage_stats, modules)
+        """Gather the statistics of the group's tensors this rank solves from every recorded input (up
+        to `until`, or the whole layer), prune them, and share the results with the other ranks."""
+        plan, coll = self.plan, self.plan.collective
+        names = [m.key for m in modules.values()]
+        owners = coll.owners({n: self.weights[n].numel() for n in names})
+        mine = {k: m for k, m in modules.items() if owners[m.key] == coll.rank}
+        stats = make_statistics(plan.stage_stats, mine)
         with self.timer("layer_statistics"):
             regional = stats.by_source.get("blockgrad")
-            if regional is not None:  # its own pass, with autograd, on the stage's current block
+            if regional is not None and mine:  # its own pass, with autograd, on the stage's current block
                 regional.attach()
                 try:
                     run_block_backward(layer, calls, self.device)
                 finally:
                     regional.detach()
             forward = [acc for source, acc in stats.by_source.items() if source != "blockgrad"]
-            for acc in forward:
-                acc.attach()
-            try:
-                if until is None:
-                    run_block(layer, calls, self.device, keep_outputs=keep_outputs)
-                else:
-                    run_block_until(layer, calls, self.device, until)
-            finally:
+            if mine or keep_outputs:  # a rank that solves none of the group has nothing to gather
                 for acc in forward:
-                    acc.detach()
-            reduce_statistics_(stats, plan.collective, chunk_elems=plan.cfg.select_chunk_elems)
+                    acc.attach()
+                try:
+                    if until is None:
+                        run_block(layer, calls, self.device, keep_outputs=keep_outputs)
+                    else:
+                        run_block_until(layer, calls, self.device, until)
+                finally:
+                    for acc in forward:
+                        acc.detach()
         with self.timer("prune"):
-            names = [m.key for m in modules.values()]
-            coll = plan.collective
-            owners = coll.owners({n: self.weights[n].numel() for n in names})
-            mine = [n for n in names if owners[n] == coll.rank]
-            prune_stage(plan, mine, self.weights, self.budgets, self.scope, self.record, stage=stats,
-                        whole=self.whole)  # fmt: skip
+            prune_stage(plan, [m.key for m in mine.values()], self.weights, self.budgets, self.scope,
+                        self.record, stage=stats, whole=self.whole)  # fmt: skip
             if "hessian" in stats.by_source:
                 stats.by_source["hessian"].free()
         if coll.processes > 1:
@@ -216,12 +273,15 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     model.eval()
     with timer("capture_inputs"):
         host = torch.device("cpu") if cfg.offload_inputs else None
-        calls = capture_with_store(model, prefix, layers, batches, loss_fn, device, store, host)
+        calls = capture_with_store(model, prefix, layers, _every_batch(batches, plan), loss_fn, device, store,
+                                   host)  # fmt: skip
     if not counters["batches"]:
-        _count_what_layers_read(counters, calls, batches, plan)
+        _count_what_layers_read(counters, calls)
     pruning = _LayerPruning(
         plan, weights, budgets, scope, whole, Record(keep_masks=return_masks), timer, device
     )
+    if cfg.block_steps and cfg.block_target == "dense":
+        pruning.dense_hidden = [hidden_states_of(*c).clone() for c in calls]
     main = (accelerator is None or accelerator.is_local_main_process) and coll.rank == 0
     try:
         for index, layer in enumerate(tqdm(layers, desc="layer-wise pruning", unit="block",
@@ -245,6 +305,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     mode = {"stages_per_block": pruning.stages_per_layer}
     if cfg.block_steps:
         mode["block_refit"] = {"steps": cfg.block_steps, "lr": cfg.block_lr, "loss": cfg.block_loss,
+                               "target": cfg.block_target,
                                "per_block": pruning.block_refits}  # fmt: skip
     report = build_report(plan, record, counters, whole, timer.timings, device=device, allocation=allocation,
                           mode=mode)  # fmt: skip

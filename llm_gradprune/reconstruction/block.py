@@ -9,9 +9,9 @@ inputs (computed before the block was pruned):
     min over kept W   sum_b L(block_W(X_b), Y_b),   W[mask] = 0 throughout
 
 Each step is one full pass over every recorded micro-batch (gradients summed, token-weighted), then one
-Adam step, so the result does not depend on how the micro-batches are split over processes: with
-several, each rank sums its own micro-batches' gradients and the sums are added across ranks before the
-step, so every replica takes the same step. The pruned weights get no gradient and are reset to exactly 0
+Adam step. With several processes every rank runs the refit over every micro-batch in one process's
+order (the layer-wise executor gives each rank all of them): adding per-rank gradient sums would round
+differently, and the replicas must take one process's steps bit for bit. The pruned weights get no gradient and are reset to exactly 0
 after every step. Losses: `mse` (mean over every output element) or `normalized` (per token, the squared
 error over the dense output's squared norm, averaged over tokens).
 """
@@ -55,15 +55,12 @@ def refit_block_(
     lr: float,
     loss: str = "mse",
     move: Callable[[Call], Call] = lambda c: c,
-    sum_: Callable[[list[torch.Tensor]], None] = lambda ts: None,
-    total_tokens: Callable[[float], float] = lambda n: n,
 ) -> dict[str, float]:
     """Train `params` (the block's target weights; zeros are the masks) in place for `steps` full passes
-    over `calls` against `dense` outputs. `move(call)` puts a call on the block's device; `sum_` adds
-    tensors across processes in place; `total_tokens(n)` the token count over processes. Returns the loss
+    over `calls` against `dense` outputs. `move(call)` puts a call on the block's device. Returns the loss
     per token before and after."""
     masks = [p.detach() == 0 for p in params]
-    tokens = total_tokens(float(sum(d.shape[:-1].numel() for d in dense)))
+    tokens = float(sum(d.shape[:-1].numel() for d in dense))
     flags = [p.requires_grad for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     before = None
@@ -78,9 +75,7 @@ def refit_block_(
                     value.backward()
                     seen += float(value.detach())
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            seen_t = torch.tensor([seen], device=params[0].device)
-            sum_([*grads, seen_t])
-            before = before if before is not None else float(seen_t)
+            before = before if before is not None else seen
             for p, g, m in zip(params, grads, masks, strict=True):
                 p.grad = g.masked_fill_(m, 0)
             opt.step()
@@ -91,15 +86,8 @@ def refit_block_(
         with torch.no_grad():
             after = sum(float(block_loss(_run(block, c, move), y.to(params[0].device), loss)) for c, y in
                         zip(calls, dense, strict=True)) / tokens  # fmt: skip
-        after = _summed(after, sum_)
     finally:
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
             p.grad = None
     return {"loss_before": before if before is not None else after, "loss_after": after}
-
-
-def _summed(value: float, sum_: Callable[[list[torch.Tensor]], None]) -> float:
-    t = torch.tensor([value])
-    sum_([t])
-    return float(t)
