@@ -78,6 +78,46 @@ def test_the_block_error_after_the_refit_is_at_most_the_lsq_one(kind):
     assert after_refit <= after_lsq and after_refit < 0.9 * after_lsq, (after_lsq, after_refit)
 
 
+def _block1_loss_after(dense, pruned, target: str) -> float:
+    """By hand, the refit's loss per token of block 1 after it: the pruned block 1 on the pruned block 0's
+    outputs, against the dense block 1 on those same inputs (target pruned) or on the dense block 0's
+    outputs (target dense)."""
+    from llm_gradprune.executors.blocks import capture_block_inputs, dense_outputs, with_hidden
+
+    cpu = torch.device("cpu")
+    dense.eval()
+    calls = capture_block_inputs(dense, dense.model.layers, _batches(), device=cpu)
+    calls.use_block(1)  # alike blocks: block 1's own inputs besides the hidden states are block 0's
+
+    def then(layer, hidden):
+        return dense_outputs(layer, [with_hidden(*c, h) for c, h in zip(calls, hidden, strict=True)], cpu)
+
+    x0 = [c[0][0] for c in calls]
+    x1_pruned = then(pruned.model.layers[0], x0)
+    x1_target = then(dense.model.layers[0], x0) if target == "dense" else x1_pruned
+    want = then(dense.model.layers[1], x1_target)
+    got = then(pruned.model.layers[1], x1_pruned)
+    tokens = sum(y.shape[:-1].numel() for y in want)
+    return sum(float(block_loss(g, y, "mse")) for g, y in zip(got, want, strict=True)) / tokens
+
+
+@pytest.mark.parametrize("target", ["pruned", "dense"])
+def test_the_refit_target_is_the_dense_block_on_the_inputs_it_names(target):
+    """block_target pruned: the dense block's outputs on the pruned model's hidden states; dense: the dense
+    model's own outputs of the block. Block 0 gets the same inputs either way; block 1's reported loss
+    after the refit is the one computed by hand against the named target."""
+    dense = make_tiny_llama()
+    refit, report = _pruned(copy.deepcopy(dense), criterion="wanda", block_steps=4, block_lr=1e-3,
+                            block_target=target)  # fmt: skip
+    per_block = report["mode"]["block_refit"]["per_block"]
+    assert report["mode"]["block_refit"]["target"] == target
+    assert per_block[1]["loss_after"] == pytest.approx(_block1_loss_after(dense, refit, target), rel=1e-4)
+    other = _block1_loss_after(dense, refit, "pruned" if target == "dense" else "dense")
+    assert per_block[1]["loss_after"] != pytest.approx(other, rel=1e-2)  # the two targets differ
+    _, plain = _pruned(copy.deepcopy(dense), criterion="wanda", block_steps=4, block_lr=1e-3)
+    assert per_block[0] == plain["mode"]["block_refit"]["per_block"][0]
+
+
 def test_the_same_settings_give_the_same_weights():
     a, _ = _pruned(make_tiny_llama(), criterion="sparsegpt", block_steps=3, block_lr=1e-3)
     b, _ = _pruned(make_tiny_llama(), criterion="sparsegpt", block_steps=3, block_lr=1e-3)
@@ -90,6 +130,8 @@ def test_block_settings_without_steps_are_refused_and_steps_turn_on_layer_wise()
         PruneConfig(block_lr=0.01)
     with pytest.raises(ConfigError, match=r"block_loss 'normalized' applies with block_steps > 0 only"):
         PruneConfig(block_loss="normalized")
+    with pytest.raises(ConfigError, match=r"block_target 'dense' applies with block_steps > 0 only"):
+        PruneConfig(block_target="dense")
     assert PruneConfig(criterion="wanda", block_steps=2).layer_wise
 
 
