@@ -349,6 +349,10 @@ TIMING_KEYS = (
     "layer_statistics",
     "prune",
     "layer_forward",
+    "block_refit",
+    "share",
+    "offload_fetch",
+    "offload_release",
     "total",
 )
 

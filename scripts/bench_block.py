@@ -38,7 +38,6 @@ from protocol import ROOT, Protocol, token_hash
 
 from llm_gradprune import PruneConfig, prune_
 from llm_gradprune.evaluate import perplexity
-from llm_gradprune.executors import layer_wise
 
 PRUNE_FIELDS = set(PruneConfig.__dataclass_fields__)
 
@@ -92,40 +91,17 @@ def refit_summary(report: dict) -> dict | None:
             "per_block": per}  # fmt: skip
 
 
-class RefitClock:
-    """Seconds spent in the block refit (dense outputs + training), timed around the executor's two calls:
-    the report's `timings_s` lists a fixed set of phases without it (its `total` includes it)."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        for name in ("dense_outputs", "refit_block_"):
-            setattr(layer_wise, name, self._timed(getattr(layer_wise, name)))
-
-    def _timed(self, fn):
-        def wrapper(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t
-
-        return wrapper
-
-
-CLOCK = RefitClock()
-
-
 def one_row(spec: str, proto: Protocol, stats, ood: torch.Tensor, threads: int) -> dict:
     kw = row_config(spec)
     proto.restore_dense_()
     row: dict = {"settings": kw, "command": command_line(), "load_before": os.getloadavg()[0]}
     if kw is not None:
-        t, CLOCK.seconds = time.perf_counter(), 0.0
+        t = time.perf_counter()
         report = prune_(proto.model, proto.batches(), PruneConfig(threads=threads, **kw), targets=proto.targets,
                         statistics=stats, return_masks=False).report  # fmt: skip
         row["prune_s"] = time.perf_counter() - t
         timings = report.get("timings_s", {})
-        row.update(timings_s=timings, layer_wise_s=row["prune_s"], block_refit_s=CLOCK.seconds, sparsity=report["overall_sparsity"],
+        row.update(timings_s=timings, layer_wise_s=row["prune_s"], block_refit_s=timings.get("block_refit", 0.0), sparsity=report["overall_sparsity"],
                    block_refit=refit_summary(report))  # fmt: skip
     for name, blocks in (("imdb", proto.eval_blocks), ("ood", ood)):
         r = perplexity(proto.model, blocks, batch_size=4, progress=False)
