@@ -13,8 +13,8 @@ T = target weights, N = processes):
 - statistics (only when the criterion or allocation reads the whole model: gradients, per-token Fisher,
   dense activations): the whole model on the device (b P, / N with FSDP) in every offload mode, plus
   its fp32 statistics, the gradient in flight and one micro-batch's activations (`calibration_terms`).
-- capture (layer-wise): the recorded block inputs (samples x seq_len x hidden x b; on the host with
-  offload_inputs), next to the whole model (none) or the input embeddings only (cpu, disk).
+- capture (layer-wise): the recorded block inputs (samples x seq_len x hidden x b, all of them on every
+  process; on the host with offload_inputs), next to the whole model (none) or the input embeddings only (cpu, disk).
 - layer-wise: one group's fp32 Hessians (in_features^2 x 4 per distinct input: q/k/v share one,
   gate/up share one, each expert its own; one stage's with true_sequential), the recorded inputs and
   one block's forward, next to the whole model (none) or one block (cpu, disk: the device holds the
@@ -27,7 +27,6 @@ counts once.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
@@ -311,7 +310,9 @@ def _whole_stats(s: ModelShape, r: RunSettings, blocks: float = 0) -> float:
 def _layer_phases(s: ModelShape, r: RunSettings, offload: str) -> tuple[Phase, Phase]:
     """(capture, layer-wise) of a layer-wise run."""
     b, block = r.dtype_bytes, s.largest_block
-    inputs = math.ceil(r.samples / r.processes) * r.seq_len * s.hidden * b
+    inputs = (
+        r.samples * r.seq_len * s.hidden * b
+    )  # every rank records every micro-batch (one process's order)
     forward = (
         b
         * r.batch_size
