@@ -9,7 +9,7 @@ row of a run for both the whole-model statistics (cached on disk per token hash)
 pass; in-domain = 64 x 512 held-out windows of builtin:imdb test (seed 0); out-of-domain = 32 x 512
 windows of the licence texts in /usr/share/common-licenses (scripts/bench_recovery.py's loader).
 
-A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS]]. BASE is one of
+A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS,target=TARGET]]. BASE is one of
   dense      the dense model (evaluation only)
   sgpt50     plain sparsegpt 50% per row (its own OBS update): the time reference
   r50mask    configs/recipe_50.yaml without its update (fisher global masks, dense weights kept)
@@ -17,8 +17,9 @@ A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS]]. BASE is one of
   r24mask    configs/recipe_2of4.yaml without its update (SparseGPT's 2:4 masks, dense weights kept)
   r24obs     configs/recipe_2of4.yaml with SparseGPT's own update instead of lsq
   r24        configs/recipe_2of4.yaml as is (+ lsq)
-and `+bSTEPS` adds the block refit (`block_steps`, `block_lr` default 1e-4, `block_loss` default mse),
-e.g. `r50+b4`, `r50+b8:lr=3e-4`, `r24+b4:loss=normalized`. Rows run one after another in this process
+and `+bSTEPS` adds the block refit (`block_steps`, `block_lr` default 1e-4, `block_loss` default mse,
+`block_target` default pruned), e.g. `r50+b4`, `r50+b8:lr=3e-4`, `r24+b4:loss=normalized`,
+`r50mask+b16:lr=1e-3,target=dense`. Rows run one after another in this process
 (the dense weights restored between them); results merge row by row under `--key` (default
 calib_<num-samples>) of docs/bench_block.json, so an interrupted run keeps what it measured.
 """
@@ -58,6 +59,10 @@ BASES = {
     "r24": recipe("recipe_2of4"),
 }
 
+# `+bSTEPS:` options, each a PruneConfig `block_<name>` field and how its text is read; PruneConfig
+# checks the values (main, before the model is loaded)
+BLOCK_OPTIONS = {"lr": float, "loss": str, "target": str}
+
 
 def row_config(spec: str) -> dict | None:
     """The PruneConfig settings a row spec stands for (None: the dense model)."""
@@ -73,10 +78,22 @@ def row_config(spec: str) -> dict | None:
         steps, _, opts = block.partition(":")
         kw["block_steps"] = int(steps)
         for k, _, v in (o.partition("=") for o in filter(None, opts.split(","))):
-            if k not in ("lr", "loss"):
-                raise SystemExit(f"row {spec!r}: block option {k!r} is not lr or loss")
-            kw[f"block_{k}"] = float(v) if k == "lr" else v
+            if k not in BLOCK_OPTIONS:
+                raise SystemExit(f"row {spec!r}: block option {k!r} is not one of {', '.join(BLOCK_OPTIONS)}")
+            kw[f"block_{k}"] = BLOCK_OPTIONS[k](v)
     return kw
+
+
+def split_rows(text: str) -> list[str]:
+    """The row specs of a comma list; a piece `k=v` is one more block option of the spec before it
+    (`r50+b16:lr=1e-3,target=dense,r24` is two rows), since a base name never holds `=`."""
+    specs: list[str] = []
+    for piece in filter(None, text.split(",")):
+        if "=" in piece and "+b" not in piece and specs:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
 
 
 def refit_summary(report: dict) -> dict | None:
@@ -149,9 +166,10 @@ def main(argv=None) -> int:
         ref = result_of(args.record, args.ref_key)["rows"]["sgpt50"] if args.ref_key else None
         print(table(result_of(args.record, args.key), ref))
         return 0
-    specs = [s for s in args.rows.split(",") if s]
-    for s in specs:
-        row_config(s)  # every spec checked before the model is loaded
+    specs = split_rows(args.rows)
+    for s in specs:  # every spec checked, its values by PruneConfig, before the model is loaded
+        if (kw := row_config(s)) is not None:
+            PruneConfig(threads=args.threads, **kw)
     proto, ood, stats = protocol_with_ood(args.num_samples, args.threads)
     result = result_of(args.record, args.key, default={"rows": {}})
     result["protocol"] = {"model": proto.job.model, "calibration_blocks": len(proto.calib), "seq_len": 512,
