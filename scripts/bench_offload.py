@@ -129,7 +129,7 @@ def part_rss(args: argparse.Namespace, work: Path) -> dict:
     for layers in args.layers:
         folder = model_folder(layers, work)
         row = {"layers": layers, "weights_bytes": weight_bytes(folder)}
-        for mode in ("none", "disk"):
+        for mode in args.modes:
             r = prune_cli(folder, work / f"out_{mode}", args, mode)
             row[mode] = r
             row[f"{mode}_x_weights"] = r["peak_rss_bytes"] / row["weights_bytes"]
@@ -139,9 +139,11 @@ def part_rss(args: argparse.Namespace, work: Path) -> dict:
         rows.append(row)
         if args.drop_models:
             shutil.rmtree(folder, ignore_errors=True)
+    if "disk" not in args.modes:
+        return {"modes": args.modes, "rows": rows}
     last = rows[-1]
     disk = [r["disk"]["peak_rss_bytes"] for r in rows]
-    return {"rows": rows, "disk_growth_first_to_last": disk[-1] / disk[0],
+    return {"modes": args.modes, "rows": rows, "disk_growth_first_to_last": disk[-1] / disk[0],
             "targets_met": {"disk_le_0.45x_weights_at_largest": last["disk_x_weights"] <= 0.45,
                             "disk_flat_within_10pct": disk[-1] <= 1.1 * disk[0]}}  # fmt: skip
 
@@ -298,17 +300,30 @@ def said(c: dict) -> str:
             f"{c['zero_pattern_diff_fraction']:.2%} apart, max |diff| {c['max_abs_diff']:.3g}")  # fmt: skip
 
 
-def print_tables(result: dict) -> None:
+def print_rss(rss: dict) -> None:
+    """The rss rows, with the columns of the modes that ran (--modes)."""
     gib = 2**30
+    modes = [m for m in ("none", "disk") if m in rss["rows"][0]]
+    head = ["layers", "weights GiB"]
+    for m in modes:
+        head += [f"{m} peak RSS GiB", f"{m} / weights"]
+    head += ["disk report peak GiB"] * ("disk" in modes) + [f"{m} s" for m in modes]
+    print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+    for r in rss["rows"]:
+        cells = [str(r["layers"]), f"{r['weights_bytes'] / gib:.2f}"]
+        for m in modes:
+            cells += [f"{r[m]['peak_rss_bytes'] / gib:.2f}", f"{r[f'{m}_x_weights']:.2f}"]
+        if "disk" in modes:
+            cells.append(f"{r['disk']['offload']['peak_host_bytes'] / gib:.2f}")
+        cells += [f"{r[m]['wall_s']:.0f}" for m in modes]
+        print("| " + " | ".join(cells) + " |")
+    if "targets_met" in rss:
+        print(f"targets: {rss['targets_met']}")
+
+
+def print_tables(result: dict) -> None:
     if "rss" in result:
-        print("\n| layers | weights GiB | none peak RSS GiB | none / weights | disk peak RSS GiB | disk / weights "
-              "| disk report peak GiB | none s | disk s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-        for r in result["rss"]["rows"]:
-            n, d = r["none"], r["disk"]
-            print(f"| {r['layers']} | {r['weights_bytes'] / gib:.2f} | {n['peak_rss_bytes'] / gib:.2f} | "
-                  f"{r['none_x_weights']:.2f} | {d['peak_rss_bytes'] / gib:.2f} | {r['disk_x_weights']:.2f} | "
-                  f"{d['offload']['peak_host_bytes'] / gib:.2f} | {n['wall_s']:.0f} | {d['wall_s']:.0f} |")  # fmt: skip
-        print(f"targets: {result['rss']['targets_met']}")
+        print_rss(result["rss"])
     if "time" in result:
         t = result["time"]
         print(f"\n{t['layers']} layers, wall s none {[round(r['wall_s'], 1) for r in t['runs']['none']]} "
@@ -341,6 +356,13 @@ def main() -> int:
         help="gpu: run by scripts/gpu_check.sh, not by default",
     )
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 24, 40], help="sizes of the rss part")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["none", "disk"],
+        choices=["none", "disk"],
+        help="offload modes of the rss part (disk alone skips the slow in-memory rows)",
+    )
     ap.add_argument("--time-layers", type=int, default=8, help="model of the time and procs parts")
     ap.add_argument(
         "--reps", type=int, default=4, help="alternating runs in the time and procs parts (A B A B)"
