@@ -168,7 +168,7 @@ class Prune(Transform):
                             offload=job.store)  # fmt: skip
         report = result.report
         if cfg.offload != "none":
-            report["offload"] = offload_record(cfg.offload, job.device)
+            report["offload"] = offload_record(job.store, job.device)
         job.timings.update(report.pop("timings_s"))
         report["calibration"].update(calibration_input(cfg, job.samples))
         return report
@@ -192,13 +192,14 @@ def make_store(cfg: JobConfig, job):
     return store
 
 
-def offload_record(mode: str, device) -> dict[str, Any]:
-    """The offload mode and the peaks it reached: host RSS and, on a GPU, device memory allocated."""
+def offload_record(store, device) -> dict[str, Any]:
+    """The offload mode and the peaks it reached: host RSS and, on a GPU, device memory allocated; the
+    malloc mmap threshold the store set (None: not glibc)."""
     import resource
 
     peak_device = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
-    return {"mode": mode, "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "peak_device_bytes": peak_device}  # fmt: skip
+    return {"mode": store.mode, "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_device_bytes": peak_device, "malloc_mmap_threshold": store.mmap_threshold}  # fmt: skip
 
 
 class Shrink(Transform):
@@ -247,7 +248,7 @@ class Shrink(Transform):
         }
         report["file_bytes_before"] = bytes_before
         if cfg.offload != "none":
-            report["offload"] = offload_record(cfg.offload, job.device)
+            report["offload"] = offload_record(job.store, job.device)
         return report
 
     def before_save(self, job, report) -> None:
