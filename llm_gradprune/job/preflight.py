@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import importlib.metadata
 import math
+import os
 import platform
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +20,6 @@ from ..errors import ConfigError
 
 def versions() -> dict[str, str]:
     import accelerate
-    import datasets
     import safetensors
     import transformers
 
@@ -27,7 +29,9 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
+        "datasets": importlib.metadata.version(
+            "datasets"
+        ),  # not imported: 81 MiB a local-text run never uses
         "safetensors": safetensors.__version__,
     }
 
@@ -54,12 +58,15 @@ def check_device(device: str | None) -> None:
 
 
 def quiet_hf_progress_bars() -> None:
-    """--no-progress also silences the bars transformers and datasets draw while loading."""
-    import datasets
+    """--no-progress also silences the bars transformers and datasets draw while loading (datasets only
+    once a Hub source imports it: its environment switch is read then)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def weight_bytes(model) -> int:
