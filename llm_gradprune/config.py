@@ -213,10 +213,11 @@ class PruneConfig:
         unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
     )
     block_target: str = setting(
-        "pruned",
-        "what the block refit reproduces: pruned (the dense block's outputs on the inputs the pruned blocks "
-        "before it give) or dense (the dense model's own outputs of the block, so the refit also corrects "
-        "the error the blocks before it left; keeps a second copy of the recorded hidden states)",
+        "dense",
+        "what the block refit reproduces: dense (the dense model's own outputs of the block, so the refit "
+        "also corrects the error the blocks before it left; keeps a second copy of the recorded hidden "
+        "states; measured better in and out of domain at 50% and 2:4) or pruned (the dense block's outputs "
+        "on the inputs the pruned blocks before it give)",
         "layer-wise",
         choices=("pruned", "dense"),
         unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),

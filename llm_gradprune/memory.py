@@ -240,6 +240,8 @@ class RunSettings:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     offload_inputs: bool = False
+    # copies of the recorded hidden states: 1, + the block refit's targets, + its dense-model stream
+    input_copies: int = 1
     true_sequential: bool = False
     processes: int = 1
     fsdp: bool = False  # the whole-model pass shards the weights over the processes
@@ -310,9 +312,8 @@ def _whole_stats(s: ModelShape, r: RunSettings, blocks: float = 0) -> float:
 def _layer_phases(s: ModelShape, r: RunSettings, offload: str) -> tuple[Phase, Phase]:
     """(capture, layer-wise) of a layer-wise run."""
     b, block = r.dtype_bytes, s.largest_block
-    inputs = (
-        r.samples * r.seq_len * s.hidden * b
-    )  # every rank records every micro-batch (one process's order)
+    # every rank records every micro-batch (one process's order)
+    inputs = r.input_copies * r.samples * r.seq_len * s.hidden * b
     forward = (
         b
         * r.batch_size

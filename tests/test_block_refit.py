@@ -130,8 +130,8 @@ def test_block_settings_without_steps_are_refused_and_steps_turn_on_layer_wise()
         PruneConfig(block_lr=0.01)
     with pytest.raises(ConfigError, match=r"block_loss 'normalized' applies with block_steps > 0 only"):
         PruneConfig(block_loss="normalized")
-    with pytest.raises(ConfigError, match=r"block_target 'dense' applies with block_steps > 0 only"):
-        PruneConfig(block_target="dense")
+    with pytest.raises(ConfigError, match=r"block_target 'pruned' applies with block_steps > 0 only"):
+        PruneConfig(block_target="pruned")
     assert PruneConfig(criterion="wanda", block_steps=2).layer_wise
 
 
