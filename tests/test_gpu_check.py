@@ -28,9 +28,19 @@ def test_gpu_check_dry_run_writes_the_json(tmp_path):
     )
     assert calib["memory_ratio"].startswith("skipped")  # peak device memory needs a GPU
     prune = result["prune_bf16"]
-    for run in ("sparsegpt-50", "sparsegpt-2:4", "recipe_50", "recipe_2of4"):
+    for run in (
+        "sparsegpt-50",
+        "sparsegpt-2:4",
+        "recipe_50",
+        "recipe_2of4",
+        "regional-50",
+        "sparsegpt-50+block16",
+    ):
         assert prune[f"ours/{run}"]["target_sparsity"] == 0.5, run  # each run pruned exactly half
         assert prune[f"ours/{run}"]["peak_device_mb"] is None  # no device to measure on
+    for run in ("regional-50", "sparsegpt-50+block16"):  # timed against the plain sparsegpt pass
+        ratio = prune[f"ours/{run}"]["x_sparsegpt-50"]
+        assert ratio == pytest.approx(prune[f"ours/{run}"]["seconds"] / prune["ours/sparsegpt-50"]["seconds"])
     assert prune.get("theirs", "").startswith("skipped") or "theirs/sparsegpt-2:4" in prune
     semi = result["semi_structured_2of4"]
     assert semi["all_2of4"] is True and semi["targets"] == 14  # 2 layers x 7 projections, read back
