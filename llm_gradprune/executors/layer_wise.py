@@ -288,7 +288,8 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     pruning = _LayerPruning(
         plan, weights, budgets, scope, whole, Record(keep_masks=return_masks), timer, device
     )
-    if cfg.block_steps and cfg.block_target == "dense":
+    if cfg.block_steps and cfg.block_target == "dense" and cfg.sequential is not False:
+        # (with sequential false the recorded hidden states are the dense model's already)
         pruning.dense_hidden = [hidden_states_of(*c).clone() for c in calls]
     main = (accelerator is None or accelerator.is_local_main_process) and coll.rank == 0
     try:
