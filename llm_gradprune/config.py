@@ -219,7 +219,7 @@ class PruneConfig:
         "states; measured better in and out of domain at 50% and 2:4) or pruned (the dense block's outputs "
         "on the inputs the pruned blocks before it give)",
         "layer-wise",
-        choices=("pruned", "dense"),
+        choices=("dense", "pruned"),
         unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
     )
 
