@@ -320,7 +320,8 @@ def _layer_phases(s: ModelShape, r: RunSettings, offload: str) -> tuple[Phase, P
         * r.seq_len
         * (block.act_per_token(s.hidden) + (2 * s.heads * r.seq_len if r.math_attention else 0))
     )
-    stats = _whole_stats(s, r)
+    shards = r.processes if r.fsdp else 1
+    stats = _whole_stats(s, r) / shards  # row shards (fsdp): each rank its rows, a block's gathered whole
     held = {"inputs": inputs} if r.offload_inputs else {}
     on_device = {} if r.offload_inputs else {"inputs": inputs}
     hessians = block.hessian_bytes(r.true_sequential)
@@ -341,6 +342,8 @@ def _layer_phases(s: ModelShape, r: RunSettings, offload: str) -> tuple[Phase, P
     if offload == "disk":
         host = {"block": b * block.params, "pruned block": b * block.params}
     dev = {"block": b * block.params, "hessians": hessians, **on_device, "block forward": forward}
+    if shards > 1:  # the sharded model of the statistics pass stays until the run ends
+        dev["model shard"] = b * s.params / shards
     if stats:
         dev["block statistics"] = _whole_stats(s, r, blocks=1)
     return capture, ({**host, **held}, dev)

@@ -140,6 +140,7 @@ class DiskStore(BlockStore):
         self.prefix = prefix
         self.files = _tensor_files(self.source)
         self.written: dict[str, str] = {}  # tensor -> shard file name
+        self.trust_remote_code = False
 
     def check(self, model: nn.Module) -> None:
         """Every tensor the model holds must be in the files under its own name (a checkpoint that
@@ -151,6 +152,13 @@ class DiskStore(BlockStore):
                     f"offload 'disk' reads each block's tensors by name, but {self.source.name} holds no {name} "
                     "(the model converts its checkpoint on load): use --offload cpu"
                 )
+
+    def unsharded(self) -> nn.Module:
+        """The model again, as a skeleton, for a layer-wise pass after the whole-model statistics were
+        taken on row shards (FSDP2): its blocks are read from the files, whole, one at a time, and the
+        output is written from it."""
+        self.model = skeleton(self.source, self.dtype, self.trust_remote_code)
+        return self.model
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open

@@ -141,7 +141,8 @@ def make_plan(
     check_nm_fits(params, cfg.nm)  # before calibration: a bad N:M must not cost a calibration
     shapes = {n: weight_rows(p) for n, p in params.items()}
     alloc, update = ALLOCATIONS.get(cfg.allocation), UPDATES.get(cfg.reconstruct)
-    executor = "sharded" if collective.rows_sharded else ("layer_wise" if cfg.layer_wise else "whole_model")
+    # row shards: the whole-model executor, or the layer-wise one after its whole-model statistics
+    executor = "layer_wise" if cfg.layer_wise else ("sharded" if collective.rows_sharded else "whole_model")
     whole, per_stage = split_statistics(cfg, executor == "layer_wise")
     notes = list(cfg.notes)
     for note in notes:

@@ -1,8 +1,10 @@
 """The support table: which option works on which execution path, as data, checked when a run is planned.
 
-A run takes one of five paths: the whole-model executor or the layer-wise one, each in one process or
-over several (a replicated model, data sharded by micro-batch), or the whole-model executor over a
-model whose rows are sharded with FSDP2. `check_support` runs before any model is calibrated (the CLI
+A run takes one of six paths: the whole-model executor or the layer-wise one, each in one process or
+over several (a replicated model, data sharded by micro-batch), the whole-model executor over a
+model whose rows are sharded with FSDP2, or the layer-wise executor after its whole-model statistics
+were taken on such a model (its blocks then stream from the model's files, `offload: disk`). The last
+path refuses what either of its halves refuses. `check_support` runs before any model is calibrated (the CLI
 calls it before the model is even loaded) and refuses an unsupported combination with one line; the
 tests iterate `OPTIONS` x `PATHS` and show each pair applied in the report or refused.
 
@@ -27,6 +29,7 @@ PATHS = {
     "layer_wise": ("layer_wise", False, False),
     "layer_wise_multi": ("layer_wise", True, False),
     "sharded": ("whole_model", True, True),
+    "layer_wise_sharded": ("layer_wise", True, True),
 }
 PATH_TITLES = {
     "whole_model": "whole model",
@@ -34,6 +37,7 @@ PATH_TITLES = {
     "layer_wise": "layer-wise",
     "layer_wise_multi": "layer-wise, N processes",
     "sharded": "FSDP2 row shards",
+    "layer_wise_sharded": "layer-wise after FSDP2 statistics",
 }
 
 
@@ -58,7 +62,7 @@ class SupportQuery:
     @property
     def path(self) -> str:
         if self.sharded:
-            return "sharded"
+            return "layer_wise_sharded" if self.prune.layer_wise else "sharded"
         name = "layer_wise" if self.prune.layer_wise else "whole_model"
         return name + ("_multi" if self.processes > 1 else "")
 
@@ -80,14 +84,12 @@ class Option:
 
 
 ONE_PROCESS = "per-rank partial sums cannot be resumed: run one process"
-LAYER_WISE_ON_SHARDS = (
-    "layer-wise mode (criterion sparsegpt, reconstruct obs/lsq, sequential) needs each block's whole "
-    "weights on every process: run it without FSDP"
+STREAMED = (
+    "after the sharded statistics the blocks stream from the model's files (offload disk), so the whole "
+    "pruned model is never held: run it on the output afterwards"
 )
-
 OPTIONS: list[Option] = [
-    Option("layer-wise mode", lambda r: r.prune.layer_wise, {"sharded": LAYER_WISE_ON_SHARDS},
-           {"reconstruct": "obs"}),
+    Option("layer-wise mode", lambda r: r.prune.layer_wise, {}, {"reconstruct": "obs"}),
     Option("per-token gradient statistics (token_fisher)", lambda r: _reads(r, "token_grad_sq_mean"),
            {"sharded": "its per-token sums would need an unsharded [out, in] copy on every rank: use fisher, "
                        "or a replicated model"},
@@ -122,18 +124,22 @@ OPTIONS: list[Option] = [
             "layer_wise": "only the whole-model calibration is resumable, not a layer-wise pass",
             "sharded": ONE_PROCESS},
            {"criterion": "fisher", "save_state_every": 2}),
-    Option("eval (perplexity before and after)", lambda r: r.asks("eval"), {}, {"eval": True, "eval_num_samples": 2}),
+    Option("eval (perplexity before and after)", lambda r: r.asks("eval"), {"layer_wise_sharded": STREAMED}, {"eval": True, "eval_num_samples": 2}),
     Option("eval tasks (lm-eval)", lambda r: r.asks("eval_tasks"),
            {"sharded": "lm-eval scores a whole model in one process: run llm-gradprune eval --tasks on the output"},
            {"eval_tasks": "tiny_mc", "eval_tasks_include_path": "{tasks}"}),
-    Option("pruning in rounds", lambda r: r.prune.rounds > 1, {}, {"rounds": 2}),
-    Option("recovery training", lambda r: r.asks("recover_steps"), {},
+    Option("pruning in rounds", lambda r: r.prune.rounds > 1, {"layer_wise_sharded": STREAMED}, {"rounds": 2}),
+    Option("recovery training", lambda r: r.asks("recover_steps"), {"layer_wise_sharded": STREAMED},
            {"recover_steps": 2, "recover_batch_size": 1, "recover_lr": 1e-3}),
     Option("fsdp", lambda r: r.asks("fsdp"),
            {p: "fsdp shards the weights over several processes: launch with accelerate launch --num_processes N"
             for p in ("whole_model", "layer_wise")},
            {"fsdp": True}),
 ]  # fmt: skip
+for _option in OPTIONS:  # layer-wise after FSDP2 statistics refuses what either of its halves refuses
+    _reason = _option.refused.get("sharded") or _option.refused.get("layer_wise_multi")
+    if _reason is not None:
+        _option.refused.setdefault("layer_wise_sharded", _reason)
 
 
 def refusal(run: SupportQuery) -> str | None:
@@ -154,4 +160,4 @@ def check_support(run: SupportQuery) -> None:
 def applies(option: Option, path: str) -> bool:
     """False where an option cannot meet a path at all (layer-wise mode on the whole-model path)."""
     executor = PATHS[path][0]
-    return not (option.name == "layer-wise mode" and executor == "whole_model" and path != "sharded")
+    return not (option.name == "layer-wise mode" and executor == "whole_model")

@@ -20,6 +20,7 @@ PATH_SETTINGS = {
     "layer_wise": {"reconstruct": "obs"},
     "layer_wise_multi": {"reconstruct": "obs"},
     "sharded": {"fsdp": True},
+    "layer_wise_sharded": {"fsdp": True, "reconstruct": "obs", "offload": "disk"},
 }
 # fisher: the cheapest gradient criterion that every path supports (an option's example may replace it)
 BASE = {
@@ -51,8 +52,6 @@ def settings(option, path: str, tmp: str) -> dict:
         if value == "{tasks}":
             value = str(write_tiny_task(Path(tmp) / "tasks"))
         values[key] = value.format(tmp=tmp) if isinstance(value, str) else value
-    if option.name == "layer-wise mode" and path == "sharded":
-        values["reconstruct"] = "obs"
     return values
 
 

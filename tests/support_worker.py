@@ -44,7 +44,7 @@ def main(model_dir: str, text: str, out_dir: str) -> None:
     acc = make_accelerator()
     out = Path(out_dir)
     results = {}
-    for path, name in cases(["whole_model_multi", "layer_wise_multi", "sharded"]):
+    for path, name in cases(["whole_model_multi", "layer_wise_multi", "sharded", "layer_wise_sharded"]):
         key = f"{path}|{name}"
         target = out / key.replace("|", "__").replace(" ", "_").replace("/", "_")
         values = settings(option(name), path, str(out / "tmp"))

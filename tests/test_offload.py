@@ -10,7 +10,9 @@ it cannot do.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -186,6 +188,70 @@ def test_two_processes_with_offload_give_the_one_process_weights(assets, mode):
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["calibration"]["processes"] == 2 and report["offload"]["mode"] == mode
     assert not list(root.glob(f".two-{mode}.partial*"))
+
+
+def _launch(assets, out: str, *extra: str) -> subprocess.CompletedProcess:
+    from .tiny_folder import ROOT
+
+    root, model, text = assets
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "prune_llama.py"),
+           "--model", str(model), "--dataset", str(text), "--num-samples", "8", "--seq-len", "32",
+           "--output-dir", str(root / out), "--no-progress", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+FISHER_GLOBAL_LSQ = [
+    "--criterion",
+    "fisher",
+    "--scope",
+    "global",
+    "--allow-empty-tensors",
+    "--reconstruct",
+    "lsq",
+]
+
+
+def test_gradient_statistics_on_fsdp_shards_feed_the_streamed_pass(assets):
+    """Two processes, --fsdp --offload disk: the gradients are folded on FSDP2 row shards and the global
+    scope's counts are taken there; then every rank reads whole blocks from the files, gathers one
+    block's rows of the statistics at a time and solves its share (lsq). The masks are one process's
+    in-memory masks, every tensor has the same number of zeros, and the weights agree (the sharded
+    pass sums each micro-batch's pieces, so a last bit may differ)."""
+    ref = _tensors(_prune(assets, "fsdp-ref", *FISHER_GLOBAL_LSQ))
+    proc = _launch(assets, "fsdp-disk", *FISHER_GLOBAL_LSQ, "--fsdp", "--offload", "disk")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    root = assets[0]
+    got = _tensors(root / "fsdp-disk")
+    assert sorted(got) == sorted(ref)
+    for name, t in ref.items():
+        assert torch.equal(got[name] == 0, t == 0), name
+        torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-6)
+    report = json.loads((root / "fsdp-disk" / "pruning_report.json").read_text())
+    assert report["calibration"]["sharding"] == "fsdp2" and report["calibration"]["processes"] == 2
+    assert report["mode"]["executor"] == "layer_wise" and report["offload"]["mode"] == "disk"
+    assert report["scope"] == "global" and report["mode"]["reconstruct"] == "lsq"
+    assert report["zero_weights"] == report["target_weights"] // 2
+    assert not list(root.glob(".fsdp-disk.partial*"))
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([*FISHER_GLOBAL_LSQ, "--offload", "cpu"], "offload 'cpu' with fsdp is not supported in layer-wise mode: "
+         "after the sharded statistics each rank reads the blocks whole from the model's files: use --offload disk"),
+        (["--criterion", "sparsegpt", "--offload", "disk"], "fsdp shards the whole-model statistics pass, and "
+         "criterion 'sparsegpt' reads no whole-model statistics and selects in no global scope: launch without --fsdp"),
+    ],
+)  # fmt: skip
+def test_layer_wise_with_fsdp_refuses_what_it_cannot_shard_in_one_line(assets, extra, message):
+    out = f"fsdp-refused-{len(extra)}"
+    proc = _launch(assets, out, *extra, "--fsdp")
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("llm-gradprune: error:")]
+    assert lines and all(message in ln for ln in lines), proc.stderr[-2000:]
+    assert not (assets[0] / out).exists()
 
 
 def test_a_run_that_cannot_fit_is_refused_when_planned_naming_offload(assets, monkeypatch, capsys):

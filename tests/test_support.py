@@ -83,7 +83,8 @@ def test_multi_process_pairs_are_applied_or_refused(assets, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {
-        f"{p}|{n}" for p, n in cases(["whole_model_multi", "layer_wise_multi", "sharded"])
+        f"{p}|{n}"
+        for p, n in cases(["whole_model_multi", "layer_wise_multi", "sharded", "layer_wise_sharded"])
     }
     keys = set()
     for key, r in results.items():
@@ -107,8 +108,19 @@ def test_every_report_has_the_same_keys(assets, tmp_path):
 
 
 def test_refusal_names_the_first_unsupported_option():
-    run = SupportQuery(PruneConfig(criterion="sparsegpt"), processes=2, sharded=True)
-    assert refusal(run).startswith("layer-wise mode is not supported on the FSDP2 row shards path")
+    run = SupportQuery(
+        PruneConfig(criterion="token_fisher", reconstruct="lsq", rounds=2), processes=2, sharded=True
+    )
+    assert refusal(run).startswith(
+        "per-token gradient statistics (token_fisher) is not supported on the layer-wise after FSDP2 statistics path"
+    )
+    run = SupportQuery(
+        PruneConfig(criterion="fisher", reconstruct="lsq", rounds=2), processes=2, sharded=True
+    )
+    assert refusal(run).startswith(
+        "pruning in rounds is not supported on the layer-wise after FSDP2 statistics"
+    )
+    check_support(SupportQuery(PruneConfig(criterion="fisher", reconstruct="lsq"), processes=2, sharded=True))
     check_support(SupportQuery(PruneConfig(criterion="sparsegpt"), processes=2))  # replicated: fine
 
 

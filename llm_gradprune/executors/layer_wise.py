@@ -38,13 +38,14 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import merge_round_robin_chunks
 from ..calibration.loop import to_device
-from ..calibration.stats import Statistics, make_statistics
+from ..calibration.stats import STATISTICS, Statistics, make_statistics
 from ..errors import ConfigError
-from ..offload import BlockStore
+from ..offload import BlockStore, DiskStore
+from ..parallel import Collective, gather_rows
 from ..plan import Plan, PruneResult, Record, RunInputs, Timer, build_report, prune_stage, resolve_budgets
 from ..reconstruction.block import refit_block_
 from ..status import set_stage
-from ..targets import block_list_prefix
+from ..targets import block_list_prefix, find_targets
 from .blocks import (
     call_stages,
     capture_with_store,
@@ -228,6 +229,43 @@ class _LayerPruning:
                 _share_results(coll, names, owners, self.weights, self.record)
 
 
+class _BlockRows(Statistics):
+    """Whole-model statistics taken on row shards (FSDP2), for a layer-wise pass in which every rank holds
+    whole blocks: before a block's turn, `gather_` puts the rows of every rank together for that
+    block's tensors only, so at most one block's statistics are ever whole."""
+
+    def __init__(self, shards: Statistics, sharding: str | None):
+        super().__init__(shards.by_source, shards.needs)
+        self.counters, self.shards, self.sharding = shards.counters, shards, sharding
+        self.block: dict[tuple[str, str], torch.Tensor] = {}
+
+    def gather_(self, names: list[str]) -> None:
+        """Every rank must call it for the same block: each gather is a collective."""
+        self.block = {}
+        for stat in sorted(self.needs):
+            if STATISTICS.get(stat).source == "grad" and self.has(stat):  # the sums held by rows
+                for name in names:
+                    self.block[(stat, name)] = gather_rows(self.shards.mean(stat, name))
+
+    def mean(self, stat: str, pname: str) -> torch.Tensor:
+        if STATISTICS.get(stat).source != "grad":  # per input channel: every rank holds all of it
+            return self.shards.mean(stat, pname)
+        return self.block[(stat, pname)]
+
+
+def _leave_the_shards(plan: Plan, whole: Statistics, store: DiskStore) -> tuple[nn.Module, Plan, _BlockRows]:
+    """After the whole-model statistics and the budgets were taken on row shards: the model's skeleton,
+    whose blocks the store reads whole from the files, the plan over its targets with the replicated
+    collective (each group's tensors dealt to the ranks), and the statistics gathered block by block."""
+    model = store.unsharded()
+    targets = find_targets(model, plan.cfg.include, plan.cfg.exclude)
+    if set(targets) != set(plan.targets):
+        raise ConfigError("the model built from its files has other target matrices than the sharded one")
+    sharding = plan.collective.sharding
+    plan = dataclasses.replace(plan, collective=Collective(), targets=targets)
+    return model, plan, _BlockRows(whole, sharding)
+
+
 def _solve_cost(weight: torch.Tensor) -> int:
     """A tensor's share of a group's work, for dealing the group to ranks: the Hessian solves
     (SparseGPT, OBS, lsq) cost about rows x in^2 plus in^3 for the factorisation, so down_proj (in = the
@@ -261,12 +299,15 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     cfg, coll = plan.cfg, plan.collective
     batches = _batches_on_every_rank(inputs.batches, plan)
     store = inputs.offload
+    if coll.rows_sharded and not isinstance(store, DiskStore):
+        raise ConfigError(
+            "layer-wise mode on FSDP2 row shards reads each block whole from the model's files after the "
+            "whole-model statistics: pass --offload disk"
+        )
     device = (store.device if store is not None else accelerator.device if accelerator is not None
               else next(model.parameters()).device)  # fmt: skip
     store = store or BlockStore(device)
-    prefix, layers = _decoder_layers(model)
-    per_layer = split_by_block(plan.targets, prefix, len(layers))
-    weights = {t.key: t.weight.data for t in plan.targets.values()}
+    weights = {t.key: coll.local(t.weight, t.key) for t in plan.targets.values()}
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -275,14 +316,21 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     timer.timings["calibration"] = counters["seconds"]
     with timer("budgets"):
         budgets, scope, allocation = resolve_budgets(plan, weights, whole)
+    # every micro-batch on every rank, in one process's order (row shards: every rank has them all)
+    batches = batches if coll.rows_sharded else _every_batch(batches, plan)
+    if coll.rows_sharded:
+        model, plan, whole = _leave_the_shards(plan, whole, store)
+        coll = plan.collective
+    prefix, layers = _decoder_layers(model)
+    per_layer = split_by_block(plan.targets, prefix, len(layers))
+    weights = {t.key: t.weight.data for t in plan.targets.values()}
     store.release_all(model, prefix)  # the whole model was needed up to here; now one block at a time
 
     was_training = model.training
     model.eval()
     with timer("capture_inputs"):
         host = torch.device("cpu") if cfg.offload_inputs else None
-        calls = capture_with_store(model, prefix, layers, _every_batch(batches, plan), loss_fn, device, store,
-                                   host)  # fmt: skip
+        calls = capture_with_store(model, prefix, layers, batches, loss_fn, device, store, host)
     if not counters["batches"]:
         _count_what_layers_read(counters, calls)
     pruning = _LayerPruning(
@@ -300,6 +348,8 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
                 store.fetch(index, layer)
             weights.update({t.key: t.weight.data for t in per_layer[index].values()})
             calls.use_block(index)  # this block's own mask and rotary embeddings, the current hidden states
+            if isinstance(whole, _BlockRows):
+                whole.gather_([t.key for t in per_layer[index].values()])
             pruning.prune_layer_(layer, per_layer[index], calls)
             with timer("offload_release"):
                 store.release(index, layer)
@@ -318,4 +368,6 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
                                "per_block": pruning.block_refits}  # fmt: skip
     report = build_report(plan, record, counters, whole, timer.timings, device=device, allocation=allocation,
                           mode=mode)  # fmt: skip
+    if isinstance(whole, _BlockRows):
+        report["calibration"]["sharding"] = whole.sharding  # the whole-model statistics' row shards
     return PruneResult(masks=record.masks if return_masks else None, report=report)

@@ -76,7 +76,7 @@ def check_run_fits(cfg: JobConfig, sharded: bool, processes: int, device: torch.
     model = meta_model(config, cfg.dtype, cfg.trust_remote_code, name=cfg.model)
     targets = find_targets(model, cfg.prune.include, cfg.prune.exclude)
     shape = model_shape(model, targets, cfg.model)
-    layer_wise = cfg.prune.layer_wise and not sharded
+    layer_wise = cfg.prune.layer_wise  # with fsdp: after the whole-model statistics on row shards
     # what run_settings reads of a plan, without make_plan (it would log the run's notes a second time)
     plan = SimpleNamespace(whole_stats=split_statistics(cfg.prune, layer_wise)[0],
                            executor="layer_wise" if layer_wise else "whole_model")  # fmt: skip

@@ -251,14 +251,17 @@ def finish(job: Job, report: dict[str, Any]) -> None:
     cfg = job.cfg
     job.transform.before_save(job, report)
     report["timings_s"] = job.timings
-    state_dict = full_state_dict(job.model, job.accelerator) if job.sharded else None  # collective
+    disk = getattr(job.store, "mode", None) == "disk"  # written block by block from the files
+    state_dict = (
+        full_state_dict(job.model, job.accelerator) if job.sharded and not disk else None
+    )  # collective
     if job.main:
         t = time.perf_counter()
         set_stage("saving the checkpoint")
         model = job.accelerator.unwrap_model(job.model)
         job.timings["before_save"] = time.perf_counter() - job.start
         try:
-            writer = job.store.write_weights if getattr(job.store, "mode", None) == "disk" else None
+            writer = job.store.write_weights if disk else None
             save_pruned(model, job.tokenizer, report, job.out, settings=cfg.to_flat(),
                         max_shard_bytes=cfg.max_shard_bytes, state_dict=state_dict, model_id=cfg.push_to_hub,
                         weights_writer=writer)  # fmt: skip

@@ -87,14 +87,11 @@ class Prune(Transform):
 
     def check(self, cfg: JobConfig, accelerator) -> bool:
         sharded = uses_fsdp(cfg.fsdp, accelerator)
-        if cfg.offload != "none" and sharded:
-            raise ConfigError(
-                f"offload {cfg.offload!r} with fsdp is not supported: each rank holds the current block whole; "
-                "launch without fsdp"
-            )
         check_support(
             SupportQuery(cfg.prune, processes=accelerator.num_processes, sharded=sharded, job=cfg.to_flat())
         )
+        if sharded and cfg.prune.layer_wise:
+            _check_layer_wise_after_shards(cfg)
         if cfg.prune.rounds > 1 and cfg.recover.steps and cfg.recover.save_state_every:
             # the support table refuses --resume with rounds: a saved training state could never be used
             raise ConfigError(
@@ -131,7 +128,9 @@ class Prune(Transform):
         cfg, acc = job.cfg, job.accelerator
         job.device = torch.device(cfg.device) if cfg.device else acc.device
         if cfg.offload != "none":
-            if needs_whole_model(cfg.prune):  # the whole-model statistics first, then one block at a time
+            if job.sharded:  # the whole-model statistics on row shards, then whole blocks from the files
+                job.model = shard_model(job.model, acc, job.device)
+            elif needs_whole_model(cfg.prune):  # the whole-model statistics first, then one block at a time
                 job.model.to(job.device)
             return
         if job.sharded:  # FSDP2: every rank holds some rows of every weight; see parallel/fsdp.py
@@ -167,11 +166,25 @@ class Prune(Transform):
                             num_batches=len(batches) if batches is not None else None, calib_state=state,
                             offload=job.store)  # fmt: skip
         report = result.report
-        if cfg.offload != "none":
-            report["offload"] = offload_record(job.store, job.device)
+        report["offload"] = offload_record(job.store, job.device) if cfg.offload != "none" else None
         job.timings.update(report.pop("timings_s"))
         report["calibration"].update(calibration_input(cfg, job.samples))
         return report
+
+
+def _check_layer_wise_after_shards(cfg: JobConfig) -> None:
+    """FSDP2 serves a layer-wise run's whole-model statistics; its blocks then stream from the files."""
+    if not needs_whole_model(cfg.prune):
+        raise ConfigError(
+            f"fsdp shards the whole-model statistics pass, and criterion {cfg.prune.criterion!r} reads no "
+            "whole-model statistics and selects in no global scope: launch without --fsdp (the processes share the "
+            "layer-wise pass)"
+        )
+    if cfg.offload != "disk":
+        raise ConfigError(
+            f"offload {cfg.offload!r} with fsdp is not supported in layer-wise mode: after the sharded "
+            "statistics each rank reads the blocks whole from the model's files: use --offload disk"
+        )
 
 
 def make_store(cfg: JobConfig, job):
@@ -187,6 +200,7 @@ def make_store(cfg: JobConfig, job):
         return BlockStore(device, "cpu")
     prefix = block_list_prefix(job.model)
     store = DiskStore(device, resolve_model(cfg.model), None, getattr(torch, cfg.dtype), prefix)
+    store.trust_remote_code = cfg.trust_remote_code
     store.check(job.model)
     store.staging = make_partial_dir(job.out) if job.main else None  # one process writes the blocks
     return store
@@ -247,8 +261,7 @@ class Shrink(Transform):
             **calibration_input(cfg, job.samples),
         }
         report["file_bytes_before"] = bytes_before
-        if cfg.offload != "none":
-            report["offload"] = offload_record(job.store, job.device)
+        report["offload"] = offload_record(job.store, job.device) if cfg.offload != "none" else None
         return report
 
     def before_save(self, job, report) -> None:

@@ -212,6 +212,26 @@ def local_rows(p: torch.Tensor, name: str = "parameter") -> torch.Tensor:
     return p.to_local()
 
 
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of a row-sharded tensor, concatenated in rank order, on every rank (where
+    `local` is). Ranks may hold different numbers of rows (FSDP2 pads the last shards, not the data)."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return local
+    home = collective_device()
+    counts = torch.zeros(size, dtype=torch.int64, device=home)
+    counts[rank] = local.shape[0]
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    rows = counts.tolist()
+    padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=home)
+    padded[: local.shape[0]].copy_(local)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, rows, strict=True)]).to(local.device)
+
+
 def split_piece(batch: Any, rank: int, size: int) -> tuple[Any, int, int]:
     """(this rank's piece, its block count, the micro-batch's block count): contiguous, sizes differ by <= 1."""
     if isinstance(batch, torch.Tensor):
