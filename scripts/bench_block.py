@@ -18,10 +18,11 @@ A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS,target=TARGET]]. BASE is one of
   r24obs     configs/recipe_2of4.yaml with SparseGPT's own update instead of lsq
   r24        configs/recipe_2of4.yaml as is (+ lsq)
 and `+bSTEPS` adds the block refit (`block_steps`, `block_lr` default 1e-4, `block_loss` default mse,
-`block_target` default pruned), e.g. `r50+b4`, `r50+b8:lr=3e-4`, `r24+b4:loss=normalized`,
-`r50mask+b16:lr=1e-3,target=dense`. Rows run one after another in this process
-(the dense weights restored between them); results merge row by row under `--key` (default
-calib_<num-samples>) of docs/bench_block.json, so an interrupted run keeps what it measured.
+`block_target` default dense; rows recorded before commit 523e49e used pruned), e.g. `r50+b4`,
+`r50+b8:lr=3e-4`, `r24+b4:loss=normalized`, `r50mask+b16:lr=1e-3,target=dense`. Rows run one after
+another in this process (the dense weights restored between them); results merge row by row under
+`--key` (default calib_<num-samples>) of docs/bench_block.json, so an interrupted run keeps what it
+measured.
 """
 
 from __future__ import annotations
