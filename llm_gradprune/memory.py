@@ -410,10 +410,13 @@ def _options(r: RunSettings, offload: str) -> list[tuple[str, RunSettings, str]]
         out += [("stats_device: cpu" + (f" with --offload {m}" if m != offload else ""), host, m)
                 for m in [offload, *later]]  # fmt: skip
     if r.whole_pass and not r.device_is_host:
+        # a layer-wise pass after sharded statistics reads its blocks from the files
+        mode = "disk" if r.layer_wise else offload
+        disk = " with --offload disk" if mode != offload else ""
         for n in (2, 4, 8, 16, 32, 64):
             if n > r.processes:
-                out.append((f"more processes: --fsdp over {n} (accelerate launch --num_processes {n})",
-                            replace(r, fsdp=True, processes=n), offload))  # fmt: skip
+                out.append((f"more processes: --fsdp over {n} (accelerate launch --num_processes {n}){disk}",
+                            replace(r, fsdp=True, processes=n), mode))  # fmt: skip
     return out
 
 
