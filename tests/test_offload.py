@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -213,12 +214,20 @@ FISHER_GLOBAL_LSQ = [
 ]
 
 
-def test_gradient_statistics_on_fsdp_shards_feed_the_streamed_pass(assets):
-    """Two processes, --fsdp --offload disk: the gradients are folded on FSDP2 row shards and the global
+@pytest.mark.parametrize("family", [None, "gemma2"])
+def test_gradient_statistics_on_fsdp_shards_feed_the_streamed_pass(assets, family, tmp_path):
+    """Also on Gemma2 (sliding and full attention layers, each block replayed with its own call). Two processes, --fsdp --offload disk: the gradients are folded on FSDP2 row shards and the global
     scope's counts are taken there; then every rank reads whole blocks from the files, gathers one
     block's rows of the statistics at a time and solves its share (lsq). The masks are one process's
     in-memory masks, every tensor has the same number of zeros, and the weights agree (the sharded
     pass sums each micro-batch's pieces, so a last bit may differ)."""
+    if family is not None:
+        from .families import BY_NAME
+        from .tiny_folder import make_tokenizer
+
+        BY_NAME[family].build().save_pretrained(tmp_path / family)
+        make_tokenizer().save_pretrained(tmp_path / family)
+        assets = (tmp_path, tmp_path / family, assets[2])
     ref = _tensors(_prune(assets, "fsdp-ref", *FISHER_GLOBAL_LSQ))
     proc = _launch(assets, "fsdp-disk", *FISHER_GLOBAL_LSQ, "--fsdp", "--offload", "disk")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -234,6 +243,8 @@ def test_gradient_statistics_on_fsdp_shards_feed_the_streamed_pass(assets):
     assert report["scope"] == "global" and report["mode"]["reconstruct"] == "lsq"
     assert report["zero_weights"] == report["target_weights"] // 2
     assert not list(root.glob(".fsdp-disk.partial*"))
+    shutil.rmtree(root / "fsdp-ref")
+    shutil.rmtree(root / "fsdp-disk")
 
 
 @pytest.mark.parametrize(
