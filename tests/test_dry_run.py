@@ -52,7 +52,9 @@ def refuse_weights(mp: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("model", "flags"), [("dense", ["--criterion", "sparsegpt"]),
-                                              ("moe", ["--criterion", "fisher", "--reconstruct", "lsq"])])  # fmt: skip
+                                              ("moe", ["--criterion", "fisher", "--reconstruct", "lsq"]),
+                                              ("moe", ["--criterion", "fisher", "--scope", "global", "--reconstruct",
+                                                       "lsq", "--allow-empty-tensors"])])  # fmt: skip
 def test_dry_run_prints_the_real_targets_per_kind_and_loads_no_weight(folders, capsys, model, flags):
     with pytest.MonkeyPatch.context() as mp:
         refuse_weights(mp)

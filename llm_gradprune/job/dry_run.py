@@ -132,9 +132,12 @@ def probe(cfg: JobConfig, model: nn.Module, shape: memory.ModelShape, prefix: st
     hessian = x @ x.T / (2 * cols)
     dense = matrix.weight.detach().clone()
 
+    # the global scope's counts become per-tensor budgets: each tensor then selects in its own scope
+    scope = "tensor" if plan.cfg.scope == "global" else plan.cfg.scope or "row"
+
     def solve():
         matrix.weight.data.copy_(dense)
-        prune_tensor(plan, "probe.weight", matrix.weight.data, plan.cfg.sparsity, plan.cfg.scope or "row",
+        prune_tensor(plan, "probe.weight", matrix.weight.data, plan.cfg.sparsity, scope,
                      lambda n: torch.rand(rows, cols, device=device), hessian, _Neutral())  # fmt: skip
 
     return forward, _time(solve, repeats=1), (rows, cols), plan
