@@ -247,6 +247,14 @@ def test_gradient_statistics_on_fsdp_shards_feed_the_streamed_pass(assets, famil
     shutil.rmtree(root / "fsdp-disk")
 
 
+def test_dry_run_over_two_processes_plans_the_fsdp_path_once(assets):
+    proc = _launch(assets, "fsdp-dry", *FISHER_GLOBAL_LSQ, "--fsdp", "--offload", "disk", "--dry-run")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.stdout.count("dry run of") == 1  # one process prints the plan
+    assert "offload disk; 2 process(es), FSDP" in proc.stdout and "<- this run" in proc.stdout
+    assert not (assets[0] / "fsdp-dry").exists()
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

@@ -55,9 +55,11 @@ def run(args: argparse.Namespace) -> int:
 def dry_run(cfg: JobConfig) -> int:
     """Print the plan; a run that cannot fit here ends in its one-line refusal (exit 2)."""
     from ..job.dry_run import dry_run as plan
+    from ..parallel import world
 
     result = plan(cfg)
-    print("\n".join(result.lines), flush=True)
+    if world()[0] == 0:  # launched over several processes, each plans its share: one prints it
+        print("\n".join(result.lines), flush=True)
     if result.refusal:
         raise ConfigError(result.refusal)
     return 0
