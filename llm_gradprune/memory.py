@@ -342,8 +342,6 @@ def _layer_phases(s: ModelShape, r: RunSettings, offload: str) -> tuple[Phase, P
     if offload == "disk":
         host = {"block": b * block.params, "pruned block": b * block.params}
     dev = {"block": b * block.params, "hessians": hessians, **on_device, "block forward": forward}
-    if shards > 1:  # the sharded model of the statistics pass stays until the run ends
-        dev["model shard"] = b * s.params / shards
     if stats:
         dev["block statistics"] = _whole_stats(s, r, blocks=1)
     return capture, ({**host, **held}, dev)

@@ -162,14 +162,15 @@ def test_check_fits_names_the_option_that_makes_it_fit():
         memory.check_fits(s, fisher, "cpu", 2000 * gb, 80 * gb)
 
 
-def test_layer_wise_after_fsdp_statistics_holds_a_shard_of_the_model_and_of_the_statistics():
+def test_layer_wise_after_fsdp_statistics_holds_a_shard_of_the_statistics():
     """--fsdp --offload disk in layer-wise mode: during the streamed pass each of 8 ranks keeps its
-    eighth of the sharded model and of the whole-model statistics, plus one block's statistics whole."""
+    eighth of the whole-model statistics, plus one block's statistics whole (the sharded model's rows
+    are freed before the pass)."""
     s = memory.SHAPES["llama3-70b"]
     r = memory.RunSettings(seq_len=2048, weight_stats=1, backward=True, gradient_checkpointing=True)
     one = memory.phases(s, r, "disk")["layer-wise"]
     eight = memory.phases(s, replace(r, fsdp=True, processes=8), "disk")["layer-wise"]
-    assert "model shard" not in one[1] and eight[1]["model shard"] == pytest.approx(2 * s.params / 8)
+    assert set(one[1]) == set(eight[1])
     assert eight[0]["statistics"] == pytest.approx(one[0]["statistics"] / 8)
     assert eight[1]["block statistics"] == one[1]["block statistics"] > 0
 

@@ -253,10 +253,15 @@ class _BlockRows(Statistics):
         return self.block[(stat, pname)]
 
 
-def _leave_the_shards(plan: Plan, whole: Statistics, store: DiskStore) -> tuple[nn.Module, Plan, _BlockRows]:
+def _leave_the_shards(
+    sharded: nn.Module, plan: Plan, whole: Statistics, store: DiskStore
+) -> tuple[nn.Module, Plan, _BlockRows]:
     """After the whole-model statistics and the budgets were taken on row shards: the model's skeleton,
     whose blocks the store reads whole from the files, the plan over its targets with the replicated
-    collective (each group's tensors dealt to the ranks), and the statistics gathered block by block."""
+    collective (each group's tensors dealt to the ranks), and the statistics gathered block by block.
+    The sharded model's rows are let go (their storage emptied): nothing reads them again."""
+    for p in sharded.parameters():
+        plan.collective.local(p).untyped_storage().resize_(0)
     model = store.unsharded()
     targets = find_targets(model, plan.cfg.include, plan.cfg.exclude)
     if set(targets) != set(plan.targets):
@@ -319,7 +324,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     # every micro-batch on every rank, in one process's order (row shards: every rank has them all)
     batches = batches if coll.rows_sharded else _every_batch(batches, plan)
     if coll.rows_sharded:
-        model, plan, whole = _leave_the_shards(plan, whole, store)
+        model, plan, whole = _leave_the_shards(model, plan, whole, store)
         coll = plan.collective
     prefix, layers = _decoder_layers(model)
     per_layer = split_by_block(plan.targets, prefix, len(layers))
