@@ -523,13 +523,15 @@ class JobConfig:
             )
 
     def _check_offload(self) -> None:
-        if self.offload == "none" or (self.fsdp and self.structured is None):
-            return  # fsdp: the support table's path "layer-wise after FSDP2 statistics" says what it refuses
+        if self.offload == "none":
+            return
         if self.structured is None and not self.prune.layer_wise:
             raise ConfigError(
                 f"offload {self.offload!r} applies to layer-wise runs (criterion sparsegpt, reconstruct obs/lsq, "
                 f"or sequential: true), not to criterion {self.prune.criterion!r} with the whole model at once"
             )
+        if self.fsdp and self.structured is None:
+            return  # the support table's path "layer-wise after FSDP2 statistics" says what it refuses
         whole_model = {"eval": "eval scores perplexity", "eval_tasks": "eval_tasks score tasks",
                        "resume": "resume continues a calibration of",
                        "save_state_every": "save_state_every saves a calibration of"}  # fmt: skip

@@ -127,6 +127,10 @@ def test_disk_reads_no_whole_model_and_writes_a_shard_per_block(assets, monkeypa
     [
         (["--criterion", "fisher"], r"offload 'cpu' applies to layer-wise runs .*not to criterion 'fisher'"),
         (
+            ["--criterion", "fisher", "--fsdp"],
+            r"offload 'cpu' applies to layer-wise runs .*not to criterion 'fisher'",
+        ),
+        (
             ["--criterion", "sparsegpt", "--eval"],
             r"eval with offload 'cpu' is not supported: eval scores perplexity",
         ),
