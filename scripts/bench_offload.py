@@ -19,6 +19,8 @@ sparsegpt, 50%, `--dataset builtin:imdb`) in its own process, so each peak RSS i
   timings_s per phase, the ratio of the medians of the layer-wise part (capture_inputs +
   layer_statistics + prune + share + layer_forward) and how far apart the two checkpoints are (bit
   equal, else the fraction of zero-pattern differences). Target <= 0.6x, identical masks.
+- fsdp (not by default): the fisher global + lsq recipe in one process in memory against two processes
+  with `--fsdp --offload disk`; peak RSS per process, time, and how far apart the checkpoints are.
 - gpu (not by default; scripts/gpu_check.sh runs it): `--offload cpu` on a model bigger than the device
   memory the run may use, see part_gpu.
 """
@@ -98,8 +100,22 @@ def _numel(shape) -> int:
     return n
 
 
-def prune_args(folder: Path, out: Path, args: argparse.Namespace, offload: str) -> list[str]:
-    return ["--model", str(folder), "--dataset", "builtin:imdb", "--criterion", "sparsegpt", "--sparsity", "0.5",
+SPARSEGPT = ["--criterion", "sparsegpt"]
+# a gradient recipe: whole-model statistics and the global scope's counts, then the layer-wise pass
+FISHER_GLOBAL_LSQ = [
+    "--criterion",
+    "fisher",
+    "--scope",
+    "global",
+    "--allow-empty-tensors",
+    "--reconstruct",
+    "lsq",
+]
+
+
+def prune_args(folder: Path, out: Path, args: argparse.Namespace, offload: str,
+               method: list[str] = SPARSEGPT) -> list[str]:  # fmt: skip
+    return ["--model", str(folder), "--dataset", "builtin:imdb", *method, "--sparsity", "0.5",
             "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len), "--offload", offload,
             "--output-dir", str(out), "--overwrite", "--no-progress", "--no-eval"]  # fmt: skip
 
@@ -164,11 +180,14 @@ def part_time(args: argparse.Namespace, work: Path) -> dict:
             "targets_met": {"disk_le_1.15x": med["disk"] / med["none"] <= 1.15}}  # fmt: skip
 
 
-def prune_launch(nproc: int, folder: Path, out: Path, args: argparse.Namespace) -> dict:
+def prune_launch(
+    nproc: int, folder: Path, out: Path, args: argparse.Namespace, extra: list[str] = ()
+) -> dict:
+    """`extra`: what replaces the plain in-memory sparsegpt run's method and offload flags."""
     threads = args.threads  # per process: 1 vs 2 processes is 1 vs 2 devices, and the sums stay bit-equal
+    flags = list(extra) or prune_args(folder, out, args, "none")
     cmd = [*LAUNCH, "--num_processes", str(nproc), *(["--multi_gpu"] if nproc > 1 else []),
-           str(ROOT / "scripts" / "prune_llama.py"), *prune_args(folder, out, args, "none"),
-           "--threads", str(threads)]  # fmt: skip
+           str(ROOT / "scripts" / "prune_llama.py"), *flags, "--threads", str(threads)]  # fmt: skip
     r = run(cmd, out, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     r["layer_wise_s"] = sum(r["timings_s"].get(k, 0.0) for k in LAYER_WISE)
     r["threads_per_process"] = threads
@@ -194,6 +213,26 @@ def part_procs(args: argparse.Namespace, work: Path) -> dict:
             "median_report_total_s": {str(n): v for n, v in med_total.items()},
             "layer_wise_ratio_2_over_1": ratio, "comparison": compare(work / "np1", work / "np2"),
             "targets_met": {"layer_wise_le_0.6x": ratio <= 0.6}}  # fmt: skip
+
+
+def part_fsdp(args: argparse.Namespace, work: Path) -> dict:
+    """The fisher global + lsq recipe in one process in memory against two processes with `--fsdp
+    --offload disk` (gradients on row shards, then the streamed pass): each one's peak RSS per process
+    (the largest child's), its time, and how far apart the checkpoints are. One run each: the RSS and
+    the comparison are what this part is for."""
+    folder = model_folder(args.time_layers, work)
+    one = prune_launch(1, folder, work / "fsdp_one", args,
+                       prune_args(folder, work / "fsdp_one", args, "none", FISHER_GLOBAL_LSQ))  # fmt: skip
+    print(
+        f"  1 process in memory: {one['peak_rss_bytes'] / 2**30:.2f} GiB, {one['wall_s']:.0f} s", flush=True
+    )
+    two = prune_launch(2, folder, work / "fsdp_two", args,
+                       [*prune_args(folder, work / "fsdp_two", args, "disk", FISHER_GLOBAL_LSQ), "--fsdp"])  # fmt: skip
+    print(f"  2 processes, fsdp + disk: {two['peak_rss_bytes'] / 2**30:.2f} GiB per process, {two['wall_s']:.0f} s",
+          flush=True)  # fmt: skip
+    return {"layers": args.time_layers, "weights_bytes": weight_bytes(folder), "one_in_memory": one,
+            "two_fsdp_disk": two, "rss_ratio_two_over_one": two["peak_rss_bytes"] / one["peak_rss_bytes"],
+            "comparison": compare(work / "fsdp_one", work / "fsdp_two")}  # fmt: skip
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -341,9 +380,16 @@ def print_tables(result: dict) -> None:
                 print(f"| {n} | {i + 1} | {cells} | {r['layer_wise_s']:.1f} | {r['wall_s']:.1f} |")
         print(f"layer-wise median ratio 2/1: {p['layer_wise_ratio_2_over_1']:.3f}, "
               f"{said(p['comparison'])}, targets {p['targets_met']}")  # fmt: skip
+    if "fsdp" in result:
+        f, gib = result["fsdp"], 2**30
+        print(f"\n{f['layers']} layers ({f['weights_bytes'] / gib:.2f} GiB of weights), fisher global + lsq: "
+              f"1 process in memory {f['one_in_memory']['peak_rss_bytes'] / gib:.2f} GiB, "
+              f"{f['one_in_memory']['wall_s']:.0f} s; 2 processes --fsdp --offload disk "
+              f"{f['two_fsdp_disk']['peak_rss_bytes'] / gib:.2f} GiB per process, {f['two_fsdp_disk']['wall_s']:.0f} s; "
+              f"{said(f['comparison'])}")  # fmt: skip
 
 
-PARTS = {"rss": part_rss, "time": part_time, "procs": part_procs}
+PARTS = {"rss": part_rss, "time": part_time, "procs": part_procs, "fsdp": part_fsdp}
 
 
 def main() -> int:
@@ -353,7 +399,7 @@ def main() -> int:
         nargs="+",
         default=["rss", "time", "procs"],
         choices=[*PARTS, "gpu"],
-        help="gpu: run by scripts/gpu_check.sh, not by default",
+        help="fsdp: not by default; gpu: run by scripts/gpu_check.sh, not by default",
     )
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 24, 40], help="sizes of the rss part")
     ap.add_argument(
