@@ -19,7 +19,8 @@ test (seed 0); out-of-domain = 32 x 512 windows of the licence texts in /usr/sha
 A row spec is CRITERION[:k=v,...]/SCOPE/SPARSITY_OR_N:M[@RECONSTRUCT] (SCOPE `-`: the criterion's own,
 as sparsegpt needs), or RECIPE[@RECONSTRUCT] for configs/recipe_50.yaml and configs/recipe_2of4.yaml
 (their pruning settings; the job settings are the protocol's), e.g. `regional:alpha=10/row/0.5`,
-`sparsegpt/-/2:4@none`, `recipe_50@none`. Each row is one `prune_(model, batches, cfg, statistics=...)`
+`sparsegpt/-/2:4@none`, `recipe_50@none`; `&FIELD=VALUE` appends any PruneConfig setting, e.g.
+`regional:alpha=0.1/row/0.5&sequential=false` (statistics on the dense model's block inputs). Each row is one `prune_(model, batches, cfg, statistics=...)`
 call timed on its own (`prune_s`: what a user's sweep pays once the statistics exist), then both
 evaluations; rows merge one by one under `--key` (default calib_<num-samples>) of
 docs/bench_regional.json, so an interrupted run keeps what it measured and a rerun skips them.
@@ -59,6 +60,7 @@ DENSE_OOD = ("docs/bench_recovery.json", "lr_1e-4")  # rows.dense.ppl_ood
 
 def row_config(spec: str) -> dict:
     """The PruneConfig settings a row spec stands for (see the module docstring)."""
+    spec, *extra = spec.split("&")
     base, _, reconstruct = spec.partition("@")
     if base in RECIPES:
         raw = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
@@ -70,6 +72,8 @@ def row_config(spec: str) -> dict:
     if reconstruct:
         kw["reconstruct"] = reconstruct
     kw = {**kw, "allow_empty_tensors": True, "progress": False}
+    for k, _, v in (e.partition("=") for e in extra):  # e.g. `&sequential=false`: any PruneConfig field
+        kw[k] = yaml.safe_load(v)
     PruneConfig(**kw)  # a bad spec fails here, before the model is loaded
     return kw
 
