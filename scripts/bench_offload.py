@@ -102,15 +102,7 @@ def _numel(shape) -> int:
 
 SPARSEGPT = ["--criterion", "sparsegpt"]
 # a gradient recipe: whole-model statistics and the global scope's counts, then the layer-wise pass
-FISHER_GLOBAL_LSQ = [
-    "--criterion",
-    "fisher",
-    "--scope",
-    "global",
-    "--allow-empty-tensors",
-    "--reconstruct",
-    "lsq",
-]
+FISHER_GLOBAL_LSQ = "--criterion fisher --scope global --allow-empty-tensors --reconstruct lsq".split()
 
 
 def prune_args(folder: Path, out: Path, args: argparse.Namespace, offload: str,

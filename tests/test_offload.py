@@ -207,15 +207,7 @@ def _launch(assets, out: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-FISHER_GLOBAL_LSQ = [
-    "--criterion",
-    "fisher",
-    "--scope",
-    "global",
-    "--allow-empty-tensors",
-    "--reconstruct",
-    "lsq",
-]
+FISHER_GLOBAL_LSQ = "--criterion fisher --scope global --allow-empty-tensors --reconstruct lsq".split()
 
 
 @pytest.mark.parametrize("family", [None, "gemma2"])
