@@ -52,7 +52,9 @@ def prune_(
     (io.calib_state.CalibState) saves and resumes the calibration pass. `already_pruned` (True = pruned,
     by weight name) are pruned again whatever their scores and `nm_cap` keeps an N:M pattern reachable:
     what pruning in rounds (`rounds`) needs. `offload` (an `offload.BlockStore`): where a layer-wise
-    run keeps the blocks between their turns (default: all on the device).
+    run keeps the blocks between their turns (default: all on the device). A row-sharded (FSDP2) model in
+    layer-wise mode needs an `offload.DiskStore`: after its whole-model statistics its rows are freed
+    (emptied) and the pruned blocks are the ones the store writes, not the model passed in.
     """
     cfg = cfg or PruneConfig()
     plan = make_plan(model, cfg, targets, collective_for(model), resume=calib_state is not None)

@@ -199,8 +199,8 @@ def make_store(cfg: JobConfig, job):
     if cfg.offload == "cpu":
         return BlockStore(device, "cpu")
     prefix = block_list_prefix(job.model)
-    store = DiskStore(device, resolve_model(cfg.model), None, getattr(torch, cfg.dtype), prefix)
-    store.trust_remote_code = cfg.trust_remote_code
+    store = DiskStore(device, resolve_model(cfg.model), None, getattr(torch, cfg.dtype), prefix,
+                      trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     store.check(job.model)
     store.staging = make_partial_dir(job.out) if job.main else None  # one process writes the blocks
     return store
