@@ -310,3 +310,32 @@ def test_fsdp_launch_config_shards_on_cpu(tmp_path):
     report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
     assert report["calibration"]["processes"] == 2 and report["calibration"]["sharding"] == "fsdp2"
     assert report["verified"] and report["zero_weights"] == report["target_weights"] // 2
+
+
+@pytest.mark.parametrize(
+    ("method", "together"),
+    [
+        # SparseGPT's column loop costs about the same per weight at any width: down_proj's wider
+        # factorisation weighs more than gate's, but not as much as gate, up and q/k/v together
+        (dict(criterion="sparsegpt"), {"down": 0, "o": 0}),
+        # lsq's iterations grow with in^2 per row: down_proj alone outweighs the rest of the block
+        (dict(criterion="wanda", reconstruct="lsq"), {"down": 0}),
+    ],
+)
+def test_a_block_is_dealt_by_the_cost_of_its_update_rule(method, together):
+    """The layer-wise dealing of one Llama-shaped block (hidden 1024, MLP 4096, 4 KV heads of 64) to two
+    ranks, from the registered rules' costs (`plan.solve_cost`)."""
+    from torch import nn
+
+    from llm_gradprune.config import PruneConfig
+    from llm_gradprune.parallel import Collective
+    from llm_gradprune.plan import make_plan, solve_cost
+
+    shapes = {"q": (1024, 1024), "k": (256, 1024), "v": (256, 1024), "o": (1024, 1024),
+              "gate": (4096, 1024), "up": (4096, 1024), "down": (1024, 4096)}  # fmt: skip
+    probe = nn.Linear(8, 8, bias=False)
+    plan = make_plan(nn.ModuleDict({"p": probe}), PruneConfig(**method), targets={"p": probe})
+    owners = Collective.owners.__get__(type("Two", (Collective,), {"processes": 2})())
+    dealt = owners({n: solve_cost(plan, r, c) for n, (r, c) in shapes.items()})
+    assert {n for n, r in dealt.items() if r == 0} == set(together)
+    assert solve_cost(plan, 1024, 4096) > solve_cost(plan, 4096, 1024) > solve_cost(plan, 1024, 1024)

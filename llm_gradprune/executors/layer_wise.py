@@ -42,7 +42,17 @@ from ..calibration.stats import STATISTICS, Statistics, make_statistics
 from ..errors import ConfigError
 from ..offload import BlockStore, DiskStore
 from ..parallel import Collective, gather_rows
-from ..plan import Plan, PruneResult, Record, RunInputs, Timer, build_report, prune_stage, resolve_budgets
+from ..plan import (
+    Plan,
+    PruneResult,
+    Record,
+    RunInputs,
+    Timer,
+    build_report,
+    prune_stage,
+    resolve_budgets,
+    solve_cost,
+)
 from ..reconstruction.block import refit_block_
 from ..status import set_stage
 from ..targets import block_list_prefix, find_targets
@@ -196,7 +206,7 @@ class _LayerPruning:
         to `until`, or the whole layer), prune them, and share the results with the other ranks."""
         plan, coll = self.plan, self.plan.collective
         names = [m.key for m in modules.values()]
-        owners = coll.owners({n: _solve_cost(self.weights[n]) for n in names})
+        owners = coll.owners({n: _solve_cost(plan, self.weights[n]) for n in names})
         mine = {k: m for k, m in modules.items() if owners[m.key] == coll.rank}
         stats = make_statistics(plan.stage_stats, mine)
         with self.timer("layer_statistics"):
@@ -271,12 +281,10 @@ def _leave_the_shards(
     return model, plan, _BlockRows(whole, sharding)
 
 
-def _solve_cost(weight: torch.Tensor) -> int:
-    """A tensor's share of a group's work, for dealing the group to ranks: the Hessian solves
-    (SparseGPT, OBS, lsq) cost about rows x in^2 plus in^3 for the factorisation, so down_proj (in = the
-    MLP width) outweighs gate and up of the same size."""
+def _solve_cost(plan: Plan, weight: torch.Tensor) -> float:
+    """A tensor's share of a group's work, for dealing the group to the ranks (largest first)."""
     cols = weight.shape[-1]
-    return weight.numel() * cols + cols**3
+    return solve_cost(plan, weight.numel() // max(cols, 1), cols)
 
 
 def _share_results(coll, names: list[str], owners: dict[str, int], weights: dict, record: Record) -> None:

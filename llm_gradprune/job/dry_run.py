@@ -22,7 +22,7 @@ from torch import nn
 from .. import memory
 from ..config import JobConfig
 from ..errors import ConfigError
-from ..plan import Plan, prune_tensor, target_summary
+from ..plan import Plan, prune_tensor, solve_cost, target_summary
 from ..targets import check_nm_fits, find_targets
 from .fits import available_memory, run_settings, statistics_plan
 from .meta_model import meta_model, model_shape, read_config, stored_bytes
@@ -96,12 +96,6 @@ def _time(fn, repeats: int = 2) -> float:
 PROBE_SIDE = 4096  # the solve probe's largest side: a larger target is timed on a piece and scaled
 
 
-def _solve_cost(rows: int, cols: int, solves: bool) -> float:
-    """Relative cost of one target: an OBS/lsq solve is rows x cols^2 plus the cols^3 Hessian inverse;
-    a mask selection alone is rows x cols."""
-    return rows * cols * cols + cols**3 / 3 if solves else rows * cols
-
-
 class _Neutral:
     """Whole-model statistics of ones, for a probe solve whose criterion reads a prior."""
 
@@ -148,8 +142,7 @@ def time_estimate(cfg: JobConfig, shape: memory.ModelShape, settings: memory.Run
     solves scaled by their cost, and a whole-model pass of 1 (forward) or 3 (backward) forwards."""
     forward, solve, (rows, cols), plan = measured
     calls = math.ceil(cfg.num_samples / cfg.batch_size / settings.processes)
-    solves = plan.update.needs_hessian or plan.criterion.adaptive
-    unit = solve / _solve_cost(rows, cols, solves)
+    unit = solve / solve_cost(plan, rows, cols)
     ref = shape.blocks[0].params or 1
     stats = calls * forward * (3 if settings.backward else 1) * sum(b.params for b in shape.blocks) / ref
     stats = stats if settings.whole_pass else 0.0
@@ -158,9 +151,9 @@ def time_estimate(cfg: JobConfig, shape: memory.ModelShape, settings: memory.Run
         stages = len({m.stage or m.reads for m in b.matrices})
         passes = 1 if cfg.prune.sequential is False else (1 + stages if settings.true_sequential else 2)
         layer += passes * calls * forward * b.params / ref
-        layer += sum(unit * _solve_cost(m.rows, m.cols, solves) for m in b.matrices)
+        layer += sum(unit * solve_cost(plan, m.rows, m.cols) for m in b.matrices)
     if not settings.layer_wise:
-        layer = sum(unit * _solve_cost(m.rows, m.cols, solves) for b in shape.blocks for m in b.matrices)
+        layer = sum(unit * solve_cost(plan, m.rows, m.cols) for b in shape.blocks for m in b.matrices)
     return (f"about {_duration(stats + layer)} (whole-model statistics {_duration(stats)}, pruning "
             f"{_duration(layer)}); probe on {_device_name()}: one block's forward over "
             f"{cfg.batch_size}x{cfg.seq_len} tokens {forward * 1e3:.1f} ms, one {rows}x{cols} solve "
