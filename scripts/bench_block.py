@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             continue
         row = one_row(spec, proto, stats, ood, args.threads)
         result["rows"][spec] = row
-        save(args, result)
+        save(args, result, append=True)
         print(f"{spec}: IMDB {row['ppl_imdb']:.2f}, ood {row['ppl_ood']:.2f}, layer-wise "
               f"{row.get('layer_wise_s', 0):.0f} s, block refit {row.get('block_refit_s', 0):.0f} s", flush=True)  # fmt: skip
     print(table(result))

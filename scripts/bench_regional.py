@@ -185,7 +185,7 @@ def main(argv=None) -> int:
                           "ood": "32 x 512 of /usr/share/common-licenses", "threads": args.threads}  # fmt: skip
     if args.timing:
         result["timing"] = timing(specs, args.timing, proto, stats, args.threads)
-        save(args, result)
+        save(args, result, append=True)
         specs = []
     for spec in specs:
         if spec in result["rows"] and not args.force:
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
             continue
         row = one_row(spec, proto, stats, ood, args.threads)
         result["rows"][spec] = {**row, "command": command_line()}
-        save(args, result)
+        save(args, result, append=True)
         print(
             f"{spec}: IMDB {row['ppl_imdb']:.2f}, ood {row['ppl_ood']:.2f}, prune {row['prune_s']:.0f} s",
             flush=True,

@@ -55,16 +55,17 @@ def record(path: str | Path, key: str, commands: list[str], result, *, append: b
         raise
 
 
-def save(args, result) -> None:
+def save(args, result, *, append: bool = False) -> None:
     """Write a benchmark's `result` to `args.out` (its own JSON) and, with `args.record`, merge it into
-    that record under `args.key` (default: threads_<args.threads>)."""
+    that record under `args.key` (default: threads_<args.threads>). `append`: a result that accumulates
+    rows over several runs keeps every run's command line."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {out}")
     if args.record:
         key = args.key or f"threads_{args.threads}"
-        record(args.record, key, [command_line()], result)
+        record(args.record, key, [command_line()], result, append=append)
         print(f"recorded it in {args.record} under {key}")
 
 

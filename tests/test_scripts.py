@@ -153,3 +153,21 @@ def test_bench_structured_family_speed_runs_on_toy_shapes(tmp_path):
         assert [r.get("error") for r in rows] == [None, None], rows
         assert [r["structure"] for r in rows] == ["channels", second]
         assert all(0 < r["decoder_kept"] < 1 and r["pruned_decode_tps"] > 0 for r in rows)
+
+
+def test_a_record_that_accumulates_rows_keeps_every_runs_command(tmp_path, monkeypatch):
+    """bench_block and bench_regional add rows to one key run by run: each run's command stays listed."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    benchjson = importlib.import_module("benchjson")
+    rec = tmp_path / "bench.json"
+    args = SimpleNamespace(out=str(tmp_path / "out.json"), record=str(rec), key="calib", threads=1)
+    for rows in ("a", "b"):
+        monkeypatch.setattr(sys, "argv", ["bench_block.py", "--rows", rows])
+        benchjson.save(args, {"rows": rows}, append=True)
+    entry = json.loads(rec.read_text())["calib"]
+    assert [c.split()[-1] for c in entry["commands"]] == ["a", "b"] and entry["result"] == {"rows": "b"}
+    monkeypatch.setattr(sys, "argv", ["bench_block.py", "--rows", "c"])
+    benchjson.save(args, {"rows": "c"})  # a result measured whole in one run: its command alone
+    assert [c.split()[-1] for c in json.loads(rec.read_text())["calib"]["commands"]] == ["c"]
