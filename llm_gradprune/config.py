@@ -212,6 +212,14 @@ class PruneConfig:
         choices=("mse", "normalized"),
         unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
     )
+    block_batch: int = setting(
+        0,
+        "block refit: an Adam step after every this many recorded micro-batches (0 = one step per pass over "
+        "all of them); each pass then makes ceil(micro-batches / block_batch) updates for the same work",
+        "layer-wise",
+        range=">= 0",
+        unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
+    )
     block_target: str = setting(
         "dense",
         "what the block refit reproduces: dense (the dense model's own outputs of the block, so the refit "

@@ -159,7 +159,7 @@ def main(out_dir: str) -> None:
                                                          LAYER_WISE_CASES)  # fmt: skip
     result["lw_weights"] = layer_wise_weights(mine, accelerator if size > 1 else None)
     result["block_weights"] = layer_wise_weights(mine, accelerator if size > 1 else None,
-                                                 {"block_steps": 3, "block_lr": 1e-3})  # fmt: skip
+                                                 {"block_steps": 3, "block_lr": 1e-3, "block_batch": 1})  # fmt: skip
     if size > 1:
         try:
             cfg = JobConfig.from_flat({"progress": False, "criterion": "fisher"}).prune

@@ -118,6 +118,27 @@ def test_the_refit_target_is_the_dense_block_on_the_inputs_it_names(target):
     assert per_block[0] == plain["mode"]["block_refit"]["per_block"][0]
 
 
+def test_a_step_every_micro_batch_makes_more_updates_for_the_same_passes():
+    """block_batch 1 over 3 micro-batches: 3 Adam updates a pass, each on its own micro-batch's mean loss;
+    block 0's loss before and masks are the full-batch run's (block 1's inputs come from the refit block 0);
+    block_batch 3 (all of them) is the full-batch run bit for bit; more updates end lower on this model."""
+    kw = dict(criterion="wanda", block_steps=4, block_lr=1e-3)
+    full, full_report = _pruned(make_tiny_llama(), **kw)
+    every, every_report = _pruned(make_tiny_llama(), block_batch=1, **kw)
+    all3, _ = _pruned(make_tiny_llama(), block_batch=3, **kw)
+    a, b = full_report["mode"]["block_refit"], every_report["mode"]["block_refit"]
+    assert b["batch"] == 1 and [x["updates"] for x in b["per_block"]] == [12, 12]
+    assert [x["updates"] for x in a["per_block"]] == [4, 4]
+    assert b["per_block"][0]["loss_before"] == pytest.approx(a["per_block"][0]["loss_before"], rel=1e-6)
+    for x, y in zip(a["per_block"], b["per_block"], strict=True):
+        assert y["loss_after"] < x["loss_after"] < x["loss_before"]
+    for name, w in _weights(every).items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(w == 0, _weights(full)[name] == 0), name
+        assert int((w == 0).sum()) == every_report["per_tensor"][name]["zeros"], name
+        assert torch.equal(_weights(all3)[name], _weights(full)[name]), name
+
+
 def test_the_same_settings_give_the_same_weights():
     a, _ = _pruned(make_tiny_llama(), criterion="sparsegpt", block_steps=3, block_lr=1e-3)
     b, _ = _pruned(make_tiny_llama(), criterion="sparsegpt", block_steps=3, block_lr=1e-3)
@@ -132,6 +153,8 @@ def test_block_settings_without_steps_are_refused_and_steps_turn_on_layer_wise()
         PruneConfig(block_loss="normalized")
     with pytest.raises(ConfigError, match=r"block_target 'pruned' applies with block_steps > 0 only"):
         PruneConfig(block_target="pruned")
+    with pytest.raises(ConfigError, match=r"block_batch 2 applies with block_steps > 0 only"):
+        PruneConfig(block_batch=2)
     assert PruneConfig(criterion="wanda", block_steps=2).layer_wise
 
 

@@ -197,7 +197,7 @@ class _LayerPruning:
         params = list({id(t.param): t.param for t in targets.values()}.values())
         return refit_block_(
             layer, params, inputs, dense, steps=cfg.block_steps, lr=cfg.block_lr, loss=cfg.block_loss,
-            move=lambda c: (to_device(c[0], self.device), to_device(c[1], self.device)),
+            batch=cfg.block_batch, move=lambda c: (to_device(c[0], self.device), to_device(c[1], self.device)),
         )  # fmt: skip
 
     def _prune_stage_(self, modules: dict[str, nn.Module], layer: nn.Module, calls: Calls,
@@ -377,6 +377,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     mode = {"stages_per_block": pruning.stages_per_layer}
     if cfg.block_steps:
         mode["block_refit"] = {"steps": cfg.block_steps, "lr": cfg.block_lr, "loss": cfg.block_loss,
+                               "batch": cfg.block_batch,
                                "target": cfg.block_target,
                                "per_block": pruning.block_refits}  # fmt: skip
     report = build_report(plan, record, counters, whole, timer.timings, device=device, allocation=allocation,

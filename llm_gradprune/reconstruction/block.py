@@ -8,8 +8,10 @@ inputs (computed before the block was pruned):
 
     min over kept W   sum_b L(block_W(X_b), Y_b),   W[mask] = 0 throughout
 
-Each step is one full pass over every recorded micro-batch (gradients summed, token-weighted), then one
-Adam step. With several processes every rank runs the refit over every micro-batch in one process's
+Each step is one full pass over every recorded micro-batch. By default (`batch` 0) the pass ends in one
+Adam step on the gradients of all of them (summed, token-weighted); `batch` k takes an Adam step after
+every k micro-batches instead (the pass in order, each step on its own micro-batches' mean loss), so a
+pass buys ceil(n / k) updates for the same forward and backward work. With several processes every rank runs the refit over every micro-batch in one process's
 order (the layer-wise executor gives each rank all of them): adding per-rank gradient sums would round
 differently, and the replicas must take one process's steps bit for bit. The pruned weights get no gradient and are reset to exactly 0
 after every step. Losses: `mse` (mean over every output element) or `normalized` (per token, the squared
@@ -54,40 +56,64 @@ def refit_block_(
     steps: int,
     lr: float,
     loss: str = "mse",
+    batch: int = 0,
     move: Callable[[Call], Call] = lambda c: c,
 ) -> dict[str, float]:
     """Train `params` (the block's target weights; zeros are the masks) in place for `steps` full passes
-    over `calls` against `dense` outputs. `move(call)` puts a call on the block's device. Returns the loss
-    per token before and after."""
+    over `calls` against `dense` outputs, an Adam step every `batch` calls (0: one per pass). `move(call)`
+    puts a call on the block's device. Returns the loss per token before and after, and the number of Adam
+    updates."""
     masks = [p.detach() == 0 for p in params]
-    tokens = float(sum(d.shape[:-1].numel() for d in dense))
     flags = [p.requires_grad for p in params]
     opt = torch.optim.Adam(params, lr=lr)
-    before = None
+    size = batch if 0 < batch < len(calls) else len(calls)
+    chunks = [range(i, min(i + size, len(calls))) for i in range(0, len(calls), size)]
+    # one step per pass: its loss is the loss before; several: a pass without gradients measures it
+    device = params[0].device
+    before = _loss(block, calls, dense, loss, move, device) if len(chunks) > 1 or not steps else None
+    updates = 0
     try:
         for p in params:
             p.requires_grad_(True)
         for _ in range(steps):
-            seen = 0.0
-            with torch.enable_grad():
-                for call, y in zip(calls, dense, strict=True):
-                    value = block_loss(_run(block, call, move), y.to(params[0].device), loss) / tokens
-                    value.backward()
-                    seen += float(value.detach())
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            before = before if before is not None else seen
-            for p, g, m in zip(params, grads, masks, strict=True):
-                p.grad = g.masked_fill_(m, 0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for p, m in zip(params, masks, strict=True):
-                    p.masked_fill_(m, 0)
-        with torch.no_grad():
-            after = sum(float(block_loss(_run(block, c, move), y.to(params[0].device), loss)) for c, y in
-                        zip(calls, dense, strict=True)) / tokens  # fmt: skip
+            for chunk in chunks:
+                seen = _step_(block, params, masks, opt, [calls[j] for j in chunk], [dense[j] for j in chunk],
+                              loss, move)  # fmt: skip
+                before = seen if before is None else before
+                updates += 1
+        after = _loss(block, calls, dense, loss, move, device)
     finally:
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
             p.grad = None
-    return {"loss_before": before if before is not None else after, "loss_after": after}
+    return {"loss_before": before, "loss_after": after, "updates": updates}
+
+
+@torch.no_grad()
+def _loss(block: nn.Module, calls: list[Call], dense: list[torch.Tensor], loss: str, move: Callable,
+          device: torch.device) -> float:  # fmt: skip
+    """The mean loss per token over every call, without gradients."""
+    tokens = float(sum(d.shape[:-1].numel() for d in dense))
+    return sum(float(block_loss(_run(block, c, move), y.to(device), loss))
+               for c, y in zip(calls, dense, strict=True)) / tokens  # fmt: skip
+
+
+def _step_(block: nn.Module, params: list[nn.Parameter], masks: list[torch.Tensor], opt: torch.optim.Optimizer,
+           calls: list[Call], dense: list[torch.Tensor], loss: str, move: Callable) -> float:  # fmt: skip
+    """One Adam step on these calls' mean loss per token (returned, before the step); the pruned weights
+    get no gradient and are reset to exactly 0."""
+    tokens = float(sum(d.shape[:-1].numel() for d in dense))
+    seen = 0.0
+    with torch.enable_grad():
+        for call, y in zip(calls, dense, strict=True):
+            value = block_loss(_run(block, call, move), y.to(params[0].device), loss) / tokens
+            value.backward()
+            seen += float(value.detach())
+    for p, m in zip(params, masks, strict=True):
+        p.grad = (p.grad if p.grad is not None else torch.zeros_like(p)).masked_fill_(m, 0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, m in zip(params, masks, strict=True):
+            p.masked_fill_(m, 0)
+    return seen
