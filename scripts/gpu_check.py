@@ -146,8 +146,15 @@ OUR_RUNS = {
     # issue 26: the block-local gradient criterion and the block refit, timed against sparsegpt-50
     "regional-50": {"criterion": "regional", "sparsity": 0.5},
     "sparsegpt-50+block16": {"criterion": "sparsegpt", "sparsity": 0.5, "block_steps": 16, "block_lr": 1e-3},
+    "sparsegpt-50+block4x1": {
+        "criterion": "sparsegpt",
+        "sparsity": 0.5,
+        "block_steps": 4,
+        "block_lr": 1e-3,
+        "block_batch": 1,
+    },  # fmt: skip
 }
-AGAINST_SPARSEGPT = ("regional-50", "sparsegpt-50+block16")
+AGAINST_SPARSEGPT = ("regional-50", "sparsegpt-50+block16", "sparsegpt-50+block4x1")
 
 
 def zeros(model) -> float:
