@@ -183,3 +183,27 @@ def test_memory_model_script_prints_and_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert set(memory.BIG) <= set(result["offload"])
     assert "Llama-3.1-405B" in proc.stdout
+
+
+def test_the_time_estimate_counts_the_block_refit_passes():
+    """With a probe of 1 s per block forward over one micro-batch and a free solve: sparsegpt is 2 passes
+    (statistics, outputs) over 4 micro-batches per block; 2 refit steps add the dense outputs, 3 x 2
+    forward-and-backward passes and the loss after (8 more passes), and a step per micro-batch the loss
+    before (9)."""
+    import torch
+
+    from llm_gradprune.config import JobConfig
+    from llm_gradprune.job.dry_run import time_estimate
+    from llm_gradprune.job.fits import run_settings, statistics_plan
+
+    def seconds(**prune) -> str:
+        cfg = JobConfig.from_flat({"criterion": "sparsegpt", "num_samples": 4, "progress": False, **prune})
+        plan = statistics_plan(cfg, torch.nn.Linear(8, 8, bias=False))
+        settings = run_settings(cfg, plan, 1, False, torch.device("cpu"))
+        text = time_estimate(cfg, TINY, settings, (1.0, 0.0, (8, 8), plan))
+        return text.split("pruning ")[1].split(")")[0]
+
+    blocks = len(TINY.blocks)
+    assert seconds() == f"{blocks * 2 * 4:.1f} s"
+    assert seconds(block_steps=2) == f"{blocks * (2 + 8) * 4:.1f} s"
+    assert seconds(block_steps=2, block_batch=1) == f"{blocks * (2 + 9) * 4:.1f} s"

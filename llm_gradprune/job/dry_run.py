@@ -138,10 +138,12 @@ def probe(cfg: JobConfig, model: nn.Module, shape: memory.ModelShape, prefix: st
 
 
 def time_estimate(cfg: JobConfig, shape: memory.ModelShape, settings: memory.RunSettings, measured) -> str:
-    """The run's seconds extrapolated from the probe: blocks x passes x micro-batches x one forward, the
-    solves scaled by their cost, and a whole-model pass of 1 (forward) or 3 (backward) forwards."""
+    """The run's seconds extrapolated from the probe: blocks x passes x micro-batches x one forward (the
+    block refit's passes included), the solves scaled by their cost, and a whole-model pass of 1
+    (forward) or 3 (backward) forwards."""
     forward, solve, (rows, cols), plan = measured
     calls = math.ceil(cfg.num_samples / cfg.batch_size / settings.processes)
+    refit = _refit_passes(cfg.prune, math.ceil(cfg.num_samples / cfg.batch_size))
     unit = solve / solve_cost(plan, rows, cols)
     ref = shape.blocks[0].params or 1
     stats = calls * forward * (3 if settings.backward else 1) * sum(b.params for b in shape.blocks) / ref
@@ -150,7 +152,7 @@ def time_estimate(cfg: JobConfig, shape: memory.ModelShape, settings: memory.Run
     for b in shape.blocks if settings.layer_wise else ():
         stages = len({m.stage or m.reads for m in b.matrices})
         passes = 1 if cfg.prune.sequential is False else (1 + stages if settings.true_sequential else 2)
-        layer += passes * calls * forward * b.params / ref
+        layer += (passes * calls + refit) * forward * b.params / ref
         layer += sum(unit * solve_cost(plan, m.rows, m.cols) for m in b.matrices)
     if not settings.layer_wise:
         layer = sum(unit * solve_cost(plan, m.rows, m.cols) for b in shape.blocks for m in b.matrices)
@@ -158,6 +160,16 @@ def time_estimate(cfg: JobConfig, shape: memory.ModelShape, settings: memory.Run
             f"{_duration(layer)}); probe on {_device_name()}: one block's forward over "
             f"{cfg.batch_size}x{cfg.seq_len} tokens {forward * 1e3:.1f} ms, one {rows}x{cols} solve "
             f"{solve * 1e3:.1f} ms; offload transfers not counted")  # fmt: skip
+
+
+def _refit_passes(p, micro_batches: int) -> int:
+    """Block forwards of the block refit per block: every rank runs it over every micro-batch, the dense
+    outputs once, each step a forward and a backward (about 3 forwards), the loss after once and, with a
+    step every `block_batch`, the loss before once."""
+    if not p.block_steps:
+        return 0
+    before = 0 < p.block_batch < micro_batches
+    return micro_batches * (1 + 3 * p.block_steps + 1 + before)
 
 
 def _device_name() -> str:
