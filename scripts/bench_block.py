@@ -13,10 +13,11 @@ A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS,target=TARGET,batch=K]]. BASE is one
   dense      the dense model (evaluation only)
   sgpt50     plain sparsegpt 50% per row (its own OBS update): the time reference
   r50mask    configs/recipe_50.yaml without its update (fisher global masks, dense weights kept)
-  r50        configs/recipe_50.yaml as is (+ lsq)
+  r50        configs/recipe_50.yaml's masks and update (+ lsq)
   r24mask    configs/recipe_2of4.yaml without its update (SparseGPT's 2:4 masks, dense weights kept)
   r24obs     configs/recipe_2of4.yaml with SparseGPT's own update instead of lsq
-  r24        configs/recipe_2of4.yaml as is (+ lsq)
+  r24        configs/recipe_2of4.yaml's masks and update (+ lsq)
+(a recipe's own block refit, if it ships one, is left out of every base: `+bSTEPS` adds one)
 and `+bSTEPS` adds the block refit (`block_steps`, `block_lr` default 1e-4, `block_loss` default mse,
 `block_target` default dense; rows recorded before commit 523e49e used pruned; `block_batch` default 0,
 one Adam step per pass), e.g. `r50+b4`,
@@ -34,21 +35,17 @@ import sys
 import time
 
 import torch
-import yaml
 from bench_recovery import protocol_with_ood
 from benchjson import command_line, result_of, save
-from protocol import ROOT, Protocol, token_hash
+from protocol import ROOT, Protocol, recipe_settings, token_hash
 
 from llm_gradprune import PruneConfig, prune_
 from llm_gradprune.evaluate import perplexity
 
-PRUNE_FIELDS = set(PruneConfig.__dataclass_fields__)
-
 
 def recipe(name: str, **override) -> dict:
-    """A recipe config's pruning settings (its job settings are the protocol's), with overrides."""
-    raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
-    return {**{k: v for k, v in raw.items() if k in PRUNE_FIELDS}, **override}
+    """A recipe's masks and update without its block refit: a row's `+bSTEPS` is the refit."""
+    return recipe_settings(name, block=False, **override)
 
 
 BASES = {

@@ -18,7 +18,7 @@ test (seed 0); out-of-domain = 32 x 512 windows of the licence texts in /usr/sha
 
 A row spec is CRITERION[:k=v,...]/SCOPE/SPARSITY_OR_N:M[@RECONSTRUCT] (SCOPE `-`: the criterion's own,
 as sparsegpt needs), or RECIPE[@RECONSTRUCT] for configs/recipe_50.yaml and configs/recipe_2of4.yaml
-(their pruning settings; the job settings are the protocol's), e.g. `regional:alpha=10/row/0.5`,
+(their pruning settings without their block refit; the job settings are the protocol's), e.g. `regional:alpha=10/row/0.5`,
 `sparsegpt/-/2:4@none`, `recipe_50@none`; `&FIELD=VALUE` appends any PruneConfig setting, e.g.
 `regional:alpha=0.1/row/0.5&sequential=false` (statistics on the dense model's block inputs). Each row is one `prune_(model, batches, cfg, statistics=...)`
 call timed on its own (`prune_s`: what a user's sweep pays once the statistics exist), then both
@@ -37,12 +37,11 @@ import yaml
 from bench_quality import parse_row
 from bench_recovery import protocol_with_ood
 from benchjson import command_line, result_of, save
-from protocol import ROOT, Protocol, token_hash
+from protocol import ROOT, Protocol, recipe_settings, token_hash
 
 from llm_gradprune import PruneConfig, prune_
 from llm_gradprune.evaluate import perplexity
 
-PRUNE_FIELDS = set(PruneConfig.__dataclass_fields__)
 RECIPES = ("recipe_50", "recipe_2of4")
 ROW_SETS = {
     "main": [
@@ -63,8 +62,7 @@ def row_config(spec: str) -> dict:
     spec, *extra = spec.split("&")
     base, _, reconstruct = spec.partition("@")
     if base in RECIPES:
-        raw = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
-        kw = {k: v for k, v in raw.items() if k in PRUNE_FIELDS}
+        kw = recipe_settings(base, block=False)
     else:
         kw = parse_row(base)
         if kw.get("scope") == "-":

@@ -12,8 +12,9 @@ and marks what needs a GPU as skipped.
    of our loop (`calibrate`, fisher sums) against a plain forward+backward loop whose target weights
    keep their gradients; repeats alternate. Targets: memory <= 1.05x, tokens/s >= 0.95x.
 2. pruning times through `prune_`: sparsegpt 50% and 2:4, the two recipes (fisher global + lsq;
-   sparsegpt 2:4 true_sequential + lsq), the regional criterion and sparsegpt with 16 block-refit steps
-   (each also as a multiple of the sparsegpt 50% time); llm-compressor's SparseGPT 50% and 2:4 on the same blocks if
+   sparsegpt 2:4 true_sequential + lsq; each with its block refit, 4 passes with a step per
+   micro-batch), the regional criterion and sparsegpt with 16 block-refit steps and with 4 passes of a
+   step per micro-batch (each also as a multiple of the sparsegpt 50% time); llm-compressor's SparseGPT 50% and 2:4 on the same blocks if
    `llmcompressor` imports, else skipped.
 3. the sparsegpt 2:4 checkpoint, saved and read back: every target is checked to be 2:4, and each
    distinct weight shape runs through torch.sparse.to_sparse_semi_structured: matmul time against the
@@ -135,6 +136,9 @@ OUR_RUNS = {
         "scope": "global",
         "sparsity": 0.5,
         "reconstruct": "lsq",
+        "block_steps": 4,
+        "block_lr": 1e-3,
+        "block_batch": 1,
         "stats_device": "cpu",
     },
     "recipe_2of4": {
@@ -142,6 +146,9 @@ OUR_RUNS = {
         "pattern": "2:4",
         "true_sequential": True,
         "reconstruct": "lsq",
+        "block_steps": 4,
+        "block_lr": 1e-3,
+        "block_batch": 1,
     },
     # issue 26: the block-local gradient criterion and the block refit, timed against sparsegpt-50
     "regional-50": {"criterion": "regional", "sparsity": 0.5},

@@ -14,8 +14,9 @@ import hashlib
 from pathlib import Path
 
 import torch
+import yaml
 
-from llm_gradprune import JobConfig
+from llm_gradprune import JobConfig, PruneConfig
 from llm_gradprune.calibration.data import load_samples, micro_batches, token_hash
 from llm_gradprune.calibration.loop import gather_statistics
 from llm_gradprune.io.stats_files import load_statistics, save_statistics
@@ -31,6 +32,17 @@ JOB = {
     "seq_len": 512,
     "batch_size": 1,
 }
+PRUNE_FIELDS = set(PruneConfig.__dataclass_fields__)
+
+
+def recipe_settings(name: str, *, block: bool = True, **override) -> dict:
+    """A recipe config's pruning settings (its job settings are the protocol's), with overrides; `block`
+    False leaves out its block refit (the `block_*` settings), for rows that add their own or none."""
+    raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    kw = {k: v for k, v in raw.items() if k in PRUNE_FIELDS and (block or not k.startswith("block_"))}
+    return {**kw, **override}
+
+
 WHOLE_STATS = {"grad_mean", "grad_abs_mean", "grad_sq_mean", "act_sq_mean", "token_grad_sq_mean"}
 CACHE = ROOT / "out" / "bench_quality"
 
