@@ -11,11 +11,12 @@ inputs (computed before the block was pruned):
 Each step is one full pass over every recorded micro-batch. By default (`batch` 0) the pass ends in one
 Adam step on the gradients of all of them (summed, token-weighted); `batch` k takes an Adam step after
 every k micro-batches instead (the pass in order, each step on its own micro-batches' mean loss), so a
-pass buys ceil(n / k) updates for the same forward and backward work. With several processes every rank runs the refit over every micro-batch in one process's
-order (the layer-wise executor gives each rank all of them): adding per-rank gradient sums would round
-differently, and the replicas must take one process's steps bit for bit. The pruned weights get no gradient and are reset to exactly 0
-after every step. Losses: `mse` (mean over every output element) or `normalized` (per token, the squared
-error over the dense output's squared norm, averaged over tokens).
+pass buys ceil(n / k) updates for the same forward and backward work. With several processes every rank
+runs the refit over every micro-batch in one process's order (the layer-wise executor gives each rank
+all of them): adding per-rank gradient sums would round differently, and the replicas must take one
+process's steps bit for bit. The pruned weights get no gradient and are reset to exactly 0 after every
+step. Losses: `mse` (mean over every output element) or `normalized` (per token, the squared error over
+the dense output's squared norm, averaged over tokens).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def refit_block_(
     loss: str = "mse",
     batch: int = 0,
     move: Callable[[Call], Call] = lambda c: c,
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """Train `params` (the block's target weights; zeros are the masks) in place for `steps` full passes
     over `calls` against `dense` outputs, an Adam step every `batch` calls (0: one per pass). `move(call)`
     puts a call on the block's device. Returns the loss per token before and after, and the number of Adam
@@ -98,7 +99,7 @@ def _loss(block: nn.Module, calls: list[Call], dense: list[torch.Tensor], loss: 
                for c, y in zip(calls, dense, strict=True)) / tokens  # fmt: skip
 
 
-def _step_(block: nn.Module, params: list[nn.Parameter], masks: list[torch.Tensor], opt: torch.optim.Optimizer,
+def _step_(block: nn.Module, params: list[nn.Parameter], masks: list[torch.Tensor], opt: torch.optim.Adam,
            calls: list[Call], dense: list[torch.Tensor], loss: str, move: Callable) -> float:  # fmt: skip
     """One Adam step on these calls' mean loss per token (returned, before the step); the pruned weights
     get no gradient and are reset to exactly 0."""
