@@ -28,6 +28,14 @@ PATHS = {
     "token_fisher/row": {"criterion": "token_fisher", "scope": "row"},
     "sparsegpt": {"criterion": "sparsegpt"},
     "wanda/2:4": {"criterion": "wanda", "pattern": "2:4"},
+    # the recipes' block refit (a step per micro-batch): every pruned weight still 0, 2:4 still 2:4
+    "wanda/2:4+block": {
+        "criterion": "wanda",
+        "pattern": "2:4",
+        "block_steps": 2,
+        "block_lr": 1e-3,
+        "block_batch": 1,
+    },
 }
 
 
@@ -70,7 +78,7 @@ def test_every_family_pruned_exactly_and_loads(family, path, tmp_path):
     report = result.report
     assert report["targets"] == len(family.expected_targets(model))
     for name, mask in _masks(model, family).items():
-        if path == "wanda/2:4":
+        if path.startswith("wanda/2:4"):
             groups = mask.reshape(mask.shape[0], -1, 4).sum(-1)
             assert (groups == 2).all(), name
         elif path == "token_fisher/row":
@@ -78,6 +86,11 @@ def test_every_family_pruned_exactly_and_loads(family, path, tmp_path):
         else:
             assert int(mask.sum()) == mask.numel() // 2, name
     _untouched(before, model, family)
+    if path.endswith("+block"):  # every block refit, each with one update per micro-batch and pass
+        per_block = report["mode"]["block_refit"]["per_block"]
+        assert per_block and all(
+            b["updates"] == 2 * len(_batches(model.config.vocab_size)) for b in per_block
+        )
     kinds = report["matrices"]["per_kind"]
     assert sum(k["matrices"] for k in kinds.values()) == report["targets"]
     if any(".experts." in n for n in family.expected_targets(model)):
