@@ -170,7 +170,7 @@ class PruneConfig:
     sequential: bool | None = setting(
         None,
         "layer-wise mode, each block calibrated on the outputs of the already-pruned blocks before it "
-        "(default: on for sparsegpt and reconstruct obs/lsq, off otherwise)",
+        "(default: on for sparsegpt, reconstruct obs/lsq and a block refit, off otherwise)",
         "layer-wise",
     )
     true_sequential: bool = setting(
@@ -356,6 +356,19 @@ class PruneConfig:
         crit = CRITERIA.get(self.criterion)
         return (crit.adaptive or crit.block_local or self.reconstruct != "none" or bool(self.sequential)
                 or self.block_steps > 0)  # fmt: skip
+
+    @property
+    def sequential_inputs(self) -> bool:
+        """Whether a layer-wise pass feeds each block the outputs of the already-pruned blocks before it:
+        `sequential` when set; by default whenever weights are updated (an adaptive criterion, reconstruct
+        obs/lsq, a block refit; `true_sequential`), since the updates then make up for the errors before
+        them. A mask-only block-local criterion reads the dense model's block inputs: its masks were
+        better on them (docs/BENCHMARKS.md, issue 26)."""
+        if self.sequential is not None:
+            return self.sequential
+        crit = CRITERIA.get(self.criterion)
+        return self.layer_wise and (crit.adaptive or self.reconstruct != "none" or self.block_steps > 0
+                                    or self.true_sequential)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -451,7 +451,7 @@ def build_report(
             "layer_wise": plan.executor == "layer_wise",
             "mask": "adaptive" if plan.criterion.adaptive else "criterion",
             "reconstruct": cfg.reconstruct,
-            "sequential": cfg.sequential is not False and plan.executor == "layer_wise",
+            "sequential": cfg.sequential_inputs and plan.executor == "layer_wise",
             "true_sequential": cfg.true_sequential,
             "blocksize": cfg.blocksize,
             "percdamp": cfg.percdamp,

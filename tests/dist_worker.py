@@ -181,9 +181,11 @@ LAYER_WISE_CASES = {
     "sparsegpt/2:4": {"criterion": "sparsegpt", "pattern": "2:4"},
     "wanda/lsq/block": {"criterion": "wanda", "reconstruct": "lsq", "block_steps": 3, "block_lr": 1e-3},
     "regional/row": {"criterion": "regional"},
+    "block_fisher/row": {"criterion": "block_fisher"},
 }
 MOE_CASES = {
     "token_fisher/row": {"criterion": "token_fisher"},
+    "block_fisher/row": {"criterion": "block_fisher"},
     "sparsegpt": {"criterion": "sparsegpt"},
     "wanda/2:4/obs": {"criterion": "wanda", "pattern": "2:4", "reconstruct": "obs"},
 }

@@ -192,3 +192,87 @@ def test_the_regional_gradient_is_the_block_output_norm_gradient_by_hand():
     score = CRITERIA.get("regional").fn(w, got, act, alpha=10.0)
     assert torch.allclose(score, w.abs() * (10.0 * got + act.sqrt()))
     assert CRITERIA.get("regional").block_local and PruneConfig(criterion="regional").layer_wise
+
+
+def _block_token_sq(block, targets, calls) -> dict:
+    from llm_gradprune.calibration.stats import make_statistics
+    from llm_gradprune.executors.blocks import run_block_backward
+
+    stats = make_statistics({"block_token_sq_mean"}, targets)
+    acc = stats.by_source["blocktoken"].attach()
+    try:
+        run_block_backward(block, list(calls), torch.device("cpu"), "probe")
+    finally:
+        acc.detach()
+    names = ("mlp.up_proj", "mlp.down_proj", "self_attn.k_proj")
+    return {n: stats.mean("block_token_sq_mean", f"model.layers.0.{n}.weight") for n in names}
+
+
+def test_the_block_curvature_is_the_probe_gradient_per_token_by_hand():
+    """criterion block_fisher: block_token_sq_mean of a block-0 weight is the mean over tokens of
+    (d<r, block0(X)>/dy_t,i)^2 x_t,j^2 with each call's fixed Rademacher probe r, by autograd on the
+    block's inputs; down_proj's token weights are exactly 1 (the residual is the identity), so its rows
+    rank as Wanda's; the same calls give the same statistic (the probes are fixed)."""
+    from llm_gradprune.executors.blocks import capture_block_inputs, probe
+    from llm_gradprune.scoring.criteria import CRITERIA
+
+    model = make_tiny_llama().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    calls = capture_block_inputs(model, model.model.layers, _batches(), device=torch.device("cpu"))
+    calls.use_block(0)
+    block = model.model.layers[0]
+    targets = {n: t for n, t in find_targets(model).items() if n.startswith("model.layers.0.")}
+    got = {n: _block_token_sq(block, targets, calls) for n in ("first", "again")}
+    assert all(torch.equal(got["first"][n], got["again"][n]) for n in got["first"])
+    got = got["first"]
+    seen: dict[str, list] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.setdefault(n, []).append((i[0], o)))
+             for n, m in (("up", block.mlp.up_proj), ("down", block.mlp.down_proj), ("k", block.self_attn.k_proj))]  # fmt: skip
+    want = {n: 0.0 for n in ("up", "down", "k")}
+    tokens = 0
+    for index, (args, kwargs) in enumerate(calls):
+        seen.clear()
+        for m in (block.mlp.up_proj, block.mlp.down_proj, block.self_attn.k_proj):
+            m.weight.requires_grad_(True)  # so that every layer output is in the graph
+        out = block(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+        outs = {n: seen[n][0][1] for n in want}
+        grads = torch.autograd.grad((h * probe(h.shape, index, h.device)).sum(), list(outs.values()))
+        for (n, (x, _)), g in zip(((n, seen[n][0]) for n in want), grads, strict=True):
+            g2, x2 = g.reshape(-1, g.shape[-1]).square(), x.reshape(-1, x.shape[-1]).square()
+            want[n] = want[n] + g2.T @ x2
+        tokens += h.shape[0] * h.shape[1]
+    for h in hooks:
+        h.remove()
+    for m in block.parameters():
+        m.requires_grad_(False)
+    for short, name in (("up", "mlp.up_proj"), ("down", "mlp.down_proj"), ("k", "self_attn.k_proj")):
+        assert torch.allclose(got[name], want[short] / tokens, rtol=1e-4, atol=1e-9), name
+    rows = got["mlp.down_proj"]
+    assert torch.allclose(rows, rows[:1].expand_as(rows), rtol=1e-6)  # every row: E_t[x_j^2]
+    w = block.mlp.up_proj.weight
+    assert torch.equal(
+        CRITERIA.get("block_fisher").fn(w, got["mlp.up_proj"]), w.square() * got["mlp.up_proj"]
+    )
+    assert CRITERIA.get("block_fisher").block_local and PruneConfig(criterion="block_fisher").layer_wise
+
+
+def test_a_mask_only_block_local_criterion_reads_the_dense_block_inputs_by_default():
+    """`sequential` unset: the pruned blocks' outputs feed the next block only where weights are updated
+    (sparsegpt, obs/lsq, a block refit, true_sequential); block_fisher and regional alone read the dense
+    model's block inputs, as `sequential: false` does, and the report says which it was."""
+    assert not PruneConfig(criterion="block_fisher").sequential_inputs
+    assert not PruneConfig(criterion="regional").sequential_inputs
+    assert PruneConfig(criterion="block_fisher", sequential=True).sequential_inputs
+    for kw in ({"reconstruct": "lsq"}, {"block_steps": 2}, {"true_sequential": True}):
+        assert PruneConfig(criterion="block_fisher", **kw).sequential_inputs, kw
+    assert PruneConfig(criterion="sparsegpt").sequential_inputs
+    assert not PruneConfig(criterion="wanda").sequential_inputs  # whole-model: no block inputs at all
+    runs = {}
+    for name, kw in (("default", {}), ("dense", {"sequential": False}), ("pruned", {"sequential": True})):
+        model, report = _pruned(make_tiny_llama().eval(), criterion="block_fisher", scope="row", **kw)
+        runs[name] = (_weights(model), report["mode"]["sequential"])
+    assert runs["default"][1] is False and runs["pruned"][1] is True
+    assert all(torch.equal(w, runs["dense"][0][n]) for n, w in runs["default"][0].items())
+    assert not all(torch.equal(w, runs["pruned"][0][n]) for n, w in runs["default"][0].items())

@@ -175,7 +175,7 @@ def test_two_processes_prune_every_expert_as_one_process(runs):
     """Replicated processes on a tiny Mixtral: routed tokens summed, every expert's mask identical
     (layer-wise Hessians of experts a rank never routed to are summed too); FSDP refuses experts."""
     one, two = runs
-    assert set(one["moe_masks"]) == {"token_fisher/row", "sparsegpt", "wanda/2:4/obs"}
+    assert set(one["moe_masks"]) == {"token_fisher/row", "block_fisher/row", "sparsegpt", "wanda/2:4/obs"}
     for case, masks in one["moe_masks"].items():
         assert len(masks) == 24
         for name, m in masks.items():

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 SUPPORTED = list(FAMILIES)  # every family here is supported; a layout that is not is refused (test_experts)
 PATHS = {
     "token_fisher/row": {"criterion": "token_fisher", "scope": "row"},
+    # block-local per-token curvature: a backward through each block alone, experts included
+    "block_fisher/row": {"criterion": "block_fisher", "scope": "row"},
     "sparsegpt": {"criterion": "sparsegpt"},
     "wanda/2:4": {"criterion": "wanda", "pattern": "2:4"},
     # the recipes' block refit (a step per micro-batch): every pruned weight still 0, 2:4 still 2:4
@@ -81,7 +83,7 @@ def test_every_family_pruned_exactly_and_loads(family, path, tmp_path):
         if path.startswith("wanda/2:4"):
             groups = mask.reshape(mask.shape[0], -1, 4).sum(-1)
             assert (groups == 2).all(), name
-        elif path == "token_fisher/row":
+        elif path.endswith("/row"):
             assert (mask.sum(1) == mask.shape[1] // 2).all(), name
         else:
             assert int(mask.sum()) == mask.numel() // 2, name

@@ -52,6 +52,7 @@ RUNS = {
         "1e-3",
     ],
     "regional": ["--criterion", "regional"],
+    "block_fisher": ["--criterion", "block_fisher"],
     # structured: read block by block (no statistics), and after whole-model statistics with a sequential refit
     "structure-magnitude": [
         "--structure",

@@ -503,8 +503,22 @@ for _s in (
         "E_b[|d ||block output||_2 / dw|] per weight: the regional gradient of its decoder block, taken "
         "on the block's own inputs (layer-wise; Wanda++)",
     ),
+    Statistic(
+        "block_token_sq_mean",
+        "token_grad_sq_sum",
+        "blocktoken",
+        False,
+        True,
+        "E_t[(d<r, block output>/dy_t,i x_t,j)^2] per weight, r a fixed Rademacher probe: the per-token "
+        "Gauss-Newton curvature of its decoder block's output, on the block's own inputs (layer-wise)",
+    ),
 ):
     STATISTICS.add(_s.name, _s)
+
+
+# the sources filled by a backward through one decoder block (layer-wise only), and the block objective
+# whose gradients each folds (executors.blocks.run_block_backward)
+BLOCK_OBJECTIVES = {"blockgrad": "norm", "blocktoken": "probe"}
 
 
 class Statistics:
@@ -580,6 +594,7 @@ def make_statistics(
         "act": lambda sums: ActStats(modules),
         "hessian": lambda sums: Hessians(modules),
         "blockgrad": lambda sums: GradStats(params, sums, device=device),
+        "blocktoken": lambda sums: _token_stats(modules, device),
     }
     made = {source: make(by_source[source]) for source, make in build.items() if source in by_source}
     if any(getattr(m, "expert", None) is not None for m in modules.values()):

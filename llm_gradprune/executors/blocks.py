@@ -297,15 +297,38 @@ def run_block(
             calls[i] = with_hidden(args, kwargs, h.to(store))
 
 
-def run_block_backward(block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device) -> None:
-    """Each recorded call through `block` with autograd, then the backward of the sum over its samples of
-    the l2 norm of the block's output (each sample's tokens x hidden): the regional gradient of Wanda++,
-    folded by whatever gradient hooks are attached. Only the parameters that require grad get one."""
-    for args, kwargs in calls:
+def probe(shape: torch.Size, index: int, device: torch.device) -> torch.Tensor:
+    """The fixed Rademacher probe (+-1 per element) of the `index`-th recorded call: every rank and every
+    run draws the same one (seeded by the index, on the CPU), so the statistic is deterministic."""
+    gen = torch.Generator().manual_seed(0x5EED + index)
+    return (torch.randint(0, 2, shape, generator=gen, dtype=torch.int8) * 2 - 1).to(device, torch.float32)
+
+
+def run_block_backward(
+    block: nn.Module, calls: list[tuple[tuple, dict]], device: torch.device, objective: str = "norm"
+) -> None:
+    """Each recorded call through `block` with autograd, then the backward of a block-local objective,
+    folded by whatever gradient hooks are attached (only what requires grad gets one):
+
+    - `norm`: the sum over samples of the l2 norm of the block's output (each sample's tokens x hidden),
+      the regional gradient of Wanda++;
+    - `probe`: <r, block output> with a fixed Rademacher probe r per call (`probe`). The gradient it gives
+      a layer's output y_t at token t is J_t^T r, and E_r[(J_t^T r)_i^2] is the i-th diagonal entry of
+      J_t^T J_t: squared per token, the Gauss-Newton curvature of the block output's squared error
+      (Hutchinson's estimator; exact where the block output is the layer's output plus a residual, as
+      for down_proj, whose J_t is the identity). One probe per call: four measured the same on the
+      quality protocol (docs/BENCHMARKS.md) at four backward passes.
+    """
+    if objective not in ("norm", "probe"):
+        raise ValueError(f"unknown block objective {objective!r}")
+    for index, (args, kwargs) in enumerate(calls):
         with torch.enable_grad():
             out = block(*_move(args, device), **_move(kwargs, device))
-            h = out[0] if isinstance(out, tuple | list) else out
-            loss = h.float().flatten(1).norm(dim=1).sum()
+            h = (out[0] if isinstance(out, tuple | list) else out).float()
+            if objective == "norm":
+                loss = h.flatten(1).norm(dim=1).sum()
+            else:
+                loss = (h * probe(h.shape, index, h.device)).sum()
         loss.backward()
 
 

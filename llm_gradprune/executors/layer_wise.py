@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import merge_round_robin_chunks
 from ..calibration.loop import to_device
-from ..calibration.stats import STATISTICS, Statistics, make_statistics
+from ..calibration.stats import BLOCK_OBJECTIVES, STATISTICS, Statistics, make_statistics
 from ..errors import ConfigError
 from ..offload import BlockStore, DiskStore
 from ..parallel import Collective, gather_rows
@@ -132,7 +132,7 @@ class _LayerPruning:
     def prune_layer_(self, layer: nn.Module, targets: dict[str, nn.Module], calls: Calls) -> None:
         """Prune `layer`'s targets (in stages with `true_sequential`), refit the block (`block_steps`);
         with `sequential` its outputs, from the pruned layer, replace the recorded hidden states."""
-        sequential = self.plan.cfg.sequential is not False
+        sequential = self.plan.cfg.sequential_inputs
         refit = self.plan.cfg.block_steps > 0 and bool(targets)
         if refit or self.dense_hidden is not None:  # the dense block's outputs, before any weight changes
             inputs = list(calls)
@@ -210,14 +210,15 @@ class _LayerPruning:
         mine = {k: m for k, m in modules.items() if owners[m.key] == coll.rank}
         stats = make_statistics(plan.stage_stats, mine)
         with self.timer("layer_statistics"):
-            regional = stats.by_source.get("blockgrad")
-            if regional is not None and mine:  # its own pass, with autograd, on the stage's current block
-                regional.attach()
-                try:
-                    run_block_backward(layer, calls, self.device)
-                finally:
-                    regional.detach()
-            forward = [acc for source, acc in stats.by_source.items() if source != "blockgrad"]
+            for source, objective in BLOCK_OBJECTIVES.items():
+                acc = stats.by_source.get(source)
+                if acc is not None and mine:  # its own pass, with autograd, on the stage's current block
+                    acc.attach()
+                    try:
+                        run_block_backward(layer, calls, self.device, objective)
+                    finally:
+                        acc.detach()
+            forward = [acc for source, acc in stats.by_source.items() if source not in BLOCK_OBJECTIVES]
             if mine or keep_outputs:  # a rank that solves none of the group has nothing to gather
                 for acc in forward:
                     acc.attach()
@@ -349,7 +350,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     pruning = _LayerPruning(
         plan, weights, budgets, scope, whole, Record(keep_masks=return_masks), timer, device
     )
-    if cfg.block_steps and cfg.block_target == "dense" and cfg.sequential is not False:
+    if cfg.block_steps and cfg.block_target == "dense" and cfg.sequential_inputs:
         # (with sequential false the recorded hidden states are the dense model's already)
         pruning.dense_hidden = [hidden_states_of(*c).clone() for c in calls]
     main = (accelerator is None or accelerator.is_local_main_process) and coll.rank == 0

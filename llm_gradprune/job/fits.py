@@ -43,7 +43,7 @@ def run_settings(cfg: JobConfig, plan: Plan, processes: int, sharded: bool, devi
         backward=any(s.backward for s in whole), stats_on_host=p.stats_device == "cpu", grad_accum=p.grad_accum,
         gradient_checkpointing=p.gradient_checkpointing, offload_inputs=bool(p.offload_inputs),
         input_copies=1 + (p.block_steps > 0) + (p.block_steps > 0 and p.block_target == "dense"
-                                                and p.sequential is not False),
+                                                and p.sequential_inputs),
         true_sequential=p.true_sequential, processes=processes, fsdp=sharded,
         math_attention=device.type == "cpu", device_is_host=device.type == "cpu",
     )  # fmt: skip

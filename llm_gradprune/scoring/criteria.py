@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..calibration.stats import STATISTICS
+from ..calibration.stats import BLOCK_OBJECTIVES, STATISTICS
 from ..registry import Param, Registry, resolve_params
 
 
@@ -39,7 +39,7 @@ class Criterion:
     @property
     def block_local(self) -> bool:
         """Reads statistics that exist one decoder block at a time only: runs layer-wise."""
-        return any(STATISTICS.get(s).source == "blockgrad" for s in self.needs)
+        return any(STATISTICS.get(s).source in BLOCK_OBJECTIVES for s in self.needs)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -211,6 +211,22 @@ def regional(
     regional gradient score). No whole-model backward: one block at a time, so any model size that fits
     one block prunes with gradients. Runs layer-wise."""
     return w.abs() * (alpha * block_grad_abs_mean + _channel(act_sq_mean, w).sqrt())
+
+
+@criterion(
+    "w² · E_t[(∂⟨r, block(X)⟩/∂y_t,i · x_t,j)²]",
+    "OBD on one decoder block's output: per-token Gauss-Newton curvature from a probe; needs only the block",
+)
+def block_fisher(w: torch.Tensor, block_token_sq_mean: torch.Tensor) -> torch.Tensor:
+    """w^2 * E_t[(J_t^T r)_i^2 x_t,j^2]: Optimal Brain Damage for the squared error of the weight's own
+    decoder block output, taken in the layer-wise pass on the block's inputs (J_t: the block output's
+    Jacobian in the layer's output at token t; r: a fixed Rademacher probe, so E_r[(J_t^T r)_i^2] is
+    diag(J_t^T J_t)_i). `token_fisher` weights every token by the end-to-end loss gradient, which needs the
+    whole model's backward; here a token counts by how far the layer's output there moves the block's
+    output, so any model one block of which fits prunes with it. Within a row it differs from Wanda's
+    w^2 * E_t[x_j^2] by those token weights: down_proj's are all 1 (the residual is the identity), gate,
+    up, q, k and v see the nonlinearity, the gate and the attention after them. Runs layer-wise."""
+    return w.square() * block_token_sq_mean
 
 
 @criterion("w² · E_t[(∂L/∂y_t,i · x_t,j)²]", "OBD with the per-token empirical Fisher")
