@@ -189,7 +189,7 @@ def test_the_time_estimate_counts_the_block_refit_passes():
     """With a probe of 1 s per block forward over one micro-batch and a free solve: sparsegpt is 2 passes
     (statistics, outputs) over 4 micro-batches per block; 2 refit steps add the dense outputs, 3 x 2
     forward-and-backward passes and the loss after (8 more passes), and a step per micro-batch the loss
-    before (9)."""
+    before (9); block_fisher's backward through each block counts as 3."""
     import torch
 
     from llm_gradprune.config import JobConfig
@@ -207,3 +207,6 @@ def test_the_time_estimate_counts_the_block_refit_passes():
     assert seconds() == f"{blocks * 2 * 4:.1f} s"
     assert seconds(block_steps=2) == f"{blocks * (2 + 8) * 4:.1f} s"
     assert seconds(block_steps=2, block_batch=1) == f"{blocks * (2 + 9) * 4:.1f} s"
+    # a block-local criterion: one pass on the dense inputs and a backward through the block (3 passes)
+    assert seconds(criterion="block_fisher") == f"{blocks * (1 + 3) * 4:.1f} s"
+    assert seconds(criterion="block_fisher", sequential=True) == f"{blocks * (2 + 3) * 4:.1f} s"

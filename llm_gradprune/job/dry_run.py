@@ -139,8 +139,8 @@ def probe(cfg: JobConfig, model: nn.Module, shape: memory.ModelShape, prefix: st
 
 def time_estimate(cfg: JobConfig, shape: memory.ModelShape, settings: memory.RunSettings, measured) -> str:
     """The run's seconds extrapolated from the probe: blocks x passes x micro-batches x one forward (the
-    block refit's passes included), the solves scaled by their cost, and a whole-model pass of 1
-    (forward) or 3 (backward) forwards."""
+    block refit's passes included, and a block-local criterion's backward through each block as 3), the
+    solves scaled by their cost, and a whole-model pass of 1 (forward) or 3 (backward) forwards."""
     forward, solve, (rows, cols), plan = measured
     calls = math.ceil(cfg.num_samples / cfg.batch_size / settings.processes)
     refit = _refit_passes(cfg.prune, math.ceil(cfg.num_samples / cfg.batch_size))
@@ -149,10 +149,11 @@ def time_estimate(cfg: JobConfig, shape: memory.ModelShape, settings: memory.Run
     stats = calls * forward * (3 if settings.backward else 1) * sum(b.params for b in shape.blocks) / ref
     stats = stats if settings.whole_pass else 0.0
     layer = 0.0
+    block_backward = 3 if plan.criterion.block_local else 0
     for b in shape.blocks if settings.layer_wise else ():
         stages = len({m.stage or m.reads for m in b.matrices})
-        passes = 1 if cfg.prune.sequential is False else (1 + stages if settings.true_sequential else 2)
-        layer += (passes * calls + refit) * forward * b.params / ref
+        passes = 1 if not cfg.prune.sequential_inputs else (1 + stages if settings.true_sequential else 2)
+        layer += ((passes + block_backward) * calls + refit) * forward * b.params / ref
         layer += sum(unit * solve_cost(plan, m.rows, m.cols) for m in b.matrices)
     if not settings.layer_wise:
         layer = sum(unit * solve_cost(plan, m.rows, m.cols) for b in shape.blocks for m in b.matrices)
@@ -254,7 +255,7 @@ def describe(cfg: JobConfig, model, path: str, targets, plan: Plan, settings, de
         mode += (
             ", true_sequential"
             if p.true_sequential
-            else (", not sequential" if p.sequential is False else ", sequential")
+            else (", sequential" if p.sequential_inputs else ", not sequential")
         )
     lines.append(f"path: {mode}; criterion {p.criterion}, reconstruct {p.reconstruct}, allocation {p.allocation}, "
                  f"sparsity {p.sparsity:g}, pattern {p.pattern}, rounds {p.rounds}; offload {cfg.offload}; "
