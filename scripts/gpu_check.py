@@ -13,9 +13,10 @@ and marks what needs a GPU as skipped.
    keep their gradients; repeats alternate. Targets: memory <= 1.05x, tokens/s >= 0.95x.
 2. pruning times through `prune_`: sparsegpt 50% and 2:4, the two recipes (fisher global + lsq;
    sparsegpt 2:4 true_sequential + lsq; each with its block refit, 4 passes with a step per
-   micro-batch), the regional criterion and sparsegpt with 16 block-refit steps and with 4 passes of a
-   step per micro-batch (each also as a multiple of the sparsegpt 50% time); llm-compressor's SparseGPT 50% and 2:4 on the same blocks if
-   `llmcompressor` imports, else skipped.
+   micro-batch), the block-local criteria regional and block_fisher, and sparsegpt with 16 block-refit
+   steps and with 4 passes of a step per micro-batch (each also as a multiple of the sparsegpt 50%
+   time); llm-compressor's SparseGPT 50% and 2:4 on the same blocks if `llmcompressor` imports, else
+   skipped.
 3. the sparsegpt 2:4 checkpoint, saved and read back: every target is checked to be 2:4, and each
    distinct weight shape runs through torch.sparse.to_sparse_semi_structured: matmul time against the
    dense weight and the largest difference of the products.
@@ -137,6 +138,7 @@ OUR_RUNS = {
     "recipe_2of4": recipe_settings("recipe_2of4"),
     # issue 26: the block-local gradient criterion and the block refit, timed against sparsegpt-50
     "regional-50": {"criterion": "regional", "sparsity": 0.5},
+    "block-fisher-50": {"criterion": "block_fisher", "scope": "row", "sparsity": 0.5},
     "sparsegpt-50+block16": {"criterion": "sparsegpt", "sparsity": 0.5, "block_steps": 16, "block_lr": 1e-3},
     "sparsegpt-50+block4x1": {
         "criterion": "sparsegpt",
@@ -146,7 +148,7 @@ OUR_RUNS = {
         "block_batch": 1,
     },  # fmt: skip
 }
-AGAINST_SPARSEGPT = ("regional-50", "sparsegpt-50+block16", "sparsegpt-50+block4x1")
+AGAINST_SPARSEGPT = ("regional-50", "block-fisher-50", "sparsegpt-50+block16", "sparsegpt-50+block4x1")
 
 
 def zeros(model) -> float:

@@ -34,12 +34,18 @@ def test_gpu_check_dry_run_writes_the_json(tmp_path):
         "recipe_50",
         "recipe_2of4",
         "regional-50",
+        "block-fisher-50",
         "sparsegpt-50+block16",
         "sparsegpt-50+block4x1",
     ):
         assert prune[f"ours/{run}"]["target_sparsity"] == 0.5, run  # each run pruned exactly half
         assert prune[f"ours/{run}"]["peak_device_mb"] is None  # no device to measure on
-    for run in ("regional-50", "sparsegpt-50+block16", "sparsegpt-50+block4x1"):  # against plain sparsegpt
+    for run in (
+        "regional-50",
+        "block-fisher-50",
+        "sparsegpt-50+block16",
+        "sparsegpt-50+block4x1",
+    ):  # against plain sparsegpt
         ratio = prune[f"ours/{run}"]["x_sparsegpt-50"]
         assert ratio == pytest.approx(prune[f"ours/{run}"]["seconds"] / prune["ours/sparsegpt-50"]["seconds"])
     assert prune.get("theirs", "").startswith("skipped") or "theirs/sparsegpt-2:4" in prune
