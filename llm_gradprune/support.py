@@ -81,6 +81,7 @@ class Option:
     active: Callable[[SupportQuery], bool]
     refused: dict[str, str] = field(default_factory=dict)  # path -> reason
     example: dict = field(default_factory=dict)  # settings that turn it on (for the tests and the docs)
+    layer_wise_only: bool = False  # it makes a run layer-wise: it never meets a whole-model path
 
 
 ONE_PROCESS = "per-rank partial sums cannot be resumed: run one process"
@@ -89,7 +90,7 @@ STREAMED = (
     "pruned model is never held: run it on the output afterwards"
 )
 OPTIONS: list[Option] = [
-    Option("layer-wise mode", lambda r: r.prune.layer_wise, {}, {"reconstruct": "obs"}),
+    Option("layer-wise mode", lambda r: r.prune.layer_wise, {}, {"reconstruct": "obs"}, layer_wise_only=True),
     Option("per-token gradient statistics (token_fisher)", lambda r: _reads(r, "token_grad_sq_mean"),
            {"sharded": "its per-token sums would need an unsharded [out, in] copy on every rank: use fisher, "
                        "or a replicated model"},
@@ -98,6 +99,12 @@ OPTIONS: list[Option] = [
            {"sharded": "its column sums add |w_ij| over every row, and each rank holds some rows only: "
                        "run it on a replicated model"},
            {"criterion": "ria"}),
+    Option("scope global with a block-local criterion (block_fisher, regional)",
+           lambda r: r.prune.scope == "global" and CRITERIA.get(r.prune.criterion).block_local,
+           {p: "its statistics exist one decoder block at a time, so no threshold over the whole model is known "
+               "before the first block is pruned: use scope row or tensor, or a pattern N:M"
+            for p, (executor, _, _) in PATHS.items() if executor == "layer_wise"},
+           {"criterion": "block_fisher", "scope": "global", "allow_empty_tensors": True}, layer_wise_only=True),
     Option("scope global with activation scores",
            lambda r: r.prune.scope == "global" and CRITERIA.get(r.prune.criterion).reads_activations,
            {p: "its scores read each block's pruned-input activations, which exist one block at a time: use "
@@ -158,6 +165,5 @@ def check_support(run: SupportQuery) -> None:
 
 
 def applies(option: Option, path: str) -> bool:
-    """False where an option cannot meet a path at all (layer-wise mode on the whole-model path)."""
-    executor = PATHS[path][0]
-    return not (option.name == "layer-wise mode" and executor == "whole_model")
+    """False where an option cannot meet a path at all (one that makes a run layer-wise, on a whole-model path)."""
+    return not (option.layer_wise_only and PATHS[path][0] == "whole_model")
