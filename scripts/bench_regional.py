@@ -1,11 +1,12 @@
-"""The block-local gradient criterion `regional` (Wanda++ regional gradients) on the quality protocol,
-in domain and out of domain, against wanda, sparsegpt (mask only and with its OBS update), token_fisher
-and the fisher global recipe (issue 26, item 1).
+"""The block-local gradient criteria `block_fisher` (the block output's per-token curvature) and
+`regional` (Wanda++ regional gradients) on the quality protocol, in domain and out of domain, against
+wanda, sparsegpt (mask only and with its OBS update), token_fisher and the fisher global recipe (issue
+26, item 1).
 
-    nice -n 10 python scripts/bench_regional.py --num-samples 16 --rows regional:alpha=100/row/0.5
+    nice -n 10 python scripts/bench_regional.py --num-samples 16 --rows block_fisher/row/0.5
     nice -n 10 python scripts/bench_regional.py --num-samples 16 --rows main
-    nice -n 10 python scripts/bench_regional.py --num-samples 16 --timing 2 \
-        --rows sparsegpt/-/0.5,regional:alpha=1/row/0.5      # prune times only, alternating
+    nice -n 10 python scripts/bench_regional.py --num-samples 16 --timing 2 --key calib_16_timing_block_fisher \
+        --rows sparsegpt/-/0.5,block_fisher/row/0.5      # prune times only, alternating
     python scripts/bench_regional.py --num-samples 16 --report
 
 Protocol (scripts/protocol.py): builtin:smollm2-135m fp32; calibration = the first `--num-samples` of
@@ -20,7 +21,8 @@ A row spec is CRITERION[:k=v,...]/SCOPE/SPARSITY_OR_N:M[@RECONSTRUCT] (SCOPE `-`
 as sparsegpt needs), or RECIPE[@RECONSTRUCT] for configs/recipe_50.yaml and configs/recipe_2of4.yaml
 (their pruning settings without their block refit; the job settings are the protocol's), e.g. `regional:alpha=10/row/0.5`,
 `sparsegpt/-/2:4@none`, `recipe_50@none`; `&FIELD=VALUE` appends any PruneConfig setting, e.g.
-`regional:alpha=0.1/row/0.5&sequential=false` (statistics on the dense model's block inputs). Each row is one `prune_(model, batches, cfg, statistics=...)`
+`regional:alpha=0.1/row/0.5&sequential=true` (statistics on the pruned model's block inputs; a
+block-local criterion alone reads the dense model's by default). Each row is one `prune_(model, batches, cfg, statistics=...)`
 call timed on its own (`prune_s`: what a user's sweep pays once the statistics exist), then both
 evaluations; rows merge one by one under `--key` (default calib_<num-samples>) of
 docs/bench_regional.json, so an interrupted run keeps what it measured and a rerun skips them.
@@ -41,15 +43,16 @@ from protocol import ROOT, Protocol, recipe_settings, token_hash
 
 from llm_gradprune import PruneConfig, prune_
 from llm_gradprune.evaluate import perplexity
+from llm_gradprune.scoring.criteria import CRITERIA
 
 RECIPES = ("recipe_50", "recipe_2of4")
 ROW_SETS = {
     "main": [
-        "regional:alpha=100/row/0.5", "wanda/row/0.5", "sparsegpt/-/0.5@none", "sparsegpt/-/0.5",
+        "block_fisher/row/0.5", "regional:alpha=100/row/0.5", "wanda/row/0.5", "sparsegpt/-/0.5@none", "sparsegpt/-/0.5",
         "token_fisher/row/0.5", "recipe_50@none", "recipe_50",
     ],
     "nm": [
-        "regional:alpha=100/nm/2:4", "wanda/nm/2:4", "sparsegpt/-/2:4@none", "sparsegpt/-/2:4",
+        "block_fisher/nm/2:4", "regional:alpha=100/nm/2:4", "wanda/nm/2:4", "sparsegpt/-/2:4@none", "sparsegpt/-/2:4",
         "token_fisher/nm/2:4", "recipe_2of4@none", "recipe_2of4",
     ],
 }  # fmt: skip
@@ -140,10 +143,16 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def block_local(spec: str) -> bool:
+    """Whether a row spec's criterion is one of the block-local ones (regional, block_fisher)."""
+    name = spec.split("/")[0].split(":")[0]
+    return name in CRITERIA and CRITERIA.get(name).block_local
+
+
 def targets(result: dict) -> str:
-    """Issue 26's target for this criterion: regional at 50% per row below wanda and mask-only sparsegpt."""
+    """Issue 26's target for a block-local criterion: at 50% per row below wanda and mask-only sparsegpt."""
     rows, out = result["rows"], []
-    for spec in (s for s in rows if s.startswith("regional") and s.endswith("/row/0.5")):
+    for spec in (s for s in rows if block_local(s) and s.split("&")[0].endswith("/row/0.5")):
         for other in ("wanda/row/0.5", "sparsegpt/-/0.5@none"):
             if other in rows:
                 for d in ("imdb", "ood"):
