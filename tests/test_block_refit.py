@@ -158,21 +158,28 @@ def test_block_settings_without_steps_are_refused_and_steps_turn_on_layer_wise()
     assert PruneConfig(criterion="wanda", block_steps=2).layer_wise
 
 
-def test_the_regional_gradient_is_the_block_output_norm_gradient_by_hand():
-    """criterion regional: block_grad_abs_mean of a block-0 weight equals the mean over micro-batches of
-    |d sum_samples ||block0(X)||_2 / dw| computed by autograd on the block's inputs, and the scores are
-    |w| (alpha G + rms(x))."""
-    from llm_gradprune.calibration.stats import make_statistics
-    from llm_gradprune.executors.blocks import capture_block_inputs, run_block_backward
-    from llm_gradprune.scoring.criteria import CRITERIA
+def _block0():
+    """A tiny Llama's first block (weights frozen), its recorded calls and its targets."""
+    from llm_gradprune.executors.blocks import capture_block_inputs
 
     model = make_tiny_llama().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     calls = capture_block_inputs(model, model.model.layers, _batches(), device=torch.device("cpu"))
     calls.use_block(0)
-    block = model.model.layers[0]
     targets = {n: t for n, t in find_targets(model).items() if n.startswith("model.layers.0.")}
+    return model.model.layers[0], calls, targets
+
+
+def test_the_regional_gradient_is_the_block_output_norm_gradient_by_hand():
+    """criterion regional: block_grad_abs_mean of a block-0 weight equals the mean over micro-batches of
+    |d sum_samples ||block0(X)||_2 / dw| computed by autograd on the block's inputs, and the scores are
+    |w| (alpha G + rms(x))."""
+    from llm_gradprune.calibration.stats import make_statistics
+    from llm_gradprune.executors.blocks import run_block_backward
+    from llm_gradprune.scoring.criteria import CRITERIA
+
+    block, calls, targets = _block0()
     stats = make_statistics({"block_grad_abs_mean"}, targets)
     acc = stats.by_source["blockgrad"].attach()
     run_block_backward(block, list(calls), torch.device("cpu"))
@@ -213,16 +220,10 @@ def test_the_block_curvature_is_the_probe_gradient_per_token_by_hand():
     (d<r, block0(X)>/dy_t,i)^2 x_t,j^2 with each call's fixed Rademacher probe r, by autograd on the
     block's inputs; down_proj's token weights are exactly 1 (the residual is the identity), so its rows
     rank as Wanda's; the same calls give the same statistic (the probes are fixed)."""
-    from llm_gradprune.executors.blocks import capture_block_inputs, probe
+    from llm_gradprune.executors.blocks import probe
     from llm_gradprune.scoring.criteria import CRITERIA
 
-    model = make_tiny_llama().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    calls = capture_block_inputs(model, model.model.layers, _batches(), device=torch.device("cpu"))
-    calls.use_block(0)
-    block = model.model.layers[0]
-    targets = {n: t for n, t in find_targets(model).items() if n.startswith("model.layers.0.")}
+    block, calls, targets = _block0()
     got = {n: _block_token_sq(block, targets, calls) for n in ("first", "again")}
     assert all(torch.equal(got["first"][n], got["again"][n]) for n in got["first"])
     got = got["first"]
