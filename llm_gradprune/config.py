@@ -231,6 +231,16 @@ class PruneConfig:
         unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
     )
 
+    block_mask: str = setting(
+        "fixed",
+        "block refit: fixed (the chosen masks stay) or dynamic (every weight, pruned ones from their dense "
+        "values, is trained straight through, and between passes each row, or N:M group, keeps as many "
+        "weights as before, those of the largest |w| rms(x_j); the sparsity stays exact and N:M valid)",
+        "layer-wise",
+        choices=("fixed", "dynamic"),
+        unless=(lambda p: p.block_steps > 0, "applies with block_steps > 0 only"),
+    )
+
     def __post_init__(self) -> None:
         validate(self)
         # set away from their declared defaults, before any is resolved: a structured run refuses them all,
@@ -267,6 +277,11 @@ class PruneConfig:
             raise ConfigError(
                 f"rounds {self.rounds} towards pattern {self.pattern} need a scoring criterion: {crit.name!r} chooses "
                 "its own mask and could not keep the earlier rounds' zeros inside the pattern"
+            )
+        if self.rounds > 1 and self.block_mask == "dynamic":
+            raise ConfigError(
+                f"rounds {self.rounds} with block_mask dynamic: a later round's refit could bring back weights an "
+                "earlier round pruned, and rounds only add zeros (use block_mask fixed, or one round)"
             )
 
     def _check_finite_params(self) -> None:

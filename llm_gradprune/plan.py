@@ -272,6 +272,19 @@ class Record:
 INFO_KEYS = ("damp", "dead_inputs", "obs_loss")
 
 
+def note_mask(record: Record, name: str, mask: torch.Tensor, weight: torch.Tensor, nm: tuple[int, int] | None,
+              info: dict[str, Any]) -> None:  # fmt: skip
+    """Write down a tensor's mask (True: pruned), its counts and zeros, and the update's INFO_KEYS."""
+    summary = mask_summary(mask, nm) if mask.numel() else {"numel": 0, "masked": 0}
+    record.per_tensor[name] = {
+        **summary,
+        "zeros": int((weight == 0).sum()),
+        **{k: v for k, v in info.items() if k in INFO_KEYS},
+    }
+    if record.keep_masks:
+        record.masks[name] = mask.cpu()
+
+
 @torch.no_grad()
 def prune_tensor(
     plan: Plan,
@@ -339,14 +352,7 @@ def prune_stage(
         mask, info = prune_tensor(plan, name, weights[name], budgets[name], scope, score_fn, hessian, whole)
         if hessian is not None:
             record.hessian_bytes[name] = stage.by_source["hessian"].nbytes(name.removesuffix(".weight"))
-        summary = mask_summary(mask, plan.cfg.nm) if mask.numel() else {"numel": 0, "masked": 0}
-        record.per_tensor[name] = {
-            **summary,
-            "zeros": int((weights[name] == 0).sum()),
-            **{k: v for k, v in info.items() if k in INFO_KEYS},
-        }
-        if record.keep_masks:
-            record.masks[name] = mask.cpu()
+        note_mask(record, name, mask, weights[name], plan.cfg.nm, info)
         if progress is not None:
             progress()
 

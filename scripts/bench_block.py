@@ -9,7 +9,7 @@ row of a run for both the whole-model statistics (cached on disk per token hash)
 pass; in-domain = 64 x 512 held-out windows of builtin:imdb test (seed 0); out-of-domain = 32 x 512
 windows of the licence texts in /usr/share/common-licenses (scripts/bench_recovery.py's loader).
 
-A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS,target=TARGET,batch=K]]. BASE is one of
+A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS,target=TARGET,batch=K,mask=MASK]]. BASE is one of
   dense      the dense model (evaluation only)
   sgpt50     plain sparsegpt 50% per row (its own OBS update): the time reference
   r50mask    configs/recipe_50.yaml without its update (fisher global masks, dense weights kept)
@@ -20,7 +20,7 @@ A row spec is BASE[+bSTEPS[:lr=LR,loss=LOSS,target=TARGET,batch=K]]. BASE is one
 (a recipe's own block refit, if it ships one, is left out of every base: `+bSTEPS` adds one)
 and `+bSTEPS` adds the block refit (`block_steps`, `block_lr` default 1e-4, `block_loss` default mse,
 `block_target` default dense; rows recorded before commit 523e49e used pruned; `block_batch` default 0,
-one Adam step per pass), e.g. `r50+b4`,
+one Adam step per pass; `block_mask` default fixed), e.g. `r50+b4`, `r50mask+b4:lr=1e-3,batch=1,mask=dynamic`,
 `r50+b8:lr=3e-4`, `r24+b4:loss=normalized`, `r50mask+b16:lr=1e-3,target=dense`. Rows run one after
 another in this process (the dense weights restored between them); results merge row by row under
 `--key` (default calib_<num-samples>) of docs/bench_block.json, so an interrupted run keeps what it
@@ -60,7 +60,7 @@ BASES = {
 
 # `+bSTEPS:` options, each a PruneConfig `block_<name>` field and how its text is read; PruneConfig
 # checks the values (main, before the model is loaded)
-BLOCK_OPTIONS = {"lr": float, "loss": str, "target": str, "batch": int}
+BLOCK_OPTIONS = {"lr": float, "loss": str, "target": str, "batch": int, "mask": str}
 
 
 def row_config(spec: str) -> dict | None:

@@ -182,6 +182,14 @@ LAYER_WISE_CASES = {
     "wanda/lsq/block": {"criterion": "wanda", "reconstruct": "lsq", "block_steps": 3, "block_lr": 1e-3},
     "regional/row": {"criterion": "regional"},
     "block_fisher/row": {"criterion": "block_fisher"},
+    "wanda/2:4/block-dynamic": {
+        "criterion": "wanda",
+        "pattern": "2:4",
+        "block_steps": 2,
+        "block_lr": 1e-2,
+        "block_batch": 1,
+        "block_mask": "dynamic",
+    },  # fmt: skip
 }
 MOE_CASES = {
     "token_fisher/row": {"criterion": "token_fisher"},

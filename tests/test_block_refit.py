@@ -277,3 +277,43 @@ def test_a_mask_only_block_local_criterion_reads_the_dense_block_inputs_by_defau
     assert runs["default"][1] is False and runs["pruned"][1] is True
     assert all(torch.equal(w, runs["dense"][0][n]) for n, w in runs["default"][0].items())
     assert not all(torch.equal(w, runs["pruned"][0][n]) for n, w in runs["default"][0].items())
+
+
+@pytest.mark.parametrize(
+    "kw", [{"criterion": "wanda", "scope": "row"}, {"criterion": "wanda", "pattern": "2:4"}]
+)
+def test_dynamic_masks_move_within_each_rows_count_and_end_exact(kw):
+    """block_mask dynamic: the masks change between passes, each row keeps exactly its count (2:4 stays
+    2:4), every pruned weight is exactly 0, the masks returned and the report's counts are where the
+    masks ended, and the same command gives the same weights."""
+    runs = []
+    for _ in range(2):
+        model = make_tiny_llama().eval()
+        cfg = PruneConfig(
+            progress=False, block_steps=3, block_lr=1e-2, block_batch=1, block_mask="dynamic", **kw
+        )
+        result = prune_(model, _batches(), cfg)
+        runs.append(_weights(model))
+        per = result.report["mode"]["block_refit"]["per_block"]
+        assert result.report["mode"]["block_refit"]["mask"] == "dynamic"
+        assert all(b["mask_changes"] > 0 for b in per)
+        for name, w in runs[-1].items():
+            assert torch.equal(result.masks[name], w == 0), name
+            assert result.report["per_tensor"][name]["masked"] == int((w == 0).sum()) == w.numel() // 2, name
+    fixed, _ = _pruned(make_tiny_llama().eval(), **kw)
+    for name, w in runs[0].items():
+        assert torch.equal(w, runs[1][name]), name
+        kept = w != 0
+        if "pattern" in kw:
+            assert (kept.reshape(w.shape[0], -1, 4).sum(-1) == 2).all(), name
+        else:
+            assert (kept.sum(1) == w.shape[1] // 2).all(), name
+    moved = sum(int(((runs[0][n] != 0) != (w != 0)).sum()) for n, w in _weights(fixed).items())
+    assert moved > 0
+
+
+def test_dynamic_masks_are_refused_where_they_cannot_apply():
+    with pytest.raises(ConfigError, match=r"block_mask 'dynamic' applies with block_steps > 0 only"):
+        PruneConfig(block_mask="dynamic")
+    with pytest.raises(ConfigError, match=r"rounds 2 with block_mask dynamic"):
+        PruneConfig(criterion="wanda", rounds=2, block_steps=2, block_mask="dynamic")

@@ -38,6 +38,15 @@ PATHS = {
         "block_lr": 1e-3,
         "block_batch": 1,
     },
+    # masks that move inside the refit: still 2:4, still exactly half, experts and Conv1D included
+    "wanda/2:4+dynamic": {
+        "criterion": "wanda",
+        "pattern": "2:4",
+        "block_steps": 2,
+        "block_lr": 1e-2,
+        "block_batch": 1,
+        "block_mask": "dynamic",
+    },
 }
 
 
@@ -88,7 +97,9 @@ def test_every_family_pruned_exactly_and_loads(family, path, tmp_path):
         else:
             assert int(mask.sum()) == mask.numel() // 2, name
     _untouched(before, model, family)
-    if path.endswith("+block"):  # every block refit, each with one update per micro-batch and pass
+    if path.endswith(
+        ("+block", "+dynamic")
+    ):  # every block refit, each with one update per micro-batch and pass
         per_block = report["mode"]["block_refit"]["per_block"]
         assert per_block and all(
             b["updates"] == 2 * len(_batches(model.config.vocab_size)) for b in per_block

@@ -51,6 +51,7 @@ RUNS = {
         "--block-lr",
         "1e-3",
     ],
+    "block-dynamic": "--criterion wanda --pattern 2:4 --block-steps 2 --block-lr 1e-2 --block-mask dynamic".split(),
     "regional": ["--criterion", "regional"],
     "block_fisher": ["--criterion", "block_fisher"],
     # structured: read block by block (no statistics), and after whole-model statistics with a sequential refit

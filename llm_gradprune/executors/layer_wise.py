@@ -49,11 +49,12 @@ from ..plan import (
     RunInputs,
     Timer,
     build_report,
+    note_mask,
     prune_stage,
     resolve_budgets,
     solve_cost,
 )
-from ..reconstruction.block import refit_block_
+from ..reconstruction.block import DynamicMasks, refit_block_
 from ..status import set_stage
 from ..targets import block_list_prefix, find_targets
 from .blocks import (
@@ -128,12 +129,15 @@ class _LayerPruning:
     stages_per_layer: list[int] = field(default_factory=list)
     block_refits: list[dict] = field(default_factory=list)  # per block: loss per token before and after
     dense_hidden: list[torch.Tensor] | None = None  # block_target dense: the dense model's hidden states
+    dense_weights: dict[int, torch.Tensor] | None = None  # block_mask dynamic: this block's dense targets
 
     def prune_layer_(self, layer: nn.Module, targets: dict[str, nn.Module], calls: Calls) -> None:
         """Prune `layer`'s targets (in stages with `true_sequential`), refit the block (`block_steps`);
         with `sequential` its outputs, from the pruned layer, replace the recorded hidden states."""
         sequential = self.plan.cfg.sequential_inputs
         refit = self.plan.cfg.block_steps > 0 and bool(targets)
+        if refit and self.plan.cfg.block_mask == "dynamic":
+            self.dense_weights = {id(t.param): t.param.detach().clone() for t in targets.values()}
         if refit or self.dense_hidden is not None:  # the dense block's outputs, before any weight changes
             inputs = list(calls)
             with self.timer("block_refit"):
@@ -153,6 +157,11 @@ class _LayerPruning:
         if refit:
             with self.timer("block_refit"):
                 self.block_refits.append(self._refit_(layer, targets, inputs, dense))
+            if self.dense_weights is not None:  # the masks moved: every rank writes down where they ended
+                self.dense_weights = None
+                for t in targets.values():
+                    w = self.weights[t.key]
+                    note_mask(self.record, t.key, w == 0, w, self.plan.cfg.nm, self.record.per_tensor[t.key])
         if sequential or not targets:
             with self.timer("layer_forward"):
                 self._outputs(layer, calls, replace=True)
@@ -195,9 +204,14 @@ class _LayerPruning:
         across ranks would round differently): the replicas take one process's steps."""
         cfg = self.plan.cfg
         params = list({id(t.param): t.param for t in targets.values()}.values())
+        dynamic = None
+        if self.dense_weights is not None:
+            dense_w = [self.dense_weights[id(p)] for p in params]
+            dynamic = DynamicMasks(params, dense_w, list(targets.values()), cfg.nm)
         return refit_block_(
             layer, params, inputs, dense, steps=cfg.block_steps, lr=cfg.block_lr, loss=cfg.block_loss,
-            batch=cfg.block_batch, move=lambda c: (to_device(c[0], self.device), to_device(c[1], self.device)),
+            batch=cfg.block_batch, dynamic=dynamic,
+            move=lambda c: (to_device(c[0], self.device), to_device(c[1], self.device)),
         )  # fmt: skip
 
     def _prune_stage_(self, modules: dict[str, nn.Module], layer: nn.Module, calls: Calls,
@@ -379,7 +393,7 @@ def run(model: nn.Module, plan: Plan, inputs: RunInputs) -> PruneResult:
     if cfg.block_steps:
         mode["block_refit"] = {"steps": cfg.block_steps, "lr": cfg.block_lr, "loss": cfg.block_loss,
                                "batch": cfg.block_batch,
-                               "target": cfg.block_target,
+                               "target": cfg.block_target, "mask": cfg.block_mask,
                                "per_block": pruning.block_refits}  # fmt: skip
     report = build_report(plan, record, counters, whole, timer.timings, device=device, allocation=allocation,
                           mode=mode)  # fmt: skip
