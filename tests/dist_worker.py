@@ -33,7 +33,7 @@ from llm_gradprune.parallel import Collective, RowShards, make_accelerator, worl
 from llm_gradprune.parallel.fsdp import fully_shard_model  # noqa: E402
 from llm_gradprune.targets import find_targets  # noqa: E402
 from tests.conftest import make_blocks, make_tiny_llama  # noqa: E402
-from tests.families import BY_NAME  # noqa: E402
+from tests.families import BY_NAME, MOVING_2OF4  # noqa: E402
 
 CRITERIA = ("magnitude", "gradient", "taylor", "fisher", "wanda", "gblm", "blend", "ria")
 CASES = [(c, s, "unstructured") for c in CRITERIA for s in ("tensor", "row", "global")]
@@ -182,14 +182,7 @@ LAYER_WISE_CASES = {
     "wanda/lsq/block": {"criterion": "wanda", "reconstruct": "lsq", "block_steps": 3, "block_lr": 1e-3},
     "regional/row": {"criterion": "regional"},
     "block_fisher/row": {"criterion": "block_fisher"},
-    "wanda/2:4/block-dynamic": {
-        "criterion": "wanda",
-        "pattern": "2:4",
-        "block_steps": 2,
-        "block_lr": 1e-2,
-        "block_batch": 1,
-        "block_mask": "dynamic",
-    },  # fmt: skip
+    "wanda/2:4/block-dynamic": MOVING_2OF4,
 }
 MOE_CASES = {
     "token_fisher/row": {"criterion": "token_fisher"},

@@ -505,6 +505,10 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 BY_NAME = {f.name: f for f in FAMILIES}
+# wanda 2:4 with a block refit whose masks move (block_mask dynamic): the settings the family and the
+# one-vs-two-process tests share
+MOVING_2OF4 = {"criterion": "wanda", "pattern": "2:4", "block_steps": 2, "block_lr": 1e-2, "block_batch": 1,
+               "block_mask": "dynamic"}  # fmt: skip
 
 
 def decoder_matrices(model, family: Family) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from llm_gradprune.errors import ConfigError
 from llm_gradprune.io.checkpoint import save_pruned
 from llm_gradprune.targets import find_targets
 
-from .families import FAMILIES, STRUCTURED, param_of
+from .families import FAMILIES, MOVING_2OF4, STRUCTURED, param_of
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,7 @@ PATHS = {
         "block_batch": 1,
     },
     # masks that move inside the refit: still 2:4, still exactly half, experts and Conv1D included
-    "wanda/2:4+dynamic": {
-        "criterion": "wanda",
-        "pattern": "2:4",
-        "block_steps": 2,
-        "block_lr": 1e-2,
-        "block_batch": 1,
-        "block_mask": "dynamic",
-    },
+    "wanda/2:4+dynamic": MOVING_2OF4,
 }
 
 
