@@ -129,15 +129,14 @@ class _LayerPruning:
     stages_per_layer: list[int] = field(default_factory=list)
     block_refits: list[dict] = field(default_factory=list)  # per block: loss per token before and after
     dense_hidden: list[torch.Tensor] | None = None  # block_target dense: the dense model's hidden states
-    dense_weights: dict[int, torch.Tensor] | None = None  # block_mask dynamic: this block's dense targets
 
     def prune_layer_(self, layer: nn.Module, targets: dict[str, nn.Module], calls: Calls) -> None:
         """Prune `layer`'s targets (in stages with `true_sequential`), refit the block (`block_steps`);
         with `sequential` its outputs, from the pruned layer, replace the recorded hidden states."""
         sequential = self.plan.cfg.sequential_inputs
         refit = self.plan.cfg.block_steps > 0 and bool(targets)
-        if refit and self.plan.cfg.block_mask == "dynamic":
-            self.dense_weights = {id(t.param): t.param.detach().clone() for t in targets.values()}
+        moving = refit and self.plan.cfg.block_mask == "dynamic"  # the dense targets, before pruning
+        dense_weights = {id(t.param): t.param.detach().clone() for t in targets.values()} if moving else None
         if refit or self.dense_hidden is not None:  # the dense block's outputs, before any weight changes
             inputs = list(calls)
             with self.timer("block_refit"):
@@ -156,9 +155,8 @@ class _LayerPruning:
                 )
         if refit:
             with self.timer("block_refit"):
-                self.block_refits.append(self._refit_(layer, targets, inputs, dense))
-            if self.dense_weights is not None:  # the masks moved: every rank writes down where they ended
-                self.dense_weights = None
+                self.block_refits.append(self._refit_(layer, targets, inputs, dense, dense_weights))
+            if moving:  # the masks moved: every rank writes down where they ended
                 for t in targets.values():
                     w = self.weights[t.key]
                     note_mask(self.record, t.key, w == 0, w, self.plan.cfg.nm, self.record.per_tensor[t.key])
@@ -199,14 +197,16 @@ class _LayerPruning:
                 out.append(buf.to(h.device))
         return None if replace else out
 
-    def _refit_(self, layer: nn.Module, targets: dict, inputs: Calls, dense: list[torch.Tensor]) -> dict:
+    def _refit_(self, layer: nn.Module, targets: dict, inputs: Calls, dense: list[torch.Tensor],
+                dense_weights: dict[int, torch.Tensor] | None) -> dict:  # fmt: skip
         """Every rank runs the refit on every micro-batch in one process's order (gradients summed
-        across ranks would round differently): the replicas take one process's steps."""
+        across ranks would round differently): the replicas take one process's steps. `dense_weights`
+        (by parameter id, before pruning): the masks move (block_mask dynamic)."""
         cfg = self.plan.cfg
         params = list({id(t.param): t.param for t in targets.values()}.values())
         dynamic = None
-        if self.dense_weights is not None:
-            dense_w = [self.dense_weights[id(p)] for p in params]
+        if dense_weights is not None:
+            dense_w = [dense_weights[id(p)] for p in params]
             dynamic = DynamicMasks(params, dense_w, list(targets.values()), cfg.nm)
         return refit_block_(
             layer, params, inputs, dense, steps=cfg.block_steps, lr=cfg.block_lr, loss=cfg.block_loss,
